@@ -16,12 +16,14 @@ import torch
 
 from kvzip_plugin.types import EvictionPlan, ScoreMap
 
+STRUCTURES = ("pair", "head", "layer")
+
 
 def budget(ratio: float, n: int) -> int:
     """Kept count for `n` candidates at `ratio`: floor(ratio * n), clamped to [1, n] (0 if n == 0)."""
     if n == 0:
         return 0
-    # The epsilon keeps e.g. 0.3 * 10 = 2.9999999999999996 at 3.
+    # The epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 at 29.
     return min(n, max(1, math.floor(ratio * n + 1e-9)))
 
 
@@ -47,6 +49,8 @@ def plan_eviction(score_map: ScoreMap, ratio: float, structure: str) -> Eviction
     """
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {', '.join(STRUCTURES)}; got {structure!r}")
     scores = score_map.scores.float()
     n_layers, n_heads, n_ctx = scores.shape
     keep = torch.ones((n_layers, n_heads, n_ctx), dtype=torch.bool)
@@ -59,11 +63,9 @@ def plan_eviction(score_map: ScoreMap, ratio: float, structure: str) -> Eviction
         sub_keep = _top_mask(flat, budget(ratio, flat.numel())).view_as(sub)
     elif structure == "head":
         sub_keep = _top_mask(sub, budget(ratio, n_ctx))
-    elif structure == "layer":
+    else:  # "layer"
         layer_scores = sub.amax(dim=1)  # [l, n]
         sub_keep = _top_mask(layer_scores, budget(ratio, n_ctx)).unsqueeze(1).expand_as(sub)
-    else:
-        raise ValueError(f"structure must be one of pair, head, layer; got {structure!r}")
     keep[layers] = sub_keep
     return EvictionPlan(keep=keep, structure=structure, compressible_layers=tuple(layers))
 

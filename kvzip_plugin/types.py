@@ -72,15 +72,18 @@ class EvictionPlan:
         if not self.compressible_layers or self.n_context == 0:
             return 1.0
         layers = list(self.compressible_layers)
-        return float(self.keep[layers].float().mean().item())
+        sub = self.keep[layers]
+        return int(sub.sum().item()) / sub.numel()
 
     @property
     def is_identity(self) -> bool:
         return bool(self.keep.all().item())
 
     def is_uniform(self) -> bool:
-        """True if every (layer, KV head) keeps the same count (the paged layout)."""
-        counts = self.kept_counts
+        """True if every compressible (layer, KV head) keeps the same count (the paged layout)."""
+        counts = self.kept_counts[list(self.compressible_layers)]
+        if counts.numel() == 0:
+            return True
         return bool((counts == counts.flatten()[0]).all().item())
 
     def kept_indices(self, layer: int) -> list[torch.Tensor]:

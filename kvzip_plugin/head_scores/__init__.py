@@ -75,4 +75,8 @@ def load_head_scores(model_config: Any, path: Path | None = None) -> torch.Tenso
         raise ValueError(f"{path}: not a {FORMAT} file")
     if doc["fingerprint"] != want:
         raise ValueError(f"{path}: made for {doc['fingerprint']}, the model is {want}")
-    return torch.tensor(doc["scores"], dtype=torch.float32)
+    scores = torch.tensor(doc["scores"], dtype=torch.float32)
+    shape = (want["num_hidden_layers"], want["num_key_value_heads"])
+    if tuple(scores.shape) != shape:
+        raise ValueError(f"{path}: scores have shape {tuple(scores.shape)}, expected {shape}")
+    return scores

@@ -44,6 +44,9 @@ def chunk_scores(
     n_heads_kv, m, _ = keys_chunk.shape
     if n_heads_q % n_heads_kv:
         raise ValueError(f"{n_heads_q} query heads are not a multiple of {n_heads_kv} KV heads")
+    for name, t in (("keys_prefix", keys_prefix), ("keys_self", keys_self), ("keys_other", keys_other)):
+        if t is not None and t.shape[0] != n_heads_kv:
+            raise ValueError(f"{name} has {t.shape[0]} heads, keys_chunk has {n_heads_kv}")
     if keys_self.shape[1] != n_q:
         raise ValueError(f"keys_self has {keys_self.shape[1]} tokens for {n_q} queries")
     group = n_heads_q // n_heads_kv

@@ -1,0 +1,120 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`kvzip` console script: `kvzip demo` and `kvzip calibrate-heads`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from kvzip_plugin.config import KVzipConfig
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvzip_plugin.demo import demo_context, run_demo
+    from kvzip_plugin.hf.compressor import KVzipCompressor
+    from kvzip_plugin.hf.models import load_model
+
+    config = KVzipConfig(ratio=args.ratio, structure=args.structure, chunk_size=args.chunk_size)
+    torch.set_num_threads(max(1, args.threads or torch.get_num_threads()))
+    print(f"loading {args.model} ...", flush=True)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    print(f"loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+    context, items = demo_context(args.people, args.seed)
+    compressor = KVzipCompressor(model, tokenizer, config)
+    full, comp, rows = run_demo(compressor, context, items, args.max_new_tokens)
+    s = comp.stats
+    print()
+    print(f"model: {args.model} (weights de-quantised from 4-bit GGUF)" if args.model.startswith("smollm2")
+          else f"model: {args.model}")
+    print(f"context: {s.n_context} tokens (+{s.n_prefix} protected prefix); structure={s.structure}, "
+          f"ratio asked {config.ratio}, achieved {s.achieved_ratio:.3f}")
+    print(f"KV cache: full {_mib(full.stats.full_kv_bytes)} | compressed kept {_mib(s.kept_kv_bytes)} "
+          f"(stored {_mib(s.stored_kv_bytes)}) -> {full.stats.full_kv_bytes / max(s.stored_kv_bytes, 1):.2f}x smaller")
+    print(f"prefill {s.prefill_seconds:.2f} s | scoring pass {s.scoring_seconds:.2f} s "
+          f"({s.scoring_seconds / max(s.prefill_seconds, 1e-9):.1f}x prefill)")
+    print()
+    header = f"{'question':<58} {'expected':<9} {'full cache':<24} {'compressed':<24}"
+    print(header)
+    print("-" * len(header))
+    ok_full = ok_comp = 0
+    for row in rows:
+        ok_full += row.item.answer in row.full.text
+        ok_comp += row.item.answer in row.compressed.text
+        print(f"{row.item.question[:57]:<58} {row.item.answer:<9} {row.full.text[:23]:<24} "
+              f"{row.compressed.text[:23]:<24}")
+    print("-" * len(header))
+    full_ms = statistics.median(r.full.decode_ms_per_token for r in rows)
+    comp_ms = statistics.median(r.compressed.decode_ms_per_token for r in rows)
+    print(f"correct: full {ok_full}/{len(rows)}, compressed {ok_comp}/{len(rows)}")
+    print(f"decode ms/token (median over questions): full {full_ms:.2f}, compressed {comp_ms:.2f} "
+          f"(ratio {comp_ms / full_ms:.2f})")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from kvzip_plugin.head_scores import head_scores_from, save_head_scores
+    from kvzip_plugin.hf.cache import KVzipCache
+    from kvzip_plugin.hf.compressor import KVzipCompressor
+    from kvzip_plugin.hf.models import load_model
+
+    model, tokenizer = load_model(args.model)
+    compressor = KVzipCompressor(model, tokenizer, KVzipConfig(chunk_size=args.chunk_size))
+    maps = []
+    for path in args.text:
+        layout = compressor.layout(Path(path).read_text())
+        cache = KVzipCache.from_dynamic(compressor.prefill(layout.input_ids))
+        maps.append(compressor.score(layout, cache, progress=True))
+    scores = head_scores_from(maps)
+    save_head_scores(Path(args.out), scores, model.config, args.model,
+                     calibration=", ".join(Path(p).name for p in args.text))
+    print(f"wrote {args.out}: {tuple(scores.shape)} head scores")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvzip", description="KVzip KV-cache compression")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="compress one long context, answer several questions from it")
+    demo.add_argument("--model", default="smollm2-135m-instruct", help="demo alias, local folder or hub name")
+    demo.add_argument("--ratio", type=float, default=0.3, help="fraction of context KV pairs kept")
+    demo.add_argument("--structure", default="pair", help="pair | head | layer")
+    demo.add_argument("--chunk-size", type=int, default=2000)
+    demo.add_argument("--people", type=int, default=24, help="directory size (context length)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--max-new-tokens", type=int, default=16)
+    demo.add_argument("--threads", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo)
+    cal = sub.add_parser("calibrate-heads", help="compute a context-independent head-score file")
+    cal.add_argument("--model", default="smollm2-135m-instruct")
+    cal.add_argument("--text", nargs="+", required=True, help="calibration text file(s)")
+    cal.add_argument("--out", required=True)
+    cal.add_argument("--chunk-size", type=int, default=2000)
+    cal.set_defaults(func=_cmd_calibrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ValidationError as err:
+        print(f"kvzip: invalid configuration: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
