@@ -10,19 +10,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from kvzip_plugin.config import KVzipConfig
 from kvzip_plugin.hf.compressor import CompressedContext, KVzipCompressor
 from kvzip_plugin.hf.generate import Answer
 
 _FIRST = ("Alice Bruno Chen Dana Elif Farid Greta Hiro Ines Jonas Kofi Lena Mateo Nadia Omar Priya Quinn "
           "Rosa Sven Tara Ugo Vera Wes Xena Yuki Zane").split()
+_LAST = "Adler Brandt Costa Duval Engel Fischer Gomez Haas Ito Jensen Kovac Lund".split()
 _CITIES = "Lisbon Oslo Nairobi Lima Osaka Quebec Tunis Perth Riga Hanoi Cusco Dakar".split()
-_PROJECTS = "Aurora Basalt Cobalt Dynamo Ember Falcon Glacier Harbor Iris Juniper".split()
-_FILLER = (
-    "The company was founded to build tools for careful record keeping, and every office keeps a "
-    "printed copy of this directory next to the reception desk. Staff are asked to report changes "
-    "to the operations team within a week, and the directory is reissued at the start of each quarter."
-)
 
 
 @dataclass(frozen=True)
@@ -33,24 +27,22 @@ class DemoItem:
     answer: str
 
 
-def demo_context(n_people: int = 24, seed: int = 0) -> tuple[str, list[DemoItem]]:
-    """A directory of `n_people` staff and one question per fact kind about several of them."""
-    if not 1 <= n_people <= len(_FIRST):
-        raise ValueError(f"n_people must be in [1, {len(_FIRST)}], got {n_people}")
+def demo_context(n_people: int = 20, n_asked: int = 4, seed: int = 0) -> tuple[str, list[DemoItem]]:
+    """A staff directory of `n_people` lines (about 20 tokens each) and two questions (badge
+    number, city) about each of `n_asked` of them."""
+    names = [f for f in _FIRST] + [f"{f} {last}" for last in _LAST for f in _FIRST]
+    if not 1 <= n_people <= len(names):
+        raise ValueError(f"n_people must be in [1, {len(names)}], got {n_people}")
     rng = random.Random(seed)
-    people = _FIRST[:n_people]
-    facts = {p: (rng.randint(1000, 9999), rng.choice(_CITIES), rng.choice(_PROJECTS)) for p in people}
-    lines = ["Staff directory.", _FILLER]
-    for i, p in enumerate(people):
-        badge, city, project = facts[p]
-        lines.append(f"{p} works in the {city} office on project {project}. {p}'s badge number is {badge}.")
-        if i % 6 == 5:
-            lines.append(_FILLER)
+    people = names[:n_people]
+    facts = {p: (rng.randint(1000, 9999), rng.choice(_CITIES)) for p in people}
+    lines = ["Staff directory:"]
+    lines += [f"{p} works in {city}. {p}'s badge number is {badge}." for p, (badge, city) in facts.items()]
     items = []
-    for p in rng.sample(people, min(4, n_people)):
-        badge, city, project = facts[p]
-        items.append(DemoItem(f"What is {p}'s badge number? Answer with the number only.", str(badge)))
-        items.append(DemoItem(f"Which office does {p} work in? Answer with the city only.", city))
+    for p in rng.sample(people, min(n_asked, n_people)):
+        badge, city = facts[p]
+        items.append(DemoItem(f"What is {p}'s badge number?", str(badge)))
+        items.append(DemoItem(f"In which city does {p} work?", city))
     return "\n".join(lines), items
 
 
@@ -69,7 +61,3 @@ def run_demo(compressor: KVzipCompressor, context: str, items: list[DemoItem],
     rows = [DemoRow(item, compressor.answer(full, item.question, max_new_tokens),
                     compressor.answer(compressed, item.question, max_new_tokens)) for item in items]
     return full, compressed, rows
-
-
-def default_demo_config(ratio: float, structure: str) -> KVzipConfig:
-    return KVzipConfig(ratio=ratio, structure=structure)  # type: ignore[arg-type]
