@@ -149,8 +149,8 @@ def test_reuse_for_three_questions_leaves_the_context_unchanged(tokenizer):
     model = make_model("qwen2", vocab_size=len(tokenizer))
     compressor = KVzipCompressor(model, tokenizer, KVzipConfig(ratio=0.5, structure="pair", chunk_size=40))
     ctx = compressor.compress(layout)
-    snapshot = {i: (l.keys.clone(), l.values.clone(), l.n_physical, l.logical_length)
-                for i, l in ctx.new_cache().kvzip_layers.items()}
+    snapshot = {i: (layer.keys.clone(), layer.values.clone(), layer.n_physical, layer.logical_length)
+                for i, layer in ctx.new_cache().kvzip_layers.items()}
     first = [compressor.answer(ctx, q, max_new_tokens=6).token_ids for q in QUESTIONS]
     again = compressor.answer(ctx, QUESTIONS[0], max_new_tokens=6).token_ids
     assert again == first[0]
@@ -174,7 +174,7 @@ def test_generate_works_on_a_compressed_cache(tokenizer, arch):
                          eos_token_id=None, pad_token_id=0)
     generated = out[0, ids.shape[1]:].tolist()
     loop = cached_decode(model, ctx.new_cache(), q_ids, 5)
-    assert generated == [int(l[0, -1].argmax()) for l in loop]
+    assert generated == [int(lg[0, -1].argmax()) for lg in loop]
 
 
 def test_gemma_sliding_layers_stay_uncompressed(tokenizer):

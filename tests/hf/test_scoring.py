@@ -40,7 +40,7 @@ def test_scoring_leaves_the_full_cache_unchanged(tokenizer):
     model = make_model("llama-gqa", vocab_size=len(tokenizer))
     compressor = KVzipCompressor(model, tokenizer, KVzipConfig(chunk_size=10))
     full = KVzipCache.from_dynamic(compressor.prefill(layout.input_ids))
-    before = [(l.keys.clone(), l.values.clone()) for l in full.layers]
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in full.layers]
     compressor.score(layout, full)
     for (k, v), layer in zip(before, full.layers, strict=True):
         assert torch.equal(k, layer.keys) and torch.equal(v, layer.values)
