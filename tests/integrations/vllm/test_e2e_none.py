@@ -89,7 +89,7 @@ def test_none_is_token_identical(baseline, plugin_none):
 
 def test_kvzip_stub_is_token_identical(baseline, plugin_kvzip):
     assert plugin_kvzip["kv_connector"] == "KVzipConnector"
-    assert plugin_kvzip["kv_connector_extra_config"] == {"kvzip": {"ratio": 0.5, "min_hits": 1}}
+    assert plugin_kvzip["kv_connector_extra_config"] == {"kvzip": {"ratio": 0.5}}
     assert plugin_kvzip["worker_kv_connector"] == "kvzip_plugin.integrations.vllm.connector.KVzipConnector"
     log = plugin_kvzip["log"]
     # one connector per role, each in its own process; the plugin registered in EngineCore and worker
