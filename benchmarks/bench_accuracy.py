@@ -413,12 +413,14 @@ def markdown(doc: dict[str, Any]) -> str:
                 cells.append("-" if row is None else f"{100 * row['accuracy']:.1f}")
             out.append(f"| {m['name']} | " + " | ".join(cells) + " |")
         out.append("")
+    timed = any(row["decode_vs_full"] is not None for row in doc["rows"])
     out.append("Decode ms/token relative to the full cache (same context, same run; first question of the "
-               "timed contexts), mean over data sets:")
+               "timed contexts), mean over data sets:" if timed else "(no decode timing in this run)")
     out.append("")
-    out.append("| method | " + " | ".join(f"{r:g}" for r in ratios) + " |")
-    out.append("|---|" + "---|" * len(ratios))
-    for m in doc["methods"]:
+    for m in doc["methods"] if timed else []:
+        if m is doc["methods"][0]:
+            out.append("| method | " + " | ".join(f"{r:g}" for r in ratios) + " |")
+            out.append("|---|" + "---|" * len(ratios))
         cells = []
         for r in ratios:
             vals = [row["decode_vs_full"] for row in doc["rows"]
@@ -478,7 +480,8 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def plot(doc: dict[str, Any], stem: Path) -> list[Path]:
-    """`<stem>-accuracy.png` (accuracy vs ratio, one panel per data set) and `<stem>-decode.png`."""
+    """`<stem>-accuracy.png` (accuracy vs ratio, one panel per data set) and `<stem>-decode.png`
+    (decode time vs ratio; only when the run timed decoding)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -516,6 +519,8 @@ def plot(doc: dict[str, Any], stem: Path) -> list[Path]:
     fig.savefig(acc_path, dpi=110)
     plt.close(fig)
 
+    if not any(row["decode_vs_full"] is not None for row in doc["rows"]):
+        return [acc_path]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for m in doc["methods"]:
         pts = []
