@@ -92,34 +92,33 @@ def _first_error(exc: Exception) -> str:
     return str(exc)
 
 
+def _validated(model: Any, field: str, value: Any) -> Any:
+    """`value` as the pydantic `model`'s `field` accepts it; ValueError naming the field otherwise."""
+    try:
+        return getattr(model(**{field: value}), field)
+    except Exception as exc:
+        raise ValueError(f"{_first_error(exc)} (got {value!r})") from None
+
+
 def validate_ratio(value: Any) -> float:
     """A ratio accepted by `KVzipConfig.ratio` (in (0, 1]); raises ValueError naming the field."""
     from kvzip_plugin.config import KVzipConfig
 
-    try:
-        return KVzipConfig(ratio=value).ratio
-    except Exception as exc:
-        raise ValueError(f"{_first_error(exc)} (got {value!r})") from None
+    return float(_validated(KVzipConfig, "ratio", value))
 
 
 def validate_min_prefix_tokens(value: Any) -> int:
     """A token count accepted by `TriggerPolicy.min_prefix_tokens` (>= 1)."""
     from kvzip_plugin.detection import TriggerPolicy
 
-    try:
-        return TriggerPolicy(min_prefix_tokens=value).min_prefix_tokens
-    except Exception as exc:
-        raise ValueError(f"{_first_error(exc)} (got {value!r})") from None
+    return int(_validated(TriggerPolicy, "min_prefix_tokens", value))
 
 
 def validate_min_hits(value: Any) -> int:
     """A hit count accepted by `TriggerPolicy.min_hits` (>= 1)."""
     from kvzip_plugin.detection import TriggerPolicy
 
-    try:
-        return TriggerPolicy(min_hits=value).min_hits
-    except Exception as exc:
-        raise ValueError(f"{_first_error(exc)} (got {value!r})") from None
+    return int(_validated(TriggerPolicy, "min_hits", value))
 
 
 def make_settings(
