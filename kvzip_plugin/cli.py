@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""`kvzip` console script: `kvzip demo` and `kvzip calibrate-heads`."""
+"""`kvzip` console script: `kvzip demo`, `kvzip calibrate-heads` and `kvzip load`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
@@ -84,6 +85,32 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_load(args: argparse.Namespace) -> int:
+    from kvzip_plugin.loadgen import LoadConfig, format_report, run_load, wait_healthy
+
+    cfg = LoadConfig(url=args.url, model=args.model, tenants=args.tenants, questions=args.questions,
+                     concurrency=args.concurrency, max_tokens=args.max_tokens, facts=args.facts, seed=args.seed,
+                     cache_salt=args.cache_salt, ignore_eos=args.ignore_eos, timeout=args.timeout,
+                     metrics=not args.no_metrics, metrics_interval=args.metrics_interval,
+                     metrics_prefix=args.metrics_prefix, settle=args.settle)
+    try:
+        if args.wait > 0:
+            wait_healthy(cfg.url, args.wait)
+        report = run_load(cfg)
+    except (OSError, TimeoutError, ValueError, KeyError) as err:  # unreachable server, bad /v1/models, bad sizes
+        print(f"kvzip load: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    if args.json == "-":
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_report(report))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            print(f"wrote {args.json}")
+    return 0 if all(r.ok for r in report.results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvzip", description="KVzip KV-cache compression")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +134,29 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", required=True)
     cal.add_argument("--chunk-size", type=int, default=2000)
     cal.set_defaults(func=_cmd_calibrate)
+    load = sub.add_parser("load", help="multi-tenant chat load on an OpenAI-compatible server, with its /metrics")
+    load.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    load.add_argument("--model", default=None, help="model name in requests (default: first of /v1/models)")
+    load.add_argument("--tenants", type=int, default=4, help="tenants, each with its own long system prompt")
+    load.add_argument("--questions", type=int, default=8, help="questions per tenant")
+    load.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    load.add_argument("--max-tokens", type=int, default=16)
+    load.add_argument("--facts", type=int, default=64,
+                      help="facts in each tenant's document (64: ~1,100 prompt tokens with SmolLM2's template)")
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--cache-salt", action="store_true", help="send a per-tenant cache_salt (vLLM)")
+    load.add_argument("--ignore-eos", action="store_true", help="always decode --max-tokens tokens (vLLM, SGLang)")
+    load.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    load.add_argument("--wait", type=float, default=0.0, help="wait up to this many seconds for /health first")
+    load.add_argument("--settle", type=float, default=0.0,
+                      help="after the load, wait up to this many seconds for KVzip jobs to finish before the last "
+                           "/metrics scrape")
+    load.add_argument("--no-metrics", action="store_true", help="do not scrape /metrics")
+    load.add_argument("--metrics-interval", type=float, default=0.25, help="seconds between /metrics polls")
+    load.add_argument("--metrics-prefix", default="vllm:", help="engine prefix of the metric names")
+    load.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                      help="print the full result as JSON instead of the report (no PATH), or also write it to PATH")
+    load.set_defaults(func=_cmd_load)
     return parser
 
 

@@ -57,6 +57,28 @@ def kept_tokens(plan: EvictionPlan, n_protected: int, layers: Sequence[int]) -> 
     return torch.stack(rows)
 
 
+def top_kept_tokens(scores: torch.Tensor, n_keep: int, n_protected: int) -> torch.Tensor:
+    """The `head`-structure selection straight from per-(layer, KV head) scores, for a physical
+    budget: every head keeps the protected tokens and its `n_keep` best context tokens.
+
+    Args:
+        scores: `[layers, H_kv, n_context]` scores of the context tokens (after the protected ones).
+        n_keep: context tokens kept per head (`physical_budget(...) - n_protected`).
+        n_protected: tokens before the context (always kept).
+
+    Returns:
+        `[layers, H_kv, n_protected + n_keep]` int64 token indices in the prefix, ascending per head.
+        Ties keep the earlier token (stable order), as `eviction.plan_eviction` does.
+    """
+    n_layers, n_heads, n_context = scores.shape
+    if not 0 <= n_keep <= n_context:
+        raise ValueError(f"cannot keep {n_keep} of {n_context} context tokens")
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[..., :n_keep]
+    kept = torch.sort(order, dim=-1).values + n_protected
+    protected = torch.arange(n_protected).expand(n_layers, n_heads, n_protected)
+    return torch.cat([protected, kept], dim=-1)
+
+
 @dataclass(frozen=True)
 class CompactionPlan:
     """Slot moves of one prefix, for every layer and KV head.
@@ -121,13 +143,23 @@ def apply_compaction(kv: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch
     """Copy one layer's kept pairs into the destination slots, in place.
 
     Args:
-        kv: `[num_slots, H_kv, D]` a flat view of one layer's key (or value) buffer.
+        kv: one layer's key (or value) buffer, either a flat `[num_slots, H_kv, D]` view or a paged
+            token-major `[num_blocks, block_size, H_kv, D]` view (it may be a strided view of the
+            engine's own layout; writes go to the engine's storage).
         src_slots: `[H_kv, P]` this layer's source slots (`CompactionPlan.src_slots[layer]`).
         dst_slots: `[P]` destination slots.
     """
-    heads = torch.arange(kv.shape[1], device=kv.device)
-    gathered = kv[src_slots.to(kv.device).T, heads]  # [P, H_kv, D], read fully before any write
-    kv[dst_slots.to(kv.device)] = gathered
+    src = src_slots.to(kv.device).T  # [P, H_kv]
+    dst = dst_slots.to(kv.device)
+    if kv.dim() == 3:
+        heads = torch.arange(kv.shape[1], device=kv.device)
+        gathered = kv[src, heads]  # [P, H_kv, D], read fully before any write
+        kv[dst] = gathered
+        return
+    block_size, n_heads = kv.shape[1], kv.shape[2]
+    heads = torch.arange(n_heads, device=kv.device)
+    gathered = kv[src // block_size, src % block_size, heads]  # [P, H_kv, D]
+    kv[dst // block_size, dst % block_size] = gathered
 
 
 class BlockAllocator(Protocol):

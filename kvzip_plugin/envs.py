@@ -10,3 +10,22 @@ from pathlib import Path
 def cache_dir() -> Path:
     """KVZIP_CACHE_DIR: where converted models are kept (default ~/.cache/kvzip-plugin)."""
     return Path(os.environ.get("KVZIP_CACHE_DIR", Path.home() / ".cache" / "kvzip-plugin"))
+
+
+def dump_dir() -> Path | None:
+    """KVZIP_DUMP_DIR: where engine workers write each compaction's kept tokens and scores
+    (`job-<id>.pt`), for inspection and the reference tests. Unset: nothing is written."""
+    value = os.environ.get("KVZIP_DUMP_DIR")
+    return Path(value) if value else None
+
+
+FAULTS = ("compaction", "scoring")
+
+
+def fault_injection() -> str | None:
+    """KVZIP_FAULT_INJECTION=compaction|scoring: make that stage of every job fail (tests of the
+    rollback path). Unset in production."""
+    value = os.environ.get("KVZIP_FAULT_INJECTION") or None
+    if value is not None and value not in FAULTS:
+        raise ValueError(f"KVZIP_FAULT_INJECTION={value!r}; expected one of {FAULTS}")
+    return value

@@ -10,7 +10,7 @@ value; everything else is a count or a list of observations for the interval.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -94,41 +94,56 @@ class PromMetrics:
     Args:
         prefix: engine prefix of every name.
         labelnames: labels of every series (e.g. `model_name`, `engine`).
-        registry: where to register (the engine's registry; default: a private one).
+        registry: where to register (the engine's registry). Default: a private one, or, when
+            `metric_types` is given, wherever those classes register by default.
+        metric_types: the engine's metric classes, keyed by the `prometheus_client` class they stand
+            for (vLLM passes `{Gauge: ..., Counter: ..., Histogram: ...}`: `prometheus_client`'s own,
+            which register in the global `REGISTRY` that vLLM's `/metrics` serves, or Ray's wrappers).
+
+    Gauges use `multiprocess_mode="mostrecent"`, as vLLM's do, so that in Prometheus multiprocess mode
+    (`PROMETHEUS_MULTIPROC_DIR`, e.g. `vllm serve --api-server-count 2`) they stay one series per label
+    set instead of one per process.
     """
 
-    def __init__(self, prefix: str, labelnames: Sequence[str],
-                 registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, prefix: str, labelnames: Sequence[str], registry: CollectorRegistry | None = None,
+                 metric_types: Mapping[type, type] | None = None) -> None:
         self.labelnames = list(labelnames)
-        reg = registry if registry is not None else CollectorRegistry()
+        if metric_types is None and registry is None:
+            registry = CollectorRegistry()
+        types = metric_types or {}
+        reg: dict[str, Any] = {} if registry is None else {"registry": registry}
         n = f"{prefix}kvzip_"
         labels = self.labelnames
-        self.prefixes_compressed = Counter(f"{n}prefixes_compressed", "Shared prefixes compacted by KVzip.",
-                                           labels, registry=reg)
-        self.blocks_saved = Gauge(f"{n}blocks_saved", "KV blocks saved by the live compacted prefixes.",
-                                  labels, registry=reg)
-        self.bytes_saved = Gauge(f"{n}bytes_saved", "KV cache bytes saved by the live compacted prefixes.",
-                                 labels, registry=reg)
-        self.jobs = Counter(f"{n}jobs", "KVzip compression jobs by outcome.", [*labels, "outcome"], registry=reg)
-        self.jobs_queued = Gauge(f"{n}jobs_queued", "KVzip jobs waiting.", labels, registry=reg)
-        self.jobs_running = Gauge(f"{n}jobs_running", "KVzip jobs scoring or compacting.", labels, registry=reg)
-        self.achieved_ratio = Histogram(f"{n}achieved_ratio", "Kept fraction of each compacted prefix.",
-                                        labels, buckets=_RATIOS, registry=reg)
-        self.scoring_seconds = Histogram(f"{n}scoring_seconds", "Scoring pass time per prefix.", labels,
-                                         buckets=_SECONDS, registry=reg)
-        self.compaction_seconds = Histogram(f"{n}compaction_seconds", "Compaction copy time per prefix.", labels,
-                                            buckets=_SECONDS, registry=reg)
-        self.scoring_to_prefill = Histogram(f"{n}scoring_to_prefill_ratio",
-                                            "Scoring time over the prefix's prefill time.", labels,
-                                            buckets=_OVERHEAD, registry=reg)
-        self.compressed_hits = Counter(f"{n}compressed_prefix_hits", "Requests admitted on a compacted prefix.",
-                                       labels, registry=reg)
-        self.decode_step_seconds = Histogram(f"{n}decode_step_seconds",
+
+        def counter(name: str, doc: str, extra: Sequence[str] = ()) -> Any:
+            return types.get(Counter, Counter)(name=n + name, documentation=doc, labelnames=[*labels, *extra],
+                                               **reg)
+
+        def gauge(name: str, doc: str) -> Any:
+            return types.get(Gauge, Gauge)(name=n + name, documentation=doc, labelnames=labels,
+                                           multiprocess_mode="mostrecent", **reg)
+
+        def histogram(name: str, doc: str, buckets: Sequence[float], extra: Sequence[str] = ()) -> Any:
+            return types.get(Histogram, Histogram)(name=n + name, documentation=doc,
+                                                   labelnames=[*labels, *extra], buckets=list(buckets), **reg)
+
+        self.prefixes_compressed = counter("prefixes_compressed", "Shared prefixes compacted by KVzip.")
+        self.blocks_saved = gauge("blocks_saved", "KV blocks saved by the live compacted prefixes.")
+        self.bytes_saved = gauge("bytes_saved", "KV cache bytes saved by the live compacted prefixes.")
+        self.jobs = counter("jobs", "KVzip compression jobs by outcome.", ["outcome"])
+        self.jobs_queued = gauge("jobs_queued", "KVzip jobs waiting.")
+        self.jobs_running = gauge("jobs_running", "KVzip jobs scoring or compacting.")
+        self.achieved_ratio = histogram("achieved_ratio", "Kept fraction of each compacted prefix.", _RATIOS)
+        self.scoring_seconds = histogram("scoring_seconds", "Scoring pass time per prefix.", _SECONDS)
+        self.compaction_seconds = histogram("compaction_seconds", "Compaction copy time per prefix.", _SECONDS)
+        self.scoring_to_prefill = histogram("scoring_to_prefill_ratio",
+                                            "Scoring time over the prefix's prefill time.", _OVERHEAD)
+        self.compressed_hits = counter("compressed_prefix_hits", "Requests admitted on a compacted prefix.")
+        self.decode_step_seconds = histogram("decode_step_seconds",
                                              "Per-request decode step time, on compacted vs full prefixes.",
-                                             [*labels, "prefix"], buckets=_STEP_SECONDS, registry=reg)
-        self.fallbacks = Counter(f"{n}fallbacks", "Times compression was not used, by reason.",
-                                 [*labels, "reason"], registry=reg)
-        self.registry = reg
+                                             _STEP_SECONDS, ["prefix"])
+        self.fallbacks = counter("fallbacks", "Times compression was not used, by reason.", ["reason"])
+        self.registry = registry  # None: wherever the `metric_types` classes register by default
 
     def observe(self, stats: KVzipStats, labelvalues: Sequence[str]) -> None:
         """Record one interval for the series labelled `labelvalues`."""

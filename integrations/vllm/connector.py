@@ -1,20 +1,26 @@
 # SPDX-License-Identifier: Apache-2.0
-"""`KVzipConnector`: the vLLM V1 KV connector that will own KVzip compression of shared prefixes.
+"""`KVzipConnector`: KVzip compression of shared prefixes as a vLLM V1 KV connector.
 
-Skeleton: every method is a correct no-op for the connector API of vLLM 0.32/0.33 (no external tokens,
-nothing loaded or saved, nothing kept after a request finishes), so an engine started with it behaves
-exactly like one without it. Selected by `--kv-compression kvzip` (see `kvzip_plugin.integrations.vllm`)
-or by `--kv-transfer-config '{"kv_connector": "KVzipConnector", "kv_connector_module_path":
+vLLM builds one instance per process and role (`KVConnectorFactory.create_connector` passes
+`(vllm_config, role, kv_cache_config)`): `SCHEDULER` in EngineCore (`scheduler.py`: detection,
+jobs, block allocation, publication, adoption) and `WORKER` in every worker (`worker.py`: score
+capture, compaction copy; `runner.py`: physical slots and `seq_lens`). The connector is the
+transport between them: `build_connector_meta` -> worker, `build_connector_worker_meta` ->
+`update_connector_output`, and stats to the frontend's `/metrics` (`stats.py`).
+
+Selected by `--kv-compression kvzip` (see `kvzip_plugin.integrations.vllm`) or
+`--kv-transfer-config '{"kv_connector": "KVzipConnector", "kv_connector_module_path":
 "kvzip_plugin.integrations.vllm.connector", "kv_role": "kv_both"}'`.
 
-vLLM builds one instance per process and role: `KVConnectorRole.SCHEDULER` in EngineCore,
-`KVConnectorRole.WORKER` in every worker (`KVConnectorFactory.create_connector`, which passes the three
-constructor arguments `(vllm_config, role, kv_cache_config)`).
+Fail closed: on a model or feature KVzip does not support here (several KV-cache groups such as
+sliding-window or Mamba layers, MLA, speculative decoding, the V2 model runner, a KV layout the
+worker cannot address), the connector logs one warning, counts the reason in
+`vllm:kvzip_fallbacks_total{reason}` and serves every prefix uncompressed.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,6 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionMetadata
@@ -32,80 +39,198 @@ if TYPE_CHECKING:
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-from kvzip_plugin.integrations.vllm import EXTRA_CONFIG_KEY, KVCompressionSettings, make_settings
+from kvzip_plugin.config import KVzipConfig
+from kvzip_plugin.detection import TriggerPolicy
+from kvzip_plugin.integrations.vllm import EXTRA_CONFIG_KEY, KVCompressionSettings, make_settings, runner, stats
+from kvzip_plugin.integrations.vllm.protocol import KVzipConnectorMetadata, KVzipWorkerMetadata
+from kvzip_plugin.integrations.vllm.scheduler import SchedulerState
+from kvzip_plugin.integrations.vllm.worker import WorkerState
+from kvzip_plugin.metrics import KVzipStats
 
 # under the "vllm" logger so the lines get vLLM's handler (INFO shows by default)
 logger = init_logger("vllm.kvzip_plugin.connector")
 
+_SCHEDULE_WRAPPED = "__kvzip_schedule__"
 
-@dataclasses.dataclass
-class KVzipConnectorMetadata(KVConnectorMetadata):
-    """Scheduler -> worker, once per step (`build_connector_meta`). Empty for now."""
+
+def unsupported_reason(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> str | None:
+    """Why KVzip cannot run on this engine, or None. Short snake_case reasons (metric labels)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    if vllm_config.speculative_config is not None:
+        return "speculative_decoding"
+    if vllm_config.model_config is not None and vllm_config.model_config.use_mla:
+        return "mla"
+    if not vllm_config.cache_config.enable_prefix_caching:
+        return "prefix_caching_disabled"
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        return "pipeline_parallel"
+    if vllm_config.use_v2_model_runner:
+        return "model_runner_v2"
+    if kv_cache_config is not None:
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            return "hybrid_kv_cache"
+        spec = groups[0].kv_cache_spec
+        if type(spec) is not FullAttentionSpec or getattr(spec, "sliding_window", None):
+            return f"kv_cache_spec_{type(spec).__name__}"
+    return None
 
 
 class KVzipConnector(KVConnectorBase_V1):
-    """KVzip compression of shared prefixes as a vLLM V1 KV connector (no-op skeleton)."""
+    """KVzip compression of shared prefixes (scheduler and worker halves)."""
 
-    def __init__(
-        self,
-        vllm_config: VllmConfig,
-        role: KVConnectorRole,
-        kv_cache_config: KVCacheConfig,
-    ):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.get_from_extra_config(EXTRA_CONFIG_KEY, None) or {}
         self.settings: KVCompressionSettings = make_settings(
-            extra.get("ratio"), extra.get("min_prefix_tokens"), extra.get("min_hits")
-        )
-        self.kv_caches: dict[str, torch.Tensor] = {}
-        logger.info("KVzipConnector (%s): %s", role.name, self.settings)
+            extra.get("ratio"), extra.get("min_prefix_tokens"), extra.get("min_hits"))
+        config = KVzipConfig(structure="head", **({"ratio": self.settings.ratio} if self.settings.ratio else {}))
+        policy = TriggerPolicy(**{k: v for k, v in (("min_prefix_tokens", self.settings.min_prefix_tokens),
+                                                    ("min_hits", self.settings.min_hits)) if v is not None})
+        self.disabled = unsupported_reason(vllm_config, kv_cache_config)
+        self._fallback_reported = False
+        self.sched: SchedulerState | None = None
+        self.worker: WorkerState | None = None
         if role == KVConnectorRole.SCHEDULER:
-            logger.warning("kvzip-plugin: compression inside vLLM is not implemented yet in this release; "
-                           "prefixes are served uncompressed")
+            self.sched = SchedulerState(config, policy, vllm_config)
+            self.sched.disabled = self.disabled
+            _wrap_schedule()
+        else:
+            self.worker = WorkerState(config.score_query_block)
+            if not self.disabled:
+                runner.install(self.worker)
+        if self.disabled:
+            logger.warning("kvzip-plugin: KV compression disabled on this engine (%s); prefixes are served "
+                           "uncompressed", self.disabled)
+        else:
+            logger.info("KVzipConnector (%s): ratio=%s, %s", role.name, config.ratio, policy)
 
     @property
     def requires_kv_delivery(self) -> bool:
-        # KVzip hands no KV to another instance: a request preempted mid-way may simply finish
-        # (the base class says True for any kv_producer/kv_both role, vllm 0.32 base.py:196)
+        # KVzip hands no KV to another instance (the base says True for kv_both, vllm 0.32 base.py:196)
         return False
 
     # ------------------------------------------------------------------ worker side
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.kv_caches = kv_caches
+        if self.worker is None or self.disabled:
+            return
+        from vllm.config import get_layers_from_vllm_config
+        from vllm.model_executor.layers.attention.attention import Attention
+
+        layers = get_layers_from_vllm_config(self._vllm_config, Attention, list(kv_caches))
+        self.worker.register(kv_caches, layers)
+        if self.worker.unsupported:
+            self.disabled = "kv_layout"
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None and isinstance(connector_metadata, KVzipConnectorMetadata):
+            self.worker.bind(connector_metadata)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        return None
+        if self.worker is None or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVzipConnectorMetadata)
+        for cmd in meta.compact:
+            self.worker.results.append(self.worker.compact(cmd))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None
 
-    def save_kv_layer(
-        self,
-        layer_name: str,
-        kv_layer: torch.Tensor,
-        attn_metadata: AttentionMetadata,
-        **kwargs: Any,
-    ) -> None:
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
+                      **kwargs: Any) -> None:
         return None
 
     def wait_for_save(self) -> None:
-        return None
+        if self.worker is not None:
+            self.worker.end_step()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if self.worker is None or not self.worker.results:
+            return None
+        out, self.worker.results = KVzipWorkerMetadata(results=self.worker.results), []
+        return out
 
     # ------------------------------------------------------------------ scheduler side
 
+    def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
+        if self.sched is not None and not self.disabled:
+            self.sched.bind(kv_cache_manager)
+
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        # nothing to load from outside vLLM's own prefix cache; never asynchronous
-        return 0, False
+        if self.sched is not None:
+            self.sched.observe(request, num_computed_tokens)
+        return 0, False  # nothing to load from outside vLLM's own prefix cache
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         return None
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return KVzipConnectorMetadata()
+        if self.sched is None or self.disabled:
+            return KVzipConnectorMetadata()
+        return self.sched.build_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if self.sched is not None and isinstance(meta, KVzipWorkerMetadata):
+            self.sched.on_worker_results(meta.results)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        # blocks may be freed now; no KV transfer params for the output
+        if self.sched is not None and not self.disabled:
+            self.sched.request_finished(request, block_ids)
         return False, None
+
+    def has_pending_push_work(self) -> bool:
+        # keeps EngineCore stepping until queued scoring and compaction have finished
+        return self.sched is not None and not self.disabled and self.sched.has_pending_work()
+
+    def reset_cache(self) -> bool | None:
+        if self.sched is not None and not self.disabled:
+            self.sched.reset()
+        return True
+
+    # ------------------------------------------------------------------ stats (both sides)
+
+    def get_kv_connector_stats(self) -> stats.KVzipConnectorStats | None:
+        data = KVzipStats()
+        if self.disabled and not self._fallback_reported:
+            data.fallbacks[self.disabled] = 1
+            self._fallback_reported = True
+        if self.sched is not None and not self.disabled:
+            data = data.aggregate(self.sched.take_stats())
+        if data.is_empty():
+            return None
+        return stats.KVzipConnectorStats.from_stats(data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> stats.KVzipConnectorStats | None:
+        return stats.build_kv_connector_stats(data)
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return stats.build_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+def _wrap_schedule() -> None:
+    """Let the connector add its scoring requests right before each `schedule()` (once per process)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original = Scheduler.schedule
+    if getattr(original, _SCHEDULE_WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def schedule(self, *args, **kwargs):
+        connector = getattr(self, "connector", None)
+        if isinstance(connector, KVzipConnector) and connector.sched is not None and not connector.disabled:
+            connector.sched.before_schedule(self)
+        return original(self, *args, **kwargs)
+
+    setattr(schedule, _SCHEDULE_WRAPPED, True)
+    Scheduler.schedule = schedule

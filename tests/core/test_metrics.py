@@ -3,7 +3,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import generate_latest
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kvzip_plugin.metrics import KVzipStats, PromMetrics
 
@@ -37,3 +43,75 @@ def test_prometheus_series():
     assert 'vllm:kvzip_achieved_ratio_count{engine="0",model_name="tiny"} 2.0' in text
     assert 'vllm:kvzip_decode_step_seconds_count{engine="0",model_name="tiny",prefix="full"} 2.0' in text
     assert 'vllm:kvzip_fallbacks_total{engine="0",model_name="tiny",reason="sliding_window"} 1.0' in text
+
+
+class _RecordingMetric:
+    """Stands in for an engine's metric class that takes no `registry` (vLLM's Ray wrappers)."""
+
+    made: list[tuple[str, dict]] = []
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str], **kw) -> None:
+        self.made.append((name, kw))
+        self.values: dict[tuple, float] = {}
+
+    def labels(self, *labelvalues):
+        return _Child(self.values, labelvalues)
+
+
+class _Child:
+    def __init__(self, values: dict, key: tuple) -> None:
+        self.values, self.key = values, key
+
+    def inc(self, v: float = 1) -> None:
+        self.values[self.key] = self.values.get(self.key, 0) + v
+
+    def set(self, v: float) -> None:
+        self.values[self.key] = v
+
+    def observe(self, v: float) -> None:
+        self.values.setdefault(self.key, []).append(v)
+
+
+def test_engine_metric_types():
+    _RecordingMetric.made.clear()
+    types = {Gauge: _RecordingMetric, Counter: _RecordingMetric, Histogram: _RecordingMetric}
+    m = PromMetrics("vllm:", ["model_name", "engine"], metric_types=types)
+    assert m.registry is None
+    made = dict(_RecordingMetric.made)
+    assert len(made) == 13 and all(name.startswith("vllm:kvzip_") for name in made)
+    assert all("registry" not in kw for kw in made.values())
+    assert made["vllm:kvzip_blocks_saved"] == {"multiprocess_mode": "mostrecent"}
+    assert made["vllm:kvzip_achieved_ratio"]["buckets"][-1] == 1.0
+    m.observe(KVzipStats(prefixes_compressed=2, blocks_saved=7, jobs={"failed": 1}), ["tiny", "0"])
+    assert m.prefixes_compressed.values == {("tiny", "0"): 2}
+    assert m.blocks_saved.values == {("tiny", "0"): 7}
+    assert m.jobs.values[("tiny", "0", "failed")] == 1
+
+    # prometheus_client's own classes (what vLLM's frontend passes) with an explicit registry
+    reg = CollectorRegistry()
+    m = PromMetrics("vllm:", ["model_name", "engine"], registry=reg,
+                    metric_types={Gauge: Gauge, Counter: Counter, Histogram: Histogram})
+    m.observe(KVzipStats(blocks_saved=3), ["tiny", "0"])
+    assert m.registry is reg
+    assert 'vllm:kvzip_blocks_saved{engine="0",model_name="tiny"} 3.0' in generate_latest(reg).decode()
+
+
+def test_gauges_in_prometheus_multiprocess_mode(tmp_path):
+    """vLLM's frontend switches prometheus_client to multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`) when it
+    runs several API servers; the mode is fixed at import, hence the subprocess."""
+    script = textwrap.dedent("""
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+        from kvzip_plugin.metrics import KVzipStats, PromMetrics
+        m = PromMetrics("vllm:", ["model_name", "engine"],
+                        metric_types={Gauge: Gauge, Counter: Counter, Histogram: Histogram})
+        m.observe(KVzipStats(prefixes_compressed=2, blocks_saved=7), ["tiny", "0"])
+        m.observe(KVzipStats(prefixes_compressed=1, blocks_saved=9), ["tiny", "0"])
+        registry = CollectorRegistry()  # = vllm.v1.metrics.prometheus.get_prometheus_registry()
+        multiprocess.MultiProcessCollector(registry)
+        print(generate_latest(registry).decode())
+    """)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[2],
+                         capture_output=True, text=True, check=True).stdout
+    assert 'vllm:kvzip_blocks_saved{engine="0",model_name="tiny"} 9.0' in out  # one series, no pid label
+    assert 'vllm:kvzip_prefixes_compressed_total{engine="0",model_name="tiny"} 3.0' in out

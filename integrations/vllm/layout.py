@@ -1,0 +1,78 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Token-major views of vLLM's per-layer paged KV buffers.
+
+Compaction and scoring address a slot as (block, offset in block, KV head). Each attention backend
+stores a layer's KV differently; this module turns the buffer a worker gets in
+`register_kv_caches` into two strided views `[num_blocks, block_size, H_kv, D]` (keys, values)
+over the same storage, so reads and writes through them are reads and writes of the engine's cache.
+
+Layouts (vLLM 0.32 CPU, 0.33 CUDA):
+
+* CPU backend, ISA `vec` (float32, block size a multiple of 32): `[num_blocks, H_kv, block_size,
+  2 * D]`; per (block, head) the first `block_size * D` numbers are the keys stored transposed
+  (`[D, block_size]`), the next `block_size * D` the values token-major (`[block_size, D]`).
+  Verified against transformers' keys and values in tests/integrations/vllm/test_layout.py.
+  Other CPU ISAs (`amx`, `vec16`, `neon`, ...) pack keys differently: unsupported (fail closed).
+* FlashAttention-style CUDA backends (NHD): `[2, num_blocks, block_size, H_kv, D]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CPU_ISAS = ("vec",)
+
+
+class UnsupportedKVLayout(RuntimeError):
+    """The layer's KV layout is not one this module knows how to address."""
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    """How one layer's KV buffer is laid out: `kind` is `cpu_vec` or `nhd`."""
+
+    kind: str
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+
+
+def detect(kv_cache: torch.Tensor, *, backend: str, isa: str | None, block_size: int,
+           num_kv_heads: int, head_size: int) -> LayoutSpec:
+    """Pick the layout of one layer from its buffer shape and backend, or raise `UnsupportedKVLayout`."""
+    if backend == "CPU_ATTN":
+        if isa not in CPU_ISAS or kv_cache.dtype != torch.float32:
+            raise UnsupportedKVLayout(f"CPU attention ISA {isa!r} with {kv_cache.dtype} (supported: "
+                                      f"{', '.join(CPU_ISAS)} with float32)")
+        want = (num_kv_heads, block_size, 2 * head_size)
+        if kv_cache.dim() != 4 or tuple(kv_cache.shape[1:]) != want or not kv_cache.is_contiguous():
+            raise UnsupportedKVLayout(f"CPU KV buffer {tuple(kv_cache.shape)}, expected [blocks, *{want}]")
+        return LayoutSpec("cpu_vec", block_size, num_kv_heads, head_size)
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2 and tuple(kv_cache.shape[2:]) == (
+            block_size, num_kv_heads, head_size):
+        return LayoutSpec("nhd", block_size, num_kv_heads, head_size)
+    raise UnsupportedKVLayout(f"backend {backend} buffer {tuple(kv_cache.shape)}")
+
+
+def token_major(kv_cache: torch.Tensor, spec: LayoutSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value views `[num_blocks, block_size, H_kv, D]` over `kv_cache`'s storage."""
+    bs, h, d = spec.block_size, spec.num_kv_heads, spec.head_size
+    if spec.kind == "cpu_vec":
+        raw = kv_cache.view(kv_cache.shape[0], h, 2, bs * d)
+        keys = raw[:, :, 0].unflatten(-1, (d, bs)).permute(0, 3, 1, 2)
+        values = raw[:, :, 1].unflatten(-1, (bs, d)).permute(0, 2, 1, 3)
+        return keys, values
+    if spec.kind == "nhd":
+        return kv_cache[0], kv_cache[1]
+    raise UnsupportedKVLayout(spec.kind)
+
+
+def read_tokens(view: torch.Tensor, block_ids: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """The first `n_tokens` tokens of a request whose block-table row starts with `block_ids`,
+    as `[H_kv, n_tokens, D]` (a copy)."""
+    bs = view.shape[1]
+    n_blocks = -(-n_tokens // bs)
+    rows = view[block_ids[:n_blocks].long()]  # [n_blocks, bs, H, D]
+    return rows.reshape(n_blocks * bs, view.shape[2], view.shape[3])[:n_tokens].transpose(0, 1)

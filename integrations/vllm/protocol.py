@@ -1,0 +1,89 @@
+# SPDX-License-Identifier: Apache-2.0
+"""What the scheduler and worker halves of `KVzipConnector` tell each other, once per step.
+
+Scheduler -> worker (`KVzipConnectorMetadata`, in `SchedulerOutput.kv_connector_metadata`):
+which scheduled requests are scoring passes (and what they score), which compactions to copy, the
+slot offset `L - P` of every scheduled request that reads a compacted prefix, and jobs whose
+scores can be dropped. Worker -> scheduler (`KVzipWorkerMetadata`, aggregated over ranks): the
+outcome of each compaction. Plain dataclasses of ints and lists: they cross process boundaries
+(msgpack/pickle) as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringTarget:
+    """A scoring request: the repeat input of one chunk, prefilled on top of a cached prefix.
+
+    Attributes:
+        job_id: the compression job.
+        prefix_len: L, tokens of the prefix (the scoring request's prompt is prefix + repeat input).
+        n_protected: leading prefix tokens that are always kept (not scored).
+        start, end: the context span `[start, end)` this chunk scores (context coordinates, i.e.
+            prefix positions minus `n_protected`).
+        softmax: `chunk` (protected + chunk + repeat keys, as the official code) or `full_cache`.
+    """
+
+    job_id: int
+    prefix_len: int
+    n_protected: int
+    start: int
+    end: int
+    softmax: str = "chunk"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompactCommand:
+    """Copy the kept pairs of a scored prefix from its blocks into fresh destination blocks."""
+
+    job_id: int
+    src_block_ids: tuple[int, ...]
+    dst_block_ids: tuple[int, ...]
+    n_protected: int
+
+
+@dataclasses.dataclass
+class KVzipConnectorMetadata(KVConnectorMetadata):
+    scoring: dict[str, ScoringTarget] = dataclasses.field(default_factory=dict)
+    compact: list[CompactCommand] = dataclasses.field(default_factory=list)
+    offsets: dict[str, int] = dataclasses.field(default_factory=dict)
+    drop_jobs: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompactionResult:
+    """One rank's outcome of a `CompactCommand`."""
+
+    job_id: int
+    ok: bool
+    error: str | None = None
+    seconds: float = 0.0
+    scoring_seconds: float = 0.0
+    """Worker time spent in the score kernel for this job."""
+    prefill_seconds_estimate: float = 0.0
+    """The job's scoring steps' forward time scaled to the prefix length (an estimate of its prefill)."""
+
+
+@dataclasses.dataclass
+class KVzipWorkerMetadata(KVConnectorWorkerMetadata):
+    results: list[CompactionResult] = dataclasses.field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVzipWorkerMetadata:
+        """All ranks must succeed: a job is ok only if every rank copied its heads."""
+        assert isinstance(other, KVzipWorkerMetadata)
+        merged: dict[int, CompactionResult] = {r.job_id: r for r in self.results}
+        for r in other.results:
+            mine = merged.get(r.job_id)
+            if mine is None:
+                merged[r.job_id] = r
+            else:
+                merged[r.job_id] = CompactionResult(
+                    r.job_id, mine.ok and r.ok, mine.error or r.error, max(mine.seconds, r.seconds),
+                    max(mine.scoring_seconds, r.scoring_seconds),
+                    max(mine.prefill_seconds_estimate, r.prefill_seconds_estimate))
+        return KVzipWorkerMetadata(results=list(merged.values()))

@@ -1,0 +1,430 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Scheduler half of KVzip in vLLM (runs in EngineCore): detection, jobs, blocks, adoption.
+
+Life of a hot prefix (logical length L tokens = n blocks, block-aligned):
+
+1. Detection: every new request's local prefix-cache hit is reported to `PrefixTracker`, keyed
+   by the hash of the hit's last block (vLLM chains hashes, cache salt and LoRA included).
+2. Scoring: a job pins the n source blocks (`BlockPool.touch`) and adds internal requests
+   `kvzip-score-<job>-<chunk>` to the scheduler, one per reconstruction chunk: prompt = the
+   prefix + the chunk's "repeat the previous context" input, max_tokens=1. Their prefix is a
+   cache hit, so only the repeat input is computed; the worker scores it (`worker.py`). The
+   frontend ignores outputs of request ids it does not know.
+3. Compaction: once every scoring request finished, `m = P / block_size` fresh blocks are taken
+   from the pool (`CompactionTxn.prepare`) and a `CompactCommand` goes to the workers.
+4. Commit (all ranks acknowledged): the destination blocks are published in the prefix cache
+   under their own salted hashes (derived from the prefix's last original hash, so tenants with
+   different salts never share them) and released to the pool's LRU tail like any cached block;
+   the source blocks lose their hashes (`evict_blocks`) and return to the pool when their last
+   reader leaves. Failure or cancellation rolls back: destination blocks freed, sources unpinned,
+   nothing published.
+5. Adoption: `KVCacheManager.get_computed_blocks` is wrapped (on the instance) so that a newly
+   admitted request whose block hashes contain a live compacted prefix gets its m blocks while
+   L tokens count as computed. Its `allocate_slots` calls are made in physical tokens (offset
+   L - P) and never cache its own blocks (they were computed on the compressed context; first
+   version: not shared). Running requests keep their append-only tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvzip_plugin.compaction import CompactionTxn, physical_budget
+from kvzip_plugin.config import KVzipConfig
+from kvzip_plugin.detection import PrefixTracker, TriggerPolicy
+from kvzip_plugin.integrations.vllm.protocol import CompactCommand, KVzipConnectorMetadata, ScoringTarget
+from kvzip_plugin.jobs import CompressionJob, JobQueue, JobStatus
+from kvzip_plugin.metrics import KVzipStats
+from kvzip_plugin.scoring.reconstruction import repeat_chunks
+
+logger = logging.getLogger("vllm.kvzip_plugin.scheduler")
+
+SCORING_PREFIX = "kvzip-score-"
+_WRAPPED = "__kvzip_kvcm__"
+
+
+def is_scoring_request(request_id: str) -> bool:
+    return request_id.startswith(SCORING_PREFIX)
+
+
+@dataclass
+class CompactedPrefix:
+    """A published compacted prefix: `blocks` hold P slots standing for L logical tokens."""
+
+    key: Hashable
+    logical_length: int
+    physical_length: int
+    blocks: list[Any]  # vLLM KVCacheBlock
+    hashes: list[bytes]  # BlockHashWithGroupId of each block, as published
+
+    def alive(self) -> bool:
+        """False once vLLM evicted any of the blocks (its hash was reset or replaced)."""
+        return all(b.block_hash == h for b, h in zip(self.blocks, self.hashes, strict=True))
+
+
+@dataclass
+class _Job:
+    job: CompressionJob
+    prefix_ids: list[int]
+    request: Any  # the vLLM Request that triggered it (salt, LoRA, block hasher)
+    n_protected: int = 0
+    src_blocks: list[Any] = field(default_factory=list)
+    pending: set[str] = field(default_factory=set)
+    targets: dict[str, ScoringTarget] = field(default_factory=dict)
+    txn: CompactionTxn | None = None
+    sent: bool = False
+
+
+class _PoolAllocator:
+    """`compaction.BlockAllocator` over vLLM's BlockPool (ids <-> KVCacheBlock objects)."""
+
+    def __init__(self, block_pool: Any) -> None:
+        self.pool = block_pool
+
+    def allocate(self, n: int) -> list[int]:
+        if n > self.pool.get_num_free_blocks():
+            raise RuntimeError(f"{n} free blocks needed, {self.pool.get_num_free_blocks()} free")
+        return [b.block_id for b in self.pool.get_new_blocks(n)]
+
+    def free(self, block_ids) -> None:
+        self.pool.free_blocks([self.pool.blocks[i] for i in block_ids])
+
+
+class SchedulerState:
+    """KVzip bookkeeping of one EngineCore."""
+
+    def __init__(self, config: KVzipConfig, policy: TriggerPolicy, vllm_config: Any) -> None:
+        self.config = config
+        self.tracker = PrefixTracker(policy)
+        self.queue = JobQueue()
+        self.vllm_config = vllm_config
+        self.kvcm: Any = None
+        self.pool: Any = None
+        self.block_size = 0
+        self.block_bytes = 0
+        self.jobs: dict[int, _Job] = {}
+        self.scoring_owner: dict[str, int] = {}  # scoring request id -> job id
+        self.compacted: dict[Hashable, CompactedPrefix] = {}
+        self.offsets: dict[str, CompactedPrefix] = {}  # request id -> the prefix it reads
+        self.to_add: list[Any] = []  # scoring Requests to hand to the scheduler
+        self.new_targets: dict[str, ScoringTarget] = {}
+        self.commands: list[CompactCommand] = []
+        self.drop: list[int] = []
+        self.stats = KVzipStats()
+        self.disabled: str | None = None
+        self.failed: set[Hashable] = set()  # prefixes whose job failed: they need min_hits new hits
+        self._tokenizer: Any = None
+        self._last_step: float | None = None
+
+    # ------------------------------------------------------------ binding
+
+    def bind(self, kv_cache_manager: Any) -> None:
+        """Wrap this KVCacheManager instance's `get_computed_blocks` and `allocate_slots`."""
+        self.kvcm = kv_cache_manager
+        self.pool = kv_cache_manager.block_pool
+        groups = kv_cache_manager.kv_cache_config.kv_cache_groups
+        spec = groups[0].kv_cache_spec
+        self.block_size = spec.block_size
+        self.block_bytes = spec.page_size_bytes * len(groups[0].layer_names)
+        if getattr(kv_cache_manager, _WRAPPED, False):
+            return
+        get_computed, allocate = kv_cache_manager.get_computed_blocks, kv_cache_manager.allocate_slots
+        kv_cache_manager.get_computed_blocks = lambda request: self._get_computed_blocks(get_computed, request)
+        kv_cache_manager.allocate_slots = (
+            lambda request, *args, **kwargs: self._allocate_slots(allocate, request, *args, **kwargs))
+        setattr(kv_cache_manager, _WRAPPED, True)
+
+    # ------------------------------------------------------------ detection
+
+    def observe(self, request: Any, num_local_computed: int) -> None:
+        """A new request hit `num_local_computed` cached tokens: count the hit, maybe queue a job."""
+        if self.disabled or is_scoring_request(request.request_id) or not self.block_size:
+            return
+        n_blocks = num_local_computed // self.block_size
+        if n_blocks == 0 or len(request.block_hashes) < n_blocks:
+            return
+        key = request.block_hashes[n_blocks - 1]
+        if key in self.compacted:
+            return
+        length = n_blocks * self.block_size
+        if self.tracker.hits(key) == 0 and key not in self.failed:  # the request that cached it counts too
+            self.tracker.observe(key, length, (), request.cache_salt)
+        candidate = self.tracker.observe(key, length, (), request.cache_salt)
+        if candidate is None:
+            return
+        job = self.queue.submit(candidate)
+        self.stats.jobs["submitted" if job else "rejected"] += 1
+        if job is not None:
+            self.jobs[job.job_id] = _Job(job, list(request.all_token_ids[:length]), request)
+            logger.info("kvzip-plugin: job %d queued for a %d-token prefix hit by %d requests",
+                        job.job_id, length, candidate.hits)
+
+    # ------------------------------------------------------------ per schedule() call
+
+    def before_schedule(self, scheduler: Any) -> None:
+        """Start queued jobs (scoring requests into the scheduler), send compactions."""
+        while (job := self.queue.start_next()) is not None:
+            self._start(self.jobs[job.job_id])
+        for req in self.to_add:
+            scheduler.add_request(req)
+        self.to_add = []
+        for j in list(self.jobs.values()):
+            if j.job.status is JobStatus.SCORING and not j.pending:
+                self._prepare_compaction(j)
+
+    def _start(self, j: _Job) -> None:
+        bs, L = self.block_size, len(j.prefix_ids)
+        try:
+            hashes = j.request.block_hashes[:L // bs]
+            blocks = [self.pool.get_cached_block(h, [0]) for h in hashes]
+            if any(b is None for b in blocks):
+                raise RuntimeError("the prefix was evicted before its job started")
+            j.src_blocks = [b[0] for b in blocks]
+            self.pool.touch(j.src_blocks)  # pinned until commit or rollback
+            tok = self._get_tokenizer()
+            from kvzip_plugin.hf.template import encode, template_parts
+
+            parts = template_parts(tok, None)
+            if self.config.protected_prefix_tokens is not None:
+                j.n_protected = min(self.config.protected_prefix_tokens, L)
+            else:
+                j.n_protected = _common_prefix(parts.prefix_ids, j.prefix_ids)
+            context = j.prefix_ids[j.n_protected:]
+            if len(context) < self.config.min_context_tokens:
+                raise RuntimeError(f"context of {len(context)} tokens < min_context_tokens")
+            chunks = repeat_chunks(context, parts.postfix_ids, lambda s: encode(tok, s), self.config.chunk_size,
+                                   self.config.carry_tokens, self.config.repeat_prompt_first,
+                                   self.config.repeat_prompt_next)
+            max_len = self.vllm_config.model_config.max_model_len
+            from vllm import SamplingParams
+            from vllm.v1.request import Request
+
+            for chunk in chunks:
+                ids = j.prefix_ids + list(chunk.input_ids)
+                if len(ids) >= max_len:
+                    raise RuntimeError(f"scoring input of {len(ids)} tokens exceeds max_model_len {max_len}; "
+                                       "lower chunk_size")
+                rid = f"{SCORING_PREFIX}{j.job.job_id}-{chunk.index}"
+                req = Request(request_id=rid, prompt_token_ids=ids,
+                              sampling_params=SamplingParams(max_tokens=1, temperature=0.0),
+                              pooling_params=None, lora_request=j.request.lora_request,
+                              cache_salt=j.request.cache_salt, block_hasher=j.request._block_hasher)
+                j.targets[rid] = ScoringTarget(j.job.job_id, L, j.n_protected, chunk.start, chunk.end,
+                                               self.config.score_softmax)
+                j.pending.add(rid)
+                self.scoring_owner[rid] = j.job.job_id
+                self.to_add.append(req)
+            self.new_targets.update(j.targets)
+            logger.info("kvzip-plugin: job %d scoring %d tokens (%d protected) in %d chunk(s)",
+                        j.job.job_id, L, j.n_protected, len(chunks))
+        except Exception as exc:
+            self._end(j, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
+
+    def _prepare_compaction(self, j: _Job) -> None:
+        L = len(j.prefix_ids)
+        P = physical_budget(L, j.n_protected, self.config.ratio, self.block_size)
+        txn = CompactionTxn(_PoolAllocator(self.pool), P // self.block_size)
+        try:
+            txn.prepare()
+        except RuntimeError as exc:  # no room now; the job stays scoring-done and retries next step
+            logger.debug("kvzip-plugin: job %d waits for blocks: %s", j.job.job_id, exc)
+            return
+        j.txn = txn
+        j.job.advance(JobStatus.COMPACTING)
+        self.commands.append(CompactCommand(j.job.job_id, tuple(b.block_id for b in j.src_blocks),
+                                            tuple(txn.dst_block_ids), j.n_protected))
+
+    def build_meta(self, scheduler_output: Any) -> KVzipConnectorMetadata:
+        meta = KVzipConnectorMetadata(scoring=self.new_targets, compact=self.commands, drop_jobs=self.drop)
+        self.new_targets, self.commands, self.drop = {}, [], []
+        scheduled = scheduler_output.num_scheduled_tokens
+        for rid in scheduled:
+            prefix = self.offsets.get(rid)
+            if prefix is not None:
+                meta.offsets[rid] = prefix.logical_length - prefix.physical_length
+        self._time_step(scheduler_output)
+        return meta
+
+    def _time_step(self, scheduler_output: Any) -> None:
+        """Online decode step time: wall time between consecutive schedule() calls, recorded for
+        every request of a pure-decode step, split by whether it reads a compacted prefix."""
+        now = time.perf_counter()
+        last, self._last_step = self._last_step, now
+        scheduled = scheduler_output.num_scheduled_tokens
+        if last is None or not scheduled or any(n != 1 for n in scheduled.values()):
+            return
+        for rid in scheduled:
+            if is_scoring_request(rid):
+                continue
+            target = self.stats.decode_step_seconds_compressed if rid in self.offsets else \
+                self.stats.decode_step_seconds_full
+            target.append(now - last)
+
+    # ------------------------------------------------------------ outcomes
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> None:
+        rid = request.request_id
+        self.offsets.pop(rid, None)
+        job_id = self.scoring_owner.pop(rid, None)
+        if job_id is None:
+            return
+        j = self.jobs.get(job_id)
+        n_prefix_blocks = len(j.prefix_ids) // self.block_size if j else 0
+        # the repeat input's blocks must not serve later lookups (a rerun would skip its queries)
+        self.pool.evict_blocks({b for b in block_ids[n_prefix_blocks:] if b})
+        if j is None:
+            return
+        j.pending.discard(rid)
+        if request.is_finished() and request.status.name != "FINISHED_LENGTH_CAPPED" and \
+                request.status.name != "FINISHED_STOPPED":
+            self._end(j, JobStatus.FAILED, f"scoring request {rid} ended as {request.status.name}")
+
+    def on_worker_results(self, results: list[Any]) -> None:
+        for r in results:
+            j = self.jobs.get(r.job_id)
+            if j is None or j.job.status is not JobStatus.COMPACTING:
+                continue
+            if not r.ok:
+                self._end(j, JobStatus.FAILED, r.error)
+                continue
+            try:
+                j.txn.commit(lambda dst: self._publish(j, dst))
+            except Exception as exc:
+                self._end(j, JobStatus.FAILED, f"publish: {exc}")
+                continue
+            L, P = len(j.prefix_ids), len(j.txn.dst_block_ids) * self.block_size
+            self.stats.prefixes_compressed += 1
+            self.stats.achieved_ratios.append(P / L)
+            self.stats.compaction_seconds.append(r.seconds)
+            self.stats.scoring_seconds.append(r.scoring_seconds)
+            if r.prefill_seconds_estimate > 0:
+                self.stats.scoring_to_prefill.append(r.scoring_seconds / r.prefill_seconds_estimate)
+            self._end(j, JobStatus.COMMITTED)
+            logger.info("kvzip-plugin: job %d committed: %d -> %d tokens (%d blocks saved)",
+                        j.job.job_id, L, P, (L - P) // self.block_size)
+
+    def _publish(self, j: _Job, dst_block_ids: list[int]) -> None:
+        from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+        key = j.job.candidate.key
+        L = len(j.prefix_ids)
+        blocks = [self.pool.blocks[i] for i in dst_block_ids]
+        hashes = []
+        for idx, block in enumerate(blocks):
+            digest = hashlib.sha256(b"kvzip-v1|" + bytes(key) + f"|{L}|{len(blocks)}|{idx}".encode()).digest()
+            h = make_block_hash_with_group_id(digest, 0)
+            block.set_block_hash(h, self.block_size)
+            self.pool.cached_block_hash_to_block.insert(h, block)
+            hashes.append(h)
+        self.compacted[key] = CompactedPrefix(key, L, len(blocks) * self.block_size, blocks, hashes)
+        self.pool.free_blocks(blocks)  # ref 0, hashed: LRU tail of the free queue, like any cached block
+        self.pool.evict_blocks({b.block_id for b in j.src_blocks})
+
+    def _end(self, j: _Job, status: JobStatus, error: str | None = None) -> None:
+        if j.txn is not None and status is not JobStatus.COMMITTED:
+            j.txn.rollback()
+        if j.src_blocks:
+            self.pool.free_blocks(j.src_blocks)  # unpin (after evict_blocks on commit)
+            j.src_blocks = []
+        self.queue.finish(j.job, status, error)
+        self.jobs.pop(j.job.job_id, None)
+        for rid in j.pending:
+            self.scoring_owner.pop(rid, None)
+        self.drop.append(j.job.job_id)
+        outcome = {JobStatus.COMMITTED: "committed", JobStatus.FAILED: "failed"}.get(status, "cancelled")
+        self.stats.jobs[outcome] += 1
+        if status is not JobStatus.COMMITTED:
+            self.tracker.reopen(j.job.candidate.key)
+            self.failed.add(j.job.candidate.key)
+            logger.warning("kvzip-plugin: job %d %s: %s", j.job.job_id, status.value, error)
+
+    # ------------------------------------------------------------ adoption (wrapped KVCacheManager)
+
+    def _lookup(self, request: Any) -> CompactedPrefix | None:
+        if self.disabled or not self.compacted or is_scoring_request(request.request_id):
+            return None
+        hashes = request.block_hashes
+        limit = min(len(hashes), (request.num_tokens - 1) // self.block_size)
+        for i in range(limit, 0, -1):
+            prefix = self.compacted.get(hashes[i - 1])
+            if prefix is None:
+                continue
+            if prefix.alive():
+                return prefix
+            del self.compacted[prefix.key]
+        return None
+
+    def _get_computed_blocks(self, original, request):
+        self.offsets.pop(request.request_id, None)
+        prefix = self._lookup(request)
+        if prefix is None:
+            return original(request)
+        self.offsets[request.request_id] = prefix
+        blocks = self.kvcm.create_kv_cache_blocks((list(prefix.blocks),))
+        return blocks, prefix.logical_length, 0
+
+    def _allocate_slots(self, original, request, num_new_tokens, num_new_computed_tokens=0,
+                        new_computed_blocks=None, *args, **kwargs):
+        prefix = self.offsets.get(request.request_id)
+        if prefix is None:
+            return original(request, num_new_tokens, num_new_computed_tokens, new_computed_blocks, *args, **kwargs)
+        offset = prefix.logical_length - prefix.physical_length
+        adopting = num_new_computed_tokens > 0
+        if adopting:
+            num_new_computed_tokens -= offset
+        kwargs["delay_cache_blocks"] = True  # its own blocks were computed on the compressed context
+        logical = request.num_computed_tokens
+        if logical:
+            request.num_computed_tokens = logical - offset
+        try:
+            out = original(request, num_new_tokens, num_new_computed_tokens, new_computed_blocks, *args, **kwargs)
+        finally:
+            request.num_computed_tokens = logical
+        if adopting and out is not None:
+            self.stats.compressed_hits += 1
+        return out
+
+    # ------------------------------------------------------------ stats
+
+    def take_stats(self) -> KVzipStats | None:
+        live = [p for p in self.compacted.values() if p.alive()]
+        saved = sum((p.logical_length - p.physical_length) // self.block_size for p in live)
+        self.stats.blocks_saved = saved
+        self.stats.bytes_saved = saved * self.block_bytes
+        self.stats.jobs_queued = self.queue.queued
+        self.stats.jobs_running = self.queue.running
+        out, self.stats = self.stats, KVzipStats()
+        return out
+
+    def reset(self) -> None:
+        """vLLM's prefix cache was reset: cancel every job and forget the compacted prefixes."""
+        for j in list(self.jobs.values()):
+            self._end(j, JobStatus.CANCELLED, "prefix cache reset")
+        self.compacted.clear()
+
+    def has_pending_work(self) -> bool:
+        return bool(self.to_add or self.commands or self.queue.queued or any(
+            j.job.status is JobStatus.COMPACTING for j in self.jobs.values()))
+
+    def _get_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            mc = self.vllm_config.model_config
+            self._tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
+                                                            trust_remote_code=mc.trust_remote_code)
+        return self._tokenizer
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

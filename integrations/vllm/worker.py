@@ -1,0 +1,227 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Worker half of KVzip in vLLM: score capture, compaction copy, per-request slot offsets.
+
+* Scoring: each attention layer's `impl.forward` is wrapped (per instance). After the real
+  forward has written this step's keys into the paged cache, the wrapper takes the post-RoPE
+  queries of the scoring requests in the batch (only those rows), reads their keys back from the
+  cache and runs the engine-agnostic kernel `kvzip_plugin.scoring.kvzip.chunk_scores`, keeping the
+  max per (layer, KV head, context token) over steps and chunks. Other requests cost one dict
+  lookup per layer.
+* Compaction: on a `CompactCommand` the `head`-structure selection (`top_kept_tokens`) is laid out
+  by `plan_compaction` and copied with `apply_compaction` into the destination blocks, layer by
+  layer, keys and values. Source blocks are only read. Each rank selects its own heads' tokens.
+* Offsets: `offsets[req_id] = L - P` for scheduled requests on a compacted prefix; the runner
+  adapter (`runner.py`) turns them into physical slots and `seq_lens`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvzip_plugin import envs
+from kvzip_plugin.compaction import apply_compaction, plan_compaction, top_kept_tokens
+from kvzip_plugin.integrations.vllm import layout
+from kvzip_plugin.integrations.vllm.protocol import (
+    CompactCommand,
+    CompactionResult,
+    KVzipConnectorMetadata,
+    ScoringTarget,
+)
+from kvzip_plugin.scoring.kvzip import chunk_scores
+
+logger = logging.getLogger("vllm.kvzip_plugin.worker")
+
+_WRAPPED = "__kvzip_forward__"
+
+
+@dataclass
+class _JobScores:
+    scores: torch.Tensor  # [layers, H_kv, n_context] float32, max so far
+    prefix_len: int
+    kernel_seconds: float = 0.0
+    step_seconds: float = 0.0
+    step_tokens: int = 0
+
+
+class WorkerState:
+    """Per-worker KVzip state. One instance per worker process (the connector's)."""
+
+    def __init__(self, query_block: int = 512) -> None:
+        self.query_block = query_block
+        self.kv_caches: dict[str, torch.Tensor] = {}
+        self.layer_index: dict[str, int] = {}
+        self.specs: dict[str, layout.LayoutSpec] = {}
+        self.scales: dict[str, float] = {}
+        self.num_heads: dict[str, int] = {}
+        self.unsupported: str | None = None
+        self.scoring: dict[str, ScoringTarget] = {}
+        self.offsets: dict[str, int] = {}
+        self.batch_rows: dict[str, int] = {}  # scoring req -> row in this step's batch (runner.py)
+        self.step_tokens: dict[str, int] = {}
+        self.step_started: float | None = None
+        self.jobs: dict[int, _JobScores] = {}
+        self.results: list[CompactionResult] = []
+
+    # ------------------------------------------------------------ setup
+
+    def register(self, kv_caches: Mapping[str, torch.Tensor], layers: Mapping[str, Any]) -> None:
+        """Record the layers' buffers and wrap their attention; `layers` maps names to vLLM
+        `Attention` modules. Any layer we cannot address disables KVzip in this worker."""
+        self.kv_caches = dict(kv_caches)
+        self.layer_index = {name: i for i, name in enumerate(self.kv_caches)}
+        for name, kv in self.kv_caches.items():
+            layer = layers.get(name)
+            if layer is None:
+                self.unsupported = f"layer {name} is not a vLLM Attention layer"
+                break
+            try:
+                self.specs[name] = layout.detect(
+                    kv, backend=layer.attn_backend.get_name(), isa=getattr(layer, "isa", None),
+                    block_size=kv.shape[2],  # [blocks, H, bs, 2D] (CPU) and [2, blocks, bs, H, D]
+                    num_kv_heads=layer.num_kv_heads, head_size=layer.head_size)
+            except layout.UnsupportedKVLayout as exc:
+                self.unsupported = str(exc)
+                break
+            self.scales[name] = float(layer.impl.scale)
+            self.num_heads[name] = int(layer.impl.num_heads)
+            self._wrap(name, layer.impl)
+        if self.unsupported:
+            logger.warning("kvzip-plugin: KV layout not supported (%s); this worker will not score or compact",
+                           self.unsupported)
+
+    def _wrap(self, name: str, impl: Any) -> None:
+        if getattr(impl.forward, _WRAPPED, False):
+            return
+        original = impl.forward
+        state = self
+
+        def forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
+            out = original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+            if state.batch_rows and attn_metadata is not None:
+                state.capture(name, query, kv_cache, attn_metadata)
+            return out
+
+        setattr(forward, _WRAPPED, True)
+        impl.forward = forward
+
+    # ------------------------------------------------------------ per step
+
+    def bind(self, meta: KVzipConnectorMetadata) -> None:
+        """Apply one step's metadata (idempotent: the runner adapter and the connector both call it)."""
+        if not isinstance(meta, KVzipConnectorMetadata):
+            return
+        self.scoring.update(meta.scoring)
+        self.offsets = dict(meta.offsets)
+        for job_id in meta.drop_jobs:
+            self.jobs.pop(job_id, None)
+            for rid in [r for r, t in self.scoring.items() if t.job_id == job_id]:
+                del self.scoring[rid]
+
+    def begin_step(self, req_rows: Mapping[str, int], tokens: Mapping[str, int]) -> None:
+        """Called by the runner adapter with this step's rows of scoring requests."""
+        self.batch_rows = dict(req_rows)
+        self.step_tokens = dict(tokens)
+        self.step_started = time.perf_counter() if req_rows else None
+
+    def end_step(self) -> None:
+        """After the forward: attribute the step's time to the scoring jobs (by token share)."""
+        if self.step_started is not None and self.batch_rows:
+            elapsed = time.perf_counter() - self.step_started
+            total = max(1, sum(self.step_tokens.values()))
+            for rid in self.batch_rows:
+                job = self.jobs.get(self.scoring[rid].job_id)
+                if job is not None:
+                    n = self.step_tokens.get(rid, 0)
+                    job.step_seconds += elapsed * n / total
+                    job.step_tokens += n
+        self.batch_rows = {}
+        self.step_started = None
+
+    def capture(self, name: str, query: torch.Tensor, kv_cache: torch.Tensor, meta: Any) -> None:
+        """Score this layer for every scoring request in the batch."""
+        spec = self.specs.get(name)
+        if spec is None:
+            return
+        t0 = time.perf_counter()
+        keys_view, _ = layout.token_major(kv_cache, spec)
+        d = spec.head_size
+        q_all = query.view(query.shape[0], self.num_heads[name], d)
+        for rid, row in self.batch_rows.items():
+            tgt = self.scoring[rid]
+            qs, qe = int(meta.query_start_loc[row]), int(meta.query_start_loc[row + 1])
+            seq_len = int(meta.seq_lens[row])
+            first = seq_len - (qe - qs)  # position of this step's first query
+            skip = max(0, tgt.prefix_len - first)
+            if qe - qs - skip <= 0:
+                continue
+            q = q_all[qs + skip:qe].transpose(0, 1)  # [H_q, n, D]
+            keys = layout.read_tokens(keys_view, meta.block_table[row], seq_len)  # [H_kv, seq_len, D]
+            n_p, L = tgt.n_protected, tgt.prefix_len
+            other = None
+            if tgt.softmax == "full_cache":
+                other = torch.cat([keys[:, n_p:n_p + tgt.start], keys[:, n_p + tgt.end:L]], dim=1)
+            s = chunk_scores(q, keys[:, :n_p], keys[:, n_p + tgt.start:n_p + tgt.end], keys[:, L:seq_len],
+                             self.scales[name], self.query_block, other, query_offset=first + skip - L)
+            job = self._job(tgt, keys.shape[0])
+            idx = self.layer_index[name]
+            span = job.scores[idx, :, tgt.start:tgt.end]
+            torch.maximum(span, s.to(span.device), out=span)
+            job.kernel_seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+
+    def _job(self, tgt: ScoringTarget, n_kv_heads: int) -> _JobScores:
+        job = self.jobs.get(tgt.job_id)
+        if job is None:
+            n_context = tgt.prefix_len - tgt.n_protected
+            job = _JobScores(torch.zeros(len(self.kv_caches), n_kv_heads, n_context), tgt.prefix_len)
+            self.jobs[tgt.job_id] = job
+        return job
+
+    # ------------------------------------------------------------ compaction
+
+    def compact(self, cmd: CompactCommand) -> CompactionResult:
+        """Copy the kept pairs of `cmd.job_id` into its destination blocks. Never raises."""
+        t0 = time.perf_counter()
+        job = self.jobs.pop(cmd.job_id, None)
+        for rid in [r for r, t in self.scoring.items() if t.job_id == cmd.job_id]:
+            del self.scoring[rid]
+        try:
+            if self.unsupported:
+                raise RuntimeError(f"unsupported KV layout: {self.unsupported}")
+            if job is None:
+                raise RuntimeError("no scores were captured for this job")
+            if envs.fault_injection() == "compaction":
+                raise RuntimeError("fault injected (KVZIP_FAULT_INJECTION=compaction)")
+            spec = next(iter(self.specs.values()))
+            n_phys = len(cmd.dst_block_ids) * spec.block_size
+            tokens = top_kept_tokens(job.scores, n_phys - cmd.n_protected, cmd.n_protected)
+            plan = plan_compaction(tokens, cmd.src_block_ids, cmd.dst_block_ids, spec.block_size)
+            for name, kv in self.kv_caches.items():
+                idx = self.layer_index[name]
+                for view in layout.token_major(kv, self.specs[name]):
+                    apply_compaction(view, plan.src_slots[idx], plan.dst_slots)
+            self._dump(cmd, tokens, job)
+            prefill = job.step_seconds / max(1, job.step_tokens) * job.prefix_len
+            return CompactionResult(cmd.job_id, True, None, time.perf_counter() - t0,
+                                    job.step_seconds + job.kernel_seconds, prefill)
+        except Exception as exc:  # reported to the scheduler, which rolls the job back
+            logger.warning("kvzip-plugin: compaction of job %d failed: %s", cmd.job_id, exc)
+            return CompactionResult(cmd.job_id, False, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
+
+    @staticmethod
+    def _dump(cmd: CompactCommand, tokens: torch.Tensor, job: _JobScores) -> None:
+        out = envs.dump_dir()
+        if out is None:
+            return
+        Path(out).mkdir(parents=True, exist_ok=True)
+        torch.save({"job_id": cmd.job_id, "kept_tokens": tokens, "scores": job.scores,
+                    "src_block_ids": cmd.src_block_ids, "dst_block_ids": cmd.dst_block_ids,
+                    "n_protected": cmd.n_protected, "prefix_len": job.prefix_len},
+                   Path(out) / f"job-{cmd.job_id}.pt")
