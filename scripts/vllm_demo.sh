@@ -119,7 +119,7 @@ until probe "$URL/health"; do
     sleep 2
 done
 echo "server healthy after $((SECONDS - T1)) s"
-grep -E "kvzip-plugin|KVzipConnector" "$LOG" | sed 's/^/  log: /' | sort -u | head -n 6 || true
+grep -E "kvzip-plugin:|KVzipConnector" "$LOG" | cut -c1-200 | sed 's/^/  log: /' | head -n 8 || true
 
 echo "== kvzip load"
 T2=$SECONDS

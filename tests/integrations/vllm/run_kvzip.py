@@ -1,0 +1,191 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Scenarios of `--kv-compression kvzip` on the real vLLM engine (CPU), one per fresh process.
+
+Driven through `LLMEngine.add_request`/`step` with EngineCore in this process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so the scheduler's block pool and the connector can be
+inspected between steps. Prints `RESULT <json>` on the last line. Not a test module.
+
+    python -m tests.integrations.vllm.run_kvzip MODEL_DIR SCENARIO [RATIO]
+
+Scenarios: `sequential` (one request at a time on a shared prefix), `salts` (two tenants, same
+prefix, different cache salts), `churn` (random admissions and aborts while prefixes compress).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+
+BLOCK_SIZE = 32
+PREFIX_LEN = 6 * BLOCK_SIZE + 8  # 6 full blocks shared (192 tokens) + a partial one
+MAX_TOKENS = 12
+SUFFIXES = ([11, 12, 13, 14, 15], [21, 22, 23], [31, 32, 33, 34, 35, 36], [41, 42], [51, 52, 53], [61, 62])
+
+
+def prefix_ids(seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(50, 450) for _ in range(PREFIX_LEN)]
+
+
+def make_llm(model_dir: str):
+    from vllm import LLM
+
+    return LLM(model=model_dir, tokenizer=model_dir, dtype="float32", enable_prefix_caching=True,
+               block_size=BLOCK_SIZE, max_model_len=1024, max_num_seqs=4, enforce_eager=True, seed=0,
+               distributed_executor_backend="uni")
+
+
+class Harness:
+    def __init__(self, llm) -> None:
+        self.llm = llm
+        self.engine = llm.llm_engine
+        self.scheduler = self.engine.engine_core.engine_core.scheduler
+        self.kvcm = self.scheduler.kv_cache_manager
+        self.pool = self.kvcm.block_pool
+        self.connector = self.scheduler.connector
+        self.max_blocks: dict[str, int] = {}
+        self.offsets: dict[str, int] = {}
+
+    def blocks_of(self, rid: str) -> int:
+        manager = self.kvcm.coordinator.single_type_managers[0]
+        return len(manager.req_to_blocks.get(rid, []))
+
+    def add(self, rid: str, ids: list[int], salt: str | None = None, logprobs: int | None = 1) -> None:
+        from vllm import SamplingParams
+
+        prompt = {"prompt_token_ids": ids}
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=logprobs)
+        self.engine.add_request(rid, prompt, params)
+
+    def step(self) -> list:
+        outs = self.engine.step()
+        for rid in list(self.scheduler.requests):
+            self.max_blocks[rid] = max(self.max_blocks.get(rid, 0), self.blocks_of(rid))
+        sched = self.connector.sched if self.connector is not None else None
+        for rid, prefix in (sched.offsets.items() if sched else ()):
+            self.offsets[rid] = prefix.logical_length - prefix.physical_length
+        return outs
+
+    def run(self, rid: str, ids: list[int], salt: str | None = None) -> dict:
+        self.add(rid, ids, salt)
+        final = None
+        while final is None:
+            for out in self.step():
+                if out.request_id == rid and out.finished:
+                    final = out
+        comp = final.outputs[0]
+        return {
+            "id": rid,
+            "tokens": list(comp.token_ids),
+            "logprobs": [lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids, strict=True)],
+            "num_cached_tokens": final.num_cached_tokens,
+            "blocks": self._lookup(self.max_blocks, rid, 0),
+            "offset": self._lookup(self.offsets, rid, None),
+        }
+
+    @staticmethod
+    def _lookup(table: dict, rid: str, default):
+        """vLLM appends a random suffix to external request ids (`r0` -> `r0-1a2b3c4d`)."""
+        return next((v for k, v in table.items() if k == rid or k.startswith(rid + "-")), default)
+
+    def drain(self, limit: int = 200) -> None:
+        """Step until the scheduler has no work left (scoring and compaction included)."""
+        for _ in range(limit):
+            if not self.scheduler.has_requests():
+                return
+            self.step()
+        raise RuntimeError("engine did not go idle")
+
+    def pool_state(self) -> dict:
+        blocks = self.pool.blocks
+        return {
+            "num_blocks": len(blocks),
+            "free": self.pool.get_num_free_blocks(),
+            "referenced": sorted(b.block_id for b in blocks if b.ref_cnt > 0 and not b.is_null),
+            "cached": len([b for b in blocks if b.block_hash is not None]),
+        }
+
+    def kvzip_state(self) -> dict | None:
+        if self.connector is None:
+            return None
+        sched = self.connector.sched
+        return {
+            "compacted": [{"L": p.logical_length, "P": p.physical_length, "blocks": [b.block_id for b in p.blocks],
+                           "alive": p.alive()} for p in sched.compacted.values()],
+            "jobs_live": len(sched.jobs),
+            "finished": {s.value: n for s, n in sched.queue.finished.items()},
+            "offsets": {rid: p.logical_length - p.physical_length for rid, p in sched.offsets.items()},
+            "disabled": self.connector.disabled,
+        }
+
+
+def sequential(h: Harness) -> dict:
+    prefix = prefix_ids()
+    results = []
+    for i, sfx in enumerate(SUFFIXES):
+        rid = f"r{i}"
+        res = h.run(rid, prefix + list(sfx))
+        results.append(res)
+    h.drain()
+    return {"prefix": prefix, "suffixes": [list(s) for s in SUFFIXES], "requests": results,
+            "kvzip": h.kvzip_state(), "pool": h.pool_state()}
+
+
+def salts(h: Harness) -> dict:
+    prefix = prefix_ids()
+    out = {"a": [], "b": []}
+    for i, sfx in enumerate(SUFFIXES[:4]):
+        out["a"].append(h.run(f"a{i}", prefix + list(sfx), salt="tenant-a"))
+    h.drain()
+    state_after_a = h.kvzip_state()
+    for i, sfx in enumerate(SUFFIXES[:2]):
+        out["b"].append(h.run(f"b{i}", prefix + list(sfx), salt="tenant-b"))
+    h.drain()
+    return {"requests": out, "kvzip_after_a": state_after_a, "kvzip": h.kvzip_state(), "pool": h.pool_state()}
+
+
+def churn(h: Harness, n_ops: int = 60, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    prefixes = [prefix_ids(s) for s in range(3)]
+    live: list[str] = []
+    aborted = finished = 0
+    for op in range(n_ops):
+        action = rng.random()
+        if action < 0.45 or not live:
+            rid = f"c{op}"
+            ids = rng.choice(prefixes) + [rng.randrange(50, 450) for _ in range(rng.randrange(1, 40))]
+            h.add(rid, ids, salt=rng.choice([None, None, "t1"]), logprobs=None)
+            live.append(rid)
+        elif action < 0.6:
+            rid = live.pop(rng.randrange(len(live)))
+            h.engine.abort_request([rid])
+            aborted += 1
+        for out in h.step():
+            if out.finished and out.request_id in live:
+                live.remove(out.request_id)
+                finished += 1
+    while live:
+        for out in h.step():
+            if out.finished and out.request_id in live:
+                live.remove(out.request_id)
+                finished += 1
+    h.drain()
+    return {"aborted": aborted, "finished": finished, "kvzip": h.kvzip_state(), "pool": h.pool_state()}
+
+
+SCENARIOS = {"sequential": sequential, "salts": salts, "churn": churn}
+
+
+def main(model_dir: str, scenario: str) -> dict:
+    llm = make_llm(model_dir)
+    result = SCENARIOS[scenario](Harness(llm))
+    result["stats"] = os.environ.get("KVZIP_DUMP_DIR")
+    return result
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(main(sys.argv[1], sys.argv[2])), flush=True)
