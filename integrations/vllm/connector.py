@@ -42,12 +42,13 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-from kvzip_plugin.config import KVzipConfig
-from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.integrations.vllm import EXTRA_CONFIG_KEY, KVCompressionSettings, make_settings, runner, stats
 from kvzip_plugin.integrations.vllm.protocol import KVzipConnectorMetadata, KVzipWorkerMetadata
 from kvzip_plugin.integrations.vllm.scheduler import SchedulerState
 from kvzip_plugin.integrations.vllm.worker import WorkerState
+
+from kvzip_plugin.config import KVzipConfig
+from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.metrics import KVzipStats
 
 # under the "vllm" logger so the lines get vLLM's handler (INFO shows by default)

@@ -27,6 +27,7 @@ Life of a hot prefix (logical length L tokens = n blocks, block-aligned):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -34,10 +35,11 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvzip_plugin.integrations.vllm.protocol import CompactCommand, KVzipConnectorMetadata, ScoringTarget
+
 from kvzip_plugin.compaction import CompactionTxn, physical_budget
 from kvzip_plugin.config import KVzipConfig
 from kvzip_plugin.detection import PrefixTracker, TriggerPolicy
-from kvzip_plugin.integrations.vllm.protocol import CompactCommand, KVzipConnectorMetadata, ScoringTarget
 from kvzip_plugin.jobs import CompressionJob, JobQueue, JobStatus
 from kvzip_plugin.metrics import KVzipStats
 from kvzip_plugin.scoring.reconstruction import repeat_chunks
@@ -293,7 +295,7 @@ class SchedulerState:
                 self._end(j, JobStatus.FAILED, r.error)
                 continue
             try:
-                j.txn.commit(lambda dst: self._publish(j, dst))
+                j.txn.commit(functools.partial(self._publish, j))
             except Exception as exc:
                 self._end(j, JobStatus.FAILED, f"publish: {exc}")
                 continue
@@ -423,7 +425,7 @@ class SchedulerState:
 
 def _common_prefix(a, b) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

@@ -24,9 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from kvzip_plugin import envs
-from kvzip_plugin.compaction import apply_compaction, plan_compaction, top_kept_tokens
 from kvzip_plugin.integrations.vllm import layout
 from kvzip_plugin.integrations.vllm.protocol import (
     CompactCommand,
@@ -34,6 +31,9 @@ from kvzip_plugin.integrations.vllm.protocol import (
     KVzipConnectorMetadata,
     ScoringTarget,
 )
+
+from kvzip_plugin import envs
+from kvzip_plugin.compaction import apply_compaction, plan_compaction, top_kept_tokens
 from kvzip_plugin.scoring.kvzip import chunk_scores
 
 logger = logging.getLogger("vllm.kvzip_plugin.worker")
