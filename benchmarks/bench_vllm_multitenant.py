@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-blocks", type=int, default=None,
                    help="KV pool in blocks (default: all tenants' prompt blocks + --extra-blocks)")
     p.add_argument("--extra-blocks", type=int, default=None, help="default 3 x tenants")
-    p.add_argument("--cpu-kvcache-gib", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE on cpu")
+    p.add_argument("--cpu-kvcache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE on cpu (whole GiB)")
     p.add_argument("--ratio", type=float, default=None, help="--kv-compression-ratio (default: the plugin's)")
     p.add_argument("--min-prefix-tokens", type=int, default=256)
     p.add_argument("--min-hits", type=int, default=2)

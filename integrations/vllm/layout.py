@@ -11,7 +11,8 @@ Layouts (vLLM 0.32 CPU, 0.33 CUDA):
 * CPU backend, ISA `vec` (float32, block size a multiple of 32): `[num_blocks, H_kv, block_size,
   2 * D]`; per (block, head) the first `block_size * D` numbers are the keys stored transposed
   (`[D, block_size]`), the next `block_size * D` the values token-major (`[block_size, D]`).
-  Verified against transformers' keys and values in tests/integrations/vllm/test_layout.py.
+  Verified end to end: outputs on a compacted prefix equal a transformers run of the same kept pairs
+  (tests/integrations/vllm/test_e2e_kvzip.py).
   Other CPU ISAs (`amx`, `vec16`, `neon`, ...) pack keys differently: unsupported (fail closed).
 * FlashAttention-style CUDA backends (NHD): `[2, num_blocks, block_size, H_kv, D]`.
 """

@@ -441,3 +441,83 @@ def test_vllm_cli_needs_a_distribution_named_vllm():
         return
     with pytest.raises(PackageNotFoundError):
         version("vllm")
+
+
+# --------------------------------------------------------------------------- KVzip compression internals
+
+
+def test_scoring_request_construction():
+    """The scheduler half builds its scoring requests as EngineCore does, reusing the block hasher."""
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    for name in ("request_id", "prompt_token_ids", "sampling_params", "pooling_params", "lora_request",
+                 "cache_salt", "block_hasher"):
+        assert name in params(Request.__init__), name
+    seen = []
+    req = Request("kvzip-score-0-0", [1, 2, 3], SamplingParams(max_tokens=1), None,
+                  block_hasher=lambda r: seen.append(r) or [])
+    assert req._block_hasher is not None and seen == [req]
+    assert req.num_computed_tokens == 0 and list(req.all_token_ids) == [1, 2, 3]
+    assert not isinstance(inspect.getattr_static(Request, "num_computed_tokens", None), property)
+
+
+def test_scheduler_hooks_used_by_kvzip():
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    assert params(Scheduler.schedule)[0] == "self" and params(Scheduler.add_request) == ["self", "request"]
+    assert "connector.has_pending_push_work()" in inspect.getsource(Scheduler.has_requests)
+    src = inspect.getsource(Scheduler.schedule)
+    assert "self.kv_cache_manager.allocate_slots(" in src and "get_num_new_matched_tokens" in src
+    assert "self.kv_cache_manager.get_computed_blocks(request)" in inspect.getsource(
+        Scheduler._get_local_prefix_cache_hit)
+
+
+def test_block_publication_primitives():
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock, make_block_hash_with_group_id
+
+    pool = BlockPool(num_gpu_blocks=8, enable_caching=True, hash_block_size=16)
+    (block,) = pool.get_new_blocks(1)
+    key = make_block_hash_with_group_id(b"x" * 32, 0)
+    assert params(KVCacheBlock.set_block_hash) == ["self", "block_hash", "num_tokens"]
+    block.set_block_hash(key, 16)
+    pool.cached_block_hash_to_block.insert(key, block)
+    assert pool.get_cached_block(b"x" * 32, [0]) == [block]
+    pool.free_blocks([block])  # hashed: stays cached at the LRU tail
+    assert block.ref_cnt == 0 and block.block_hash == key and pool.get_cached_block(b"x" * 32, [0]) == [block]
+    pool.evict_blocks({block.block_id})
+    assert block.block_hash is None and pool.get_cached_block(b"x" * 32, [0]) is None
+    assert params(KVCacheManager.create_kv_cache_blocks) == ["self", "blocks"]
+
+
+def test_worker_connector_call_order():
+    """start_load_kv may run after the forward (no sync loads); wait_for_save and the worker meta after it."""
+    from vllm.v1.worker.kv_connector_model_runner_mixin import KVConnectorModelRunnerMixin
+
+    src = inspect.getsource(KVConnectorModelRunnerMixin._get_kv_connector_output)
+    order = [src.index(s) for s in ("bind_connector_metadata(", "yield output", "wait_for_save()",
+                                    "build_connector_worker_meta()")]
+    assert order == sorted(order)
+    assert "kv_connector_no_forward" in inspect.getsource(KVConnectorModelRunnerMixin)
+
+
+def test_attention_layer_and_cpu_impl():
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadata
+
+    assert params(CPUAttentionBackendImpl.forward)[:7] == ["self", "layer", "query", "key", "value", "kv_cache",
+                                                         "attn_metadata"]
+    fields = {f.name for f in dataclasses.fields(CPUAttentionMetadata)}
+    assert {"query_start_loc", "seq_lens", "block_table"} <= fields
+    assert CPUAttentionBackend.get_name() == "CPU_ATTN"
+    # head-major block interiors: [blocks, H_kv, block_size, 2 * D] (integrations/vllm/layout.py)
+    assert [x.name for x in CPUAttentionBackend.supported_kv_cache_layouts()] == ["LBHNC"]
+    assert "[num_blocks, num_kv_heads, block_size, 2 * head_size]" in inspect.getsource(CPUAttentionBackendImpl)
+    src = inspect.getsource(Attention.__init__)
+    for attr in ("self.impl =", "self.attn_backend =", "self.num_kv_heads =", "self.head_size ="):
+        assert attr in src, attr
+    from vllm.config import get_layers_from_vllm_config
+
+    assert params(get_layers_from_vllm_config)[:3] == ["vllm_config", "layer_type", "layer_names"]

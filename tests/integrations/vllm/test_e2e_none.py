@@ -7,8 +7,9 @@ of that run only:
 * `baseline`: the plugin is not loaded (`VLLM_PLUGINS` names no installed plugin);
 * `none`: the plugin is loaded, compression off (no flag, no environment variable);
 * `kvzip`: `KVZIP_KV_COMPRESSION=kvzip`, i.e. `KVzipConnector` in the scheduler and the worker, in vLLM's
-  default multi-process layout (front end, EngineCore, worker); the 96-token shared prefix is below the
-  default trigger (1,024 tokens), so nothing is compressed (test_e2e_kvzip.py covers compression).
+  default multi-process layout (front end, EngineCore, worker), trigger lowered to 64 tokens and ratio 1.0:
+  the shared prefix is scored and compacted across processes without changing any output
+  (test_e2e_kvzip.py covers ratios below 1).
 
 Greedy outputs must be token-identical in all three. Cost on the 2-core CI machine: about 20 s for
 each single-process run and 50 s for the multi-process one.
@@ -44,8 +45,10 @@ def plugin_none(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def plugin_kvzip(tiny_model_dir):
+    # trigger lowered to the 96-token shared prefix: the prefix is scored and compacted at ratio 1.0 across
+    # processes (metadata scheduler -> worker, acknowledgements back), and outputs must not change
     return run_llm(tiny_model_dir, single_process=False, KVZIP_KV_COMPRESSION="kvzip",
-                   KVZIP_KV_COMPRESSION_RATIO="0.5")
+                   KVZIP_KV_COMPRESSION_RATIO="1.0", KVZIP_KV_COMPRESSION_MIN_PREFIX_TOKENS="64")
 
 
 def test_baseline_engine(baseline):
@@ -66,13 +69,14 @@ def test_none_is_token_identical(baseline, plugin_none):
     assert plugin_none["num_cached_tokens"] == baseline["num_cached_tokens"]
 
 
-def test_kvzip_below_trigger_is_token_identical(baseline, plugin_kvzip):
+def test_kvzip_ratio_one_multiprocess_is_token_identical(baseline, plugin_kvzip):
     assert plugin_kvzip["kv_connector"] == "KVzipConnector"
-    assert plugin_kvzip["kv_connector_extra_config"] == {"kvzip": {"ratio": 0.5}}
+    assert plugin_kvzip["kv_connector_extra_config"] == {"kvzip": {"ratio": 1.0, "min_prefix_tokens": 64}}
     assert plugin_kvzip["worker_kv_connector"] == "kvzip_plugin.integrations.vllm.connector.KVzipConnector"
     log = plugin_kvzip["log"]
     # one connector per role, each in its own process; the plugin registered in EngineCore and worker
     assert "KVzipConnector (SCHEDULER)" in log and "KVzipConnector (WORKER)" in log
     assert log.count("kvzip-plugin: registered for vLLM") >= 2
+    assert "kvzip-plugin: job 0 committed: 96 -> 96 tokens" in log
     assert plugin_kvzip["tokens"] == baseline["tokens"]
     assert plugin_kvzip["num_cached_tokens"] == baseline["num_cached_tokens"]
