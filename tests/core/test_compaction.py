@@ -14,6 +14,7 @@ from kvzip_plugin.compaction import (
     kept_tokens,
     physical_budget,
     plan_compaction,
+    top_kept_tokens,
 )
 from kvzip_plugin.eviction import plan_eviction
 from kvzip_plugin.positions import CompactedLength
@@ -174,3 +175,45 @@ def test_logical_physical_bookkeeping():
     for bad in [(62, 24), (64, 22), (64, 0), (64, 68)]:
         with pytest.raises(ValueError):
             CompactedLength(*bad, block_size=BS)
+
+
+def test_top_kept_tokens_matches_the_head_plan():
+    """Same selection as `plan_eviction(..., "head")` when the budget is its floor(ratio * n)."""
+    torch.manual_seed(0)
+    scores = torch.rand(3, 2, 40)
+    n_keep, n_prot = 10, 4
+    tokens = top_kept_tokens(scores, n_keep, n_prot)
+    assert tokens.shape == (3, 2, n_prot + n_keep)
+    assert bool((tokens[..., :n_prot] == torch.arange(n_prot)).all())
+    assert bool((tokens[..., 1:] > tokens[..., :-1]).all())  # ascending per head
+    plan = plan_eviction(ScoreMap(scores, (0, 1, 2)), n_keep / 40, "head")
+    for layer in range(3):
+        for head, idx in enumerate(plan.kept_indices(layer)):
+            assert tokens[layer, head, n_prot:].tolist() == (idx + n_prot).tolist()
+
+
+def test_top_kept_tokens_ties_keep_the_earlier_token():
+    tokens = top_kept_tokens(torch.zeros(1, 1, 6), 2, 0)
+    assert tokens.tolist() == [[[0, 1]]]
+    with pytest.raises(ValueError, match="cannot keep"):
+        top_kept_tokens(torch.zeros(1, 1, 6), 7, 0)
+
+
+def test_apply_compaction_on_a_strided_paged_view_equals_the_flat_one():
+    """Engines hand a token-major view over their own layout (e.g. keys stored [blocks, H, D, bs]):
+    the paged path writes through the view into the engine's storage, like the flat path."""
+    torch.manual_seed(1)
+    n_blocks, bs, heads, dim = 6, 4, 3, 5
+    storage = torch.randn(n_blocks, heads, dim, bs)  # an engine layout: keys transposed per block
+    view = storage.permute(0, 3, 1, 2)  # [blocks, bs, H, D], not contiguous
+    flat = view.contiguous().reshape(n_blocks * bs, heads, dim)
+    tokens = torch.stack([torch.stack([torch.tensor(sorted(random.Random(h).sample(range(8), 4)))
+                                       for h in range(heads)])])
+    plan = plan_compaction(tokens, [1, 2], [4], bs)
+    apply_compaction(view, plan.src_slots[0], plan.dst_slots)
+    apply_compaction(flat, plan.src_slots[0], plan.dst_slots)
+    assert torch.equal(view.reshape(n_blocks * bs, heads, dim), flat)
+    for h in range(heads):  # slot j of block 4 holds head h's j-th kept token
+        for j, t in enumerate(tokens[0, h].tolist()):
+            src_block = [1, 2][t // bs]
+            assert torch.equal(storage[4, h, :, j], storage[src_block, h, :, t % bs])

