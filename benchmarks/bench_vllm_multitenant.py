@@ -413,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--burst-max-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=4096,
+                   help="must hold KVzip's scoring input (about twice the prefix: the prefix, then its repeat)")
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--num-blocks", type=int, default=None,
                    help="KV pool in blocks (default: all tenants' prompt blocks + --extra-blocks)")

@@ -136,7 +136,8 @@ class SchedulerState:
         if getattr(kv_cache_manager, _WRAPPED, False):
             return
         get_computed, allocate = kv_cache_manager.get_computed_blocks, kv_cache_manager.allocate_slots
-        kv_cache_manager.get_computed_blocks = lambda request: self._get_computed_blocks(get_computed, request)
+        kv_cache_manager.get_computed_blocks = (
+            lambda request, *args, **kwargs: self._get_computed_blocks(get_computed, request, *args, **kwargs))
         kv_cache_manager.allocate_slots = (
             lambda request, *args, **kwargs: self._allocate_slots(allocate, request, *args, **kwargs))
         setattr(kv_cache_manager, _WRAPPED, True)
@@ -347,11 +348,14 @@ class SchedulerState:
 
     # ------------------------------------------------------------ adoption (wrapped KVCacheManager)
 
-    def _lookup(self, request: Any) -> CompactedPrefix | None:
+    def _lookup(self, request: Any, max_hit: int | None = None) -> CompactedPrefix | None:
         if self.disabled or not self.compacted or is_scoring_request(request.request_id):
             return None
+        if not self.kvcm.prefix_cache_lookup_enabled(request):  # e.g. prompt logprobs: recompute all
+            return None
         hashes = request.block_hashes
-        limit = min(len(hashes), (request.num_tokens - 1) // self.block_size)
+        max_hit = request.num_tokens - 1 if max_hit is None else min(max_hit, request.num_tokens - 1)
+        limit = min(len(hashes), max_hit // self.block_size)
         for i in range(limit, 0, -1):
             prefix = self.compacted.get(hashes[i - 1])
             if prefix is None:
@@ -361,11 +365,11 @@ class SchedulerState:
             del self.compacted[prefix.key]
         return None
 
-    def _get_computed_blocks(self, original, request):
+    def _get_computed_blocks(self, original, request, *args, **kwargs):
         self.offsets.pop(request.request_id, None)
-        prefix = self._lookup(request)
+        prefix = self._lookup(request, kwargs.get("max_cache_hit_length", args[0] if args else None))
         if prefix is None:
-            return original(request)
+            return original(request, *args, **kwargs)
         self.offsets[request.request_id] = prefix
         blocks = self.kvcm.create_kv_cache_blocks((list(prefix.blocks),))
         return blocks, prefix.logical_length, 0

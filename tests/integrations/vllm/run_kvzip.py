@@ -8,7 +8,9 @@ inspected between steps. Prints `RESULT <json>` on the last line. Not a test mod
     python -m tests.integrations.vllm.run_kvzip MODEL_DIR SCENARIO [RATIO]
 
 Scenarios: `sequential` (one request at a time on a shared prefix), `salts` (two tenants, same
-prefix, different cache salts), `churn` (random admissions and aborts while prefixes compress).
+prefix, different cache salts), `churn` (random admissions and aborts while prefixes compress),
+`cancel` (the prefix cache is reset while a job scores). `KVZIP_TEST_PREFIX_CACHING=0` turns vLLM's
+prefix caching off.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def prefix_ids(seed: int = 0) -> list[int]:
 def make_llm(model_dir: str):
     from vllm import LLM
 
-    return LLM(model=model_dir, tokenizer=model_dir, dtype="float32", enable_prefix_caching=True,
+    prefix_caching = os.environ.get("KVZIP_TEST_PREFIX_CACHING", "1") == "1"
+    return LLM(model=model_dir, tokenizer=model_dir, dtype="float32", enable_prefix_caching=prefix_caching,
                block_size=BLOCK_SIZE, max_model_len=1024, max_num_seqs=4, enforce_eager=True, seed=0,
                distributed_executor_backend="uni")
 
@@ -177,7 +180,27 @@ def churn(h: Harness, n_ops: int = 60, seed: int = 0) -> dict:
     return {"aborted": aborted, "finished": finished, "kvzip": h.kvzip_state(), "pool": h.pool_state()}
 
 
-SCENARIOS = {"sequential": sequential, "salts": salts, "churn": churn}
+def cancel(h: Harness) -> dict:
+    """The prefix cache is reset while a job scores: the job is cancelled and rolled back."""
+    prefix = prefix_ids()
+    first = h.run("r0", prefix + list(SUFFIXES[0]))
+    h.add("r1", prefix + list(SUFFIXES[1]))
+    for _ in range(50):  # until the job is scoring (its request was added to the scheduler)
+        h.step()
+        if any(j.job.status.value == "scoring" for j in h.connector.sched.jobs.values()):
+            break
+    else:
+        raise RuntimeError("the job never started scoring")
+    jobs_before = len(h.connector.sched.jobs)
+    reset = h.scheduler.reset_connector_cache()
+    h.drain()
+    later = h.run("r2", prefix + list(SUFFIXES[2]))
+    h.drain()
+    return {"requests": [first, later], "jobs_before_reset": jobs_before, "reset": reset,
+            "kvzip": h.kvzip_state(), "pool": h.pool_state()}
+
+
+SCENARIOS = {"sequential": sequential, "salts": salts, "churn": churn, "cancel": cancel}
 
 
 def main(model_dir: str, scenario: str) -> dict:

@@ -161,3 +161,25 @@ def test_no_block_leaks_after_random_requests_aborts_and_compactions(tiny_model_
     assert state["jobs_live"] == 0 and state["offsets"] == {}
     assert pool["referenced"] == [] and pool["free"] == pool["num_blocks"] - 1  # all but the null block
     assert math.isfinite(res["finished"])
+
+
+def test_cancelled_job_rolls_back(tiny_model_dir, none_seq):
+    res = scenario(tiny_model_dir, "cancel", "kvzip", 0.5)
+    state = res["kvzip"]
+    assert res["jobs_before_reset"] == 1 and res["reset"] is True
+    assert state["finished"]["cancelled"] == 1 and state["finished"]["committed"] == 0
+    assert state["compacted"] == [] and state["jobs_live"] == 0
+    assert res["pool"]["referenced"] == [] and res["pool"]["free"] == res["pool"]["num_blocks"] - 1
+    r0, r2 = res["requests"]
+    assert r0["tokens"] == none_seq["requests"][0]["tokens"] and r2["tokens"] == none_seq["requests"][2]["tokens"]
+    assert r2["offset"] is None
+    assert "job 0 cancelled: prefix cache reset" in res["log"]
+
+
+def test_unsupported_engine_runs_uncompressed(tiny_model_dir, none_seq):
+    """Fail closed: without vLLM's prefix caching KVzip cannot share a compacted prefix."""
+    res = scenario(tiny_model_dir, "sequential", "kvzip", 0.5, KVZIP_TEST_PREFIX_CACHING="0")
+    assert res["kvzip"]["disabled"] == "prefix_caching_disabled" and res["kvzip"]["compacted"] == []
+    assert "KV compression disabled on this engine (prefix_caching_disabled)" in res["log"]
+    assert [r["tokens"] for r in res["requests"]] == [r["tokens"] for r in none_seq["requests"]]
+    assert _adopted(res) == []
