@@ -366,12 +366,23 @@ def _wrap_engine_args() -> None:
                 if settings is not None:
                     self.kv_transfer_config = _apply(None, settings, f"{ENV_MODE}=kvzip")
                     logger.info("kvzip-plugin: %s=kvzip -> %s", ENV_MODE, CONNECTOR_NAME)
+            if _connector_name(self.kv_transfer_config) == CONNECTOR_NAME:
+                _prefer_v1_model_runner()
             return orig_create(self, *args, **kwargs)
 
         create_engine_config.__doc__ = orig_create.__doc__
         create_engine_config.__wrapped__ = orig_create  # type: ignore[attr-defined]
         setattr(create_engine_config, _WRAPPED, True)
         EngineArgs.create_engine_config = create_engine_config
+
+
+def _prefer_v1_model_runner() -> None:
+    """KVzip adapts the V1 model runner's input preparation (integrations/vllm/runner.py). vLLM 0.33
+    on CUDA defaults to Model Runner V2: ask for V1 unless the user chose explicitly (then the
+    connector fails closed on V2). Set in the environment so EngineCore and workers inherit it."""
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        logger.info("kvzip-plugin: VLLM_USE_V2_MODEL_RUNNER=0 (KVzip adapts the V1 model runner)")
 
 
 def _register_connector() -> None:

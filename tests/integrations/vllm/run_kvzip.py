@@ -35,7 +35,8 @@ def make_llm(model_dir: str):
     from vllm import LLM
 
     prefix_caching = os.environ.get("KVZIP_TEST_PREFIX_CACHING", "1") == "1"
-    return LLM(model=model_dir, tokenizer=model_dir, dtype="float32", enable_prefix_caching=prefix_caching,
+    dtype = os.environ.get("KVZIP_TEST_DTYPE", "float32")  # GPU runs: bfloat16 (FlashAttention)
+    return LLM(model=model_dir, tokenizer=model_dir, dtype=dtype, enable_prefix_caching=prefix_caching,
                block_size=BLOCK_SIZE, max_model_len=1024, max_num_seqs=4, enforce_eager=True, seed=0,
                distributed_executor_backend="uni")
 
