@@ -47,6 +47,13 @@ from kvzip_plugin.scoring.reconstruction import repeat_chunks
 logger = logging.getLogger("vllm.kvzip_plugin.scheduler")
 
 SCORING_PREFIX = "kvzip-score-"
+_SCORING_OVERHEAD = 64  # repeat prompt + chat postfix tokens, with margin
+_MIN_CHUNK = 32
+MAX_RETRIES = 3
+
+
+class _Unservable(RuntimeError):
+    """A job that would fail the same way on every retry (e.g. the prefix is too long to score)."""
 _WRAPPED = "__kvzip_kvcm__"
 
 
@@ -120,6 +127,8 @@ class SchedulerState:
         self.stats = KVzipStats()
         self.disabled: str | None = None
         self.failed: set[Hashable] = set()  # prefixes whose job failed: they need min_hits new hits
+        self.failures: dict[Hashable, int] = {}  # failed jobs per prefix (retried up to MAX_RETRIES)
+        self.unservable: set[Hashable] = set()  # prefixes that can never be compressed here
         self._tokenizer: Any = None
         self._last_step: float | None = None
 
@@ -152,7 +161,10 @@ class SchedulerState:
         if n_blocks == 0 or len(request.block_hashes) < n_blocks:
             return
         key = request.block_hashes[n_blocks - 1]
-        if key in self.compacted:
+        if key in self.unservable or self.failures.get(key, 0) >= MAX_RETRIES:
+            return
+        # a prefix that contains (or is) a compacted or in-flight one is served by that one
+        if any(h in self.compacted or self.queue.job_for(h) is not None for h in request.block_hashes[:n_blocks]):
             return
         length = n_blocks * self.block_size
         if self.tracker.hits(key) == 0 and key not in self.failed:  # the request that cached it counts too
@@ -199,32 +211,42 @@ class SchedulerState:
                 j.n_protected = _common_prefix(parts.prefix_ids, j.prefix_ids)
             context = j.prefix_ids[j.n_protected:]
             if len(context) < self.config.min_context_tokens:
-                raise RuntimeError(f"context of {len(context)} tokens < min_context_tokens")
-            chunks = repeat_chunks(context, parts.postfix_ids, lambda s: encode(tok, s), self.config.chunk_size,
+                raise _Unservable(f"context of {len(context)} tokens < min_context_tokens")
+            max_len = self.vllm_config.model_config.max_model_len
+            # a scoring request is prefix + repeat prompt + carried tokens + chunk: shrink the chunk so it
+            # fits the engine's max_model_len (more, shorter scoring requests; same scores per token)
+            chunk_size = min(self.config.chunk_size, max_len - L - _SCORING_OVERHEAD - self.config.carry_tokens)
+            if chunk_size < _MIN_CHUNK:
+                raise _Unservable(f"a {L}-token prefix leaves no room for scoring chunks under max_model_len "
+                                  f"{max_len} (needs about {L + _SCORING_OVERHEAD + _MIN_CHUNK})")
+            chunks = repeat_chunks(context, parts.postfix_ids, lambda s: encode(tok, s), chunk_size,
                                    self.config.carry_tokens, self.config.repeat_prompt_first,
                                    self.config.repeat_prompt_next)
-            max_len = self.vllm_config.model_config.max_model_len
             from vllm import SamplingParams
             from vllm.v1.request import Request
 
+            reqs = []
             for chunk in chunks:
                 ids = j.prefix_ids + list(chunk.input_ids)
                 if len(ids) >= max_len:
-                    raise RuntimeError(f"scoring input of {len(ids)} tokens exceeds max_model_len {max_len}; "
-                                       "lower chunk_size")
+                    raise _Unservable(f"scoring input of {len(ids)} tokens exceeds max_model_len {max_len}")
                 rid = f"{SCORING_PREFIX}{j.job.job_id}-{chunk.index}"
-                req = Request(request_id=rid, prompt_token_ids=ids,
-                              sampling_params=SamplingParams(max_tokens=1, temperature=0.0),
-                              pooling_params=None, lora_request=j.request.lora_request,
-                              cache_salt=j.request.cache_salt, block_hasher=j.request._block_hasher)
+                reqs.append(Request(request_id=rid, prompt_token_ids=ids,
+                                    sampling_params=SamplingParams(max_tokens=1, temperature=0.0),
+                                    pooling_params=None, lora_request=j.request.lora_request,
+                                    cache_salt=j.request.cache_salt, block_hasher=j.request._block_hasher))
                 j.targets[rid] = ScoringTarget(j.job.job_id, L, j.n_protected, chunk.start, chunk.end,
                                                self.config.score_softmax)
-                j.pending.add(rid)
-                self.scoring_owner[rid] = j.job.job_id
-                self.to_add.append(req)
+            for req in reqs:  # only once every chunk is valid: a failed start adds nothing
+                j.pending.add(req.request_id)
+                self.scoring_owner[req.request_id] = j.job.job_id
+            self.to_add.extend(reqs)
             self.new_targets.update(j.targets)
             logger.info("kvzip-plugin: job %d scoring %d tokens (%d protected) in %d chunk(s)",
                         j.job.job_id, L, j.n_protected, len(chunks))
+        except _Unservable as exc:  # the same prefix would fail again: never retried
+            self.unservable.add(j.job.candidate.key)
+            self._end(j, JobStatus.FAILED, str(exc))
         except Exception as exc:
             self._end(j, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
 
@@ -344,6 +366,8 @@ class SchedulerState:
         if status is not JobStatus.COMMITTED:
             self.tracker.reopen(j.job.candidate.key)
             self.failed.add(j.job.candidate.key)
+            if status is JobStatus.FAILED:
+                self.failures[j.job.candidate.key] = self.failures.get(j.job.candidate.key, 0) + 1
             logger.warning("kvzip-plugin: job %d %s: %s", j.job.job_id, status.value, error)
 
     # ------------------------------------------------------------ adoption (wrapped KVCacheManager)
