@@ -205,6 +205,8 @@ class KVzipConnector(KVConnectorBase_V1):
             self._fallback_reported = True
         if self.sched is not None and not self.disabled:
             data = data.aggregate(self.sched.take_stats())
+        if self.worker is not None and not self.disabled:
+            data = data.aggregate(self.worker.take_stats())
         if data.is_empty():
             return None
         return stats.KVzipConnectorStats.from_stats(data)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,7 +129,6 @@ class SchedulerState:
         self.failures: dict[Hashable, int] = {}  # failed jobs per prefix (retried up to MAX_RETRIES)
         self.unservable: set[Hashable] = set()  # prefixes that can never be compressed here
         self._tokenizer: Any = None
-        self._last_step: float | None = None
 
     # ------------------------------------------------------------ binding
 
@@ -272,23 +270,7 @@ class SchedulerState:
             prefix = self.offsets.get(rid)
             if prefix is not None:
                 meta.offsets[rid] = prefix.logical_length - prefix.physical_length
-        self._time_step(scheduler_output)
         return meta
-
-    def _time_step(self, scheduler_output: Any) -> None:
-        """Online decode step time: wall time between consecutive schedule() calls, recorded for
-        every request of a pure-decode step, split by whether it reads a compacted prefix."""
-        now = time.perf_counter()
-        last, self._last_step = self._last_step, now
-        scheduled = scheduler_output.num_scheduled_tokens
-        if last is None or not scheduled or any(n != 1 for n in scheduled.values()):
-            return
-        for rid in scheduled:
-            if is_scoring_request(rid):
-                continue
-            target = self.stats.decode_step_seconds_compressed if rid in self.offsets else \
-                self.stats.decode_step_seconds_full
-            target.append(now - last)
 
     # ------------------------------------------------------------ outcomes
 

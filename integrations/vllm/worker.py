@@ -34,6 +34,7 @@ from kvzip_plugin.integrations.vllm.protocol import (
 
 from kvzip_plugin import envs
 from kvzip_plugin.compaction import apply_compaction, plan_compaction, top_kept_tokens
+from kvzip_plugin.metrics import KVzipStats
 from kvzip_plugin.scoring.kvzip import chunk_scores
 
 logger = logging.getLogger("vllm.kvzip_plugin.worker")
@@ -68,6 +69,8 @@ class WorkerState:
         self.step_started: float | None = None
         self.jobs: dict[int, _JobScores] = {}
         self.results: list[CompactionResult] = []
+        self.stats = KVzipStats()  # decode step times, sent with the connector's stats
+        self._decode_step: tuple[int, int] | None = None  # (requests on compacted prefixes, others)
 
     # ------------------------------------------------------------ setup
 
@@ -125,13 +128,25 @@ class WorkerState:
                 del self.scoring[rid]
 
     def begin_step(self, req_rows: Mapping[str, int], tokens: Mapping[str, int]) -> None:
-        """Called by the runner adapter with this step's rows of scoring requests."""
+        """Called by the runner adapter with this step's rows of scoring requests and the tokens
+        scheduled per request."""
         self.batch_rows = dict(req_rows)
         self.step_tokens = dict(tokens)
-        self.step_started = time.perf_counter() if req_rows else None
+        self.step_started = time.perf_counter()
+        pure_decode = bool(tokens) and not req_rows and all(n == 1 for n in tokens.values())
+        compressed = sum(1 for rid in tokens if self.offsets.get(rid))
+        self._decode_step = (compressed, len(tokens) - compressed) if pure_decode else None
 
     def end_step(self) -> None:
-        """After the forward: attribute the step's time to the scoring jobs (by token share)."""
+        """After the forward: record a pure-decode step's time once per request in it (split by
+        compacted vs full prefix: the online decode speedup) and attribute a scoring step's time
+        to its jobs (by token share)."""
+        if self.step_started is not None and self._decode_step is not None:
+            elapsed = time.perf_counter() - self.step_started
+            compressed, full = self._decode_step
+            self.stats.decode_step_seconds_compressed.extend([elapsed] * compressed)
+            self.stats.decode_step_seconds_full.extend([elapsed] * full)
+        self._decode_step = None
         if self.step_started is not None and self.batch_rows:
             elapsed = time.perf_counter() - self.step_started
             total = max(1, sum(self.step_tokens.values()))
@@ -143,6 +158,10 @@ class WorkerState:
                     job.step_tokens += n
         self.batch_rows = {}
         self.step_started = None
+
+    def take_stats(self) -> KVzipStats:
+        out, self.stats = self.stats, KVzipStats()
+        return out
 
     def capture(self, name: str, query: torch.Tensor, kv_cache: torch.Tensor, meta: Any) -> None:
         """Score this layer for every scoring request in the batch."""
