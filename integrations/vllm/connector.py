@@ -163,6 +163,10 @@ class KVzipConnector(KVConnectorBase_V1):
     def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
         if self.sched is not None and not self.disabled:
             self.sched.bind(kv_cache_manager)
+            if self.sched.disabled:
+                self.disabled = self.sched.disabled
+                logger.warning("kvzip-plugin: KV compression disabled on this engine (%s); prefixes are served "
+                               "uncompressed", self.disabled)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         if self.sched is not None:

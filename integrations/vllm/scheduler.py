@@ -49,6 +49,7 @@ SCORING_PREFIX = "kvzip-score-"
 _SCORING_OVERHEAD = 64  # repeat prompt + chat postfix tokens, with margin
 _MIN_CHUNK = 32
 MAX_RETRIES = 3
+ACK_TIMEOUT_S = 120.0
 
 
 class _Unservable(RuntimeError):
@@ -140,6 +141,10 @@ class SchedulerState:
         spec = groups[0].kv_cache_spec
         self.block_size = spec.block_size
         self.block_bytes = spec.page_size_bytes * len(groups[0].layer_names)
+        if getattr(self.pool, "hash_block_size", self.block_size) != self.block_size:
+            # request.block_hashes would not be one hash per block: the prefix keys below assume it
+            self.disabled = "hash_block_size"
+            return
         if getattr(kv_cache_manager, _WRAPPED, False):
             return
         get_computed, allocate = kv_cache_manager.get_computed_blocks, kv_cache_manager.allocate_slots
@@ -189,6 +194,8 @@ class SchedulerState:
         for j in list(self.jobs.values()):
             if j.job.status is JobStatus.SCORING and not j.pending:
                 self._prepare_compaction(j)
+            elif j.job.status is JobStatus.COMPACTING and j.job.seconds_in(JobStatus.COMPACTING) > ACK_TIMEOUT_S:
+                self._end(j, JobStatus.FAILED, f"no acknowledgement from the workers in {ACK_TIMEOUT_S} s")
 
     def _start(self, j: _Job) -> None:
         bs, L = self.block_size, len(j.prefix_ids)
