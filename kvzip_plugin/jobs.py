@@ -105,6 +105,10 @@ class JobQueue:
         self._by_key[candidate.key] = job
         return job
 
+    def peek(self) -> CompressionJob | None:
+        """The job `start_next` would start (None if nothing is pending)."""
+        return self._pending[0] if self._pending else None
+
     def start_next(self) -> CompressionJob | None:
         """Oldest pending job, moved to SCORING, if fewer than `max_running` run."""
         if not self._pending or len(self._running) >= self.max_running:

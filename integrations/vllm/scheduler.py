@@ -129,6 +129,7 @@ class SchedulerState:
         self.failed: set[Hashable] = set()  # prefixes whose job failed: they need min_hits new hits
         self.failures: dict[Hashable, int] = {}  # failed jobs per prefix (retried up to MAX_RETRIES)
         self.unservable: set[Hashable] = set()  # prefixes that can never be compressed here
+        self.covered: dict[Hashable, Hashable] = {}  # block hash in a compacted / in-flight prefix -> its key
         self._tokenizer: Any = None
 
     # ------------------------------------------------------------ binding
@@ -166,8 +167,10 @@ class SchedulerState:
         key = request.block_hashes[n_blocks - 1]
         if key in self.unservable or self.failures.get(key, 0) >= MAX_RETRIES:
             return
-        # a prefix that contains (or is) a compacted or in-flight one is served by that one
-        if any(h in self.compacted or self.queue.job_for(h) is not None for h in request.block_hashes[:n_blocks]):
+        # a prefix that contains a compacted or in-flight one is served by it; one inside it is a
+        # shorter hit on the same document (its own blocks were evicted): not worth another job
+        if key in self.covered or any(h in self.compacted or self.queue.job_for(h) is not None
+                                      for h in request.block_hashes[:n_blocks]):
             return
         length = n_blocks * self.block_size
         if self.tracker.hits(key) == 0 and key not in self.failed:  # the request that cached it counts too
@@ -179,6 +182,7 @@ class SchedulerState:
         self.stats.jobs["submitted" if job else "rejected"] += 1
         if job is not None:
             self.jobs[job.job_id] = _Job(job, list(request.all_token_ids[:length]), request)
+            self._cover(request.block_hashes[:n_blocks], key)
             logger.info("kvzip-plugin: job %d queued for a %d-token prefix hit by %d requests",
                         job.job_id, length, candidate.hits)
 
@@ -186,7 +190,7 @@ class SchedulerState:
 
     def before_schedule(self, scheduler: Any) -> None:
         """Start queued jobs (scoring requests into the scheduler), send compactions."""
-        while (job := self.queue.start_next()) is not None:
+        while self._can_start(scheduler) and (job := self.queue.start_next()) is not None:
             self._start(self.jobs[job.job_id])
         for req in self.to_add:
             scheduler.add_request(req)
@@ -196,6 +200,25 @@ class SchedulerState:
                 self._prepare_compaction(j)
             elif j.job.status is JobStatus.COMPACTING and j.job.seconds_in(JobStatus.COMPACTING) > ACK_TIMEOUT_S:
                 self._end(j, JobStatus.FAILED, f"no acknowledgement from the workers in {ACK_TIMEOUT_S} s")
+
+    def _cover(self, chain, key: Hashable) -> None:
+        for h in chain:
+            self.covered[h] = key
+
+    def _uncover(self, key: Hashable) -> None:
+        for h in [h for h, k in self.covered.items() if k == key]:
+            del self.covered[h]
+
+    def _can_start(self, scheduler: Any) -> bool:
+        """Jobs yield to traffic: start one only when no request waits for admission and the pool has
+        room for its scoring input and destination blocks without evicting much."""
+        if len(scheduler.waiting) > 0:
+            return False
+        pending = self.queue.peek()
+        if pending is None:
+            return False
+        n_blocks = pending.candidate.num_tokens // self.block_size
+        return self.pool.get_num_free_blocks() >= 2 * n_blocks + 2
 
     def _start(self, j: _Job) -> None:
         bs, L = self.block_size, len(j.prefix_ids)
@@ -353,6 +376,7 @@ class SchedulerState:
         outcome = {JobStatus.COMMITTED: "committed", JobStatus.FAILED: "failed"}.get(status, "cancelled")
         self.stats.jobs[outcome] += 1
         if status is not JobStatus.COMMITTED:
+            self._uncover(j.job.candidate.key)
             self.tracker.reopen(j.job.candidate.key)
             self.failed.add(j.job.candidate.key)
             if status is JobStatus.FAILED:
@@ -375,7 +399,9 @@ class SchedulerState:
                 continue
             if prefix.alive():
                 return prefix
-            del self.compacted[prefix.key]
+            del self.compacted[prefix.key]  # vLLM evicted it: the document may be compressed again
+            self._uncover(prefix.key)
+            self.tracker.reopen(prefix.key)
         return None
 
     def _get_computed_blocks(self, original, request, *args, **kwargs):
@@ -425,6 +451,7 @@ class SchedulerState:
         for j in list(self.jobs.values()):
             self._end(j, JobStatus.CANCELLED, "prefix cache reset")
         self.compacted.clear()
+        self.covered.clear()
 
     def has_pending_work(self) -> bool:
         return bool(self.to_add or self.commands or self.queue.queued or any(

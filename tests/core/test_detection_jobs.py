@@ -88,8 +88,9 @@ def test_queue_bounds_dedup_and_running_limit():
     assert a and b and q.submit(cand("c")) is None  # full
     assert q.submit(cand("a")) is None  # live job for "a"
     assert q.rejected == 2
+    assert q.peek() is a and a.status is JobStatus.PENDING  # peek does not start it
     first = q.start_next()
-    assert first is a and first.status is JobStatus.SCORING
+    assert first is a and first.status is JobStatus.SCORING and q.peek() is b
     assert q.start_next() is None  # max_running reached
     q.finish(first, JobStatus.FAILED, "boom")
     assert q.finished[JobStatus.FAILED] == 1 and q.running == 0

@@ -1,0 +1,445 @@
+# SPDX-License-Identifier: Apache-2.0
+"""SGLang glue: the `sglang.srt.plugins` entry point `kvzip = kvzip_plugin.integrations.sglang:register`.
+
+SGLang calls `register()` in every process (`sglang.srt.plugins.load_plugins`: the launcher before it
+parses arguments, `Engine.__init__`, every scheduler, the detokenizer, the DP controller), with no
+arguments, and only logs what it raises. `register()` never raises anyway: on an SGLang build other
+than the one supported it logs one warning line and changes nothing (fail closed).
+
+What it does on SGLang 0.5.23:
+
+* registers the radix-cache backend `kvzip` (`sglang.srt.mem_cache.registry`), so
+  `--radix-cache-backend kvzip` selects it. Its factory builds SGLang's default tree cache with the
+  subclass `KVzipRadixCache` (radix_cache.py) through `create_unified_radix_cache(ctx, cache_class=...)`;
+  where KVzip cannot work (radix cache disabled, hybrid SWA / Mamba models, DSA, HiCache) or the
+  construction fails, it logs one line and builds SGLang's default cache instead (fail closed);
+* adds `--kv-compression {none,kvzip}`, `--kv-compression-ratio`, `--kv-compression-min-prefix-tokens`,
+  `--kv-compression-min-hits` to `ServerArgs.add_cli_args` (`sglang serve`, `python -m
+  sglang.launch_server`), through SGLang's `HookRegistry` (AFTER hook). Invalid values fail at parse
+  time with argparse's `argument --kv-compression-ratio: ...` message (exit 2);
+* maps `--kv-compression kvzip` onto `--radix-cache-backend kvzip` in `ServerArgs.from_cli_args` (AROUND
+  hook) and keeps the settings on the record (`server_args._kvzip_settings`, pickled to the scheduler
+  processes with it);
+* for `Engine(...)` users (no argparse): `KVZIP_KV_COMPRESSION=kvzip` (+ `KVZIP_KV_COMPRESSION_RATIO`,
+  `KVZIP_KV_COMPRESSION_MIN_PREFIX_TOKENS`, `KVZIP_KV_COMPRESSION_MIN_HITS`) is read when the record is
+  resolved (BEFORE hook on `ServerArgs.resolve_once`); the variables apply to the CLI too when no
+  `--kv-compression` flag is given. `Engine(..., radix_cache_backend="kvzip")` works as well.
+
+This module imports SGLang lazily (inside functions), so importing it never fails without SGLang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any, Literal
+
+# A child of SGLang's "sglang" logger name, so its lines look like SGLang's (root handler).
+logger = logging.getLogger("sglang.kvzip_plugin")
+
+SUPPORTED_VERSION = (0, 5, 23)
+"""The one SGLang release whose internals this integration is written against (release and post
+releases of it). Anything else: fail closed."""
+
+BACKEND_NAME = "kvzip"
+MODES = ("none", "kvzip")
+
+ENV_MODE = "KVZIP_KV_COMPRESSION"
+ENV_RATIO = "KVZIP_KV_COMPRESSION_RATIO"
+ENV_MIN_PREFIX = "KVZIP_KV_COMPRESSION_MIN_PREFIX_TOKENS"
+ENV_MIN_HITS = "KVZIP_KV_COMPRESSION_MIN_HITS"
+
+SETTINGS_ATTR = "_kvzip_settings"
+"""Private (non-field) attribute of SGLang's `ServerArgs` holding the settings as a plain dict, or None
+when `--kv-compression none` was given explicitly (then the environment variables are ignored)."""
+
+HOOK_TARGETS = {
+    "add_cli_args": "sglang.srt.server_args.ServerArgs.add_cli_args",
+    "from_cli_args": "sglang.srt.server_args.ServerArgs.from_cli_args",
+    "resolve_once": "sglang.srt.server_args.ServerArgs.resolve_once",
+}
+
+_lock = threading.RLock()
+_state: dict[str, Any] = {"done": False, "active": False, "reason": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# settings: validation shared by the CLI flags, the environment variables and Engine users
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCompressionSettings:
+    """What `--kv-compression kvzip` asks for. None = the core's default (KVzipConfig / TriggerPolicy)."""
+
+    ratio: float | None = None
+    """Fraction of the prefix's KV pairs kept (`KVzipConfig.ratio`)."""
+    min_prefix_tokens: int | None = None
+    """Shortest shared prefix that is compressed (`TriggerPolicy.min_prefix_tokens`)."""
+    min_hits: int | None = None
+    """Requests that must hit a prefix before it is compressed (`TriggerPolicy.min_hits`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> KVCompressionSettings:
+        data = dict(data or {})
+        return make_settings(data.get("ratio"), data.get("min_prefix_tokens"), data.get("min_hits"))
+
+
+def _first_error(exc: Exception) -> str:
+    """The readable part of a pydantic ValidationError (first error), else str(exc)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            loc = ".".join(str(p) for p in first.get("loc", ()))
+            return f"{loc}: {first.get('msg', exc)}" if loc else str(first.get("msg", exc))
+        except Exception:  # pragma: no cover - defensive
+            pass
+    return str(exc)
+
+
+def _validated(model: Any, field: str, value: Any) -> Any:
+    try:
+        return getattr(model(**{field: value}), field)
+    except Exception as exc:
+        raise ValueError(f"{_first_error(exc)} (got {value!r})") from None
+
+
+def validate_ratio(value: Any) -> float:
+    """A ratio accepted by `KVzipConfig.ratio` (in (0, 1]); raises ValueError naming the field."""
+    from kvzip_plugin.config import KVzipConfig
+
+    return float(_validated(KVzipConfig, "ratio", value))
+
+
+def validate_min_prefix_tokens(value: Any) -> int:
+    """A token count accepted by `TriggerPolicy.min_prefix_tokens` (>= 1)."""
+    from kvzip_plugin.detection import TriggerPolicy
+
+    return int(_validated(TriggerPolicy, "min_prefix_tokens", value))
+
+
+def validate_min_hits(value: Any) -> int:
+    """A hit count accepted by `TriggerPolicy.min_hits` (>= 1)."""
+    from kvzip_plugin.detection import TriggerPolicy
+
+    return int(_validated(TriggerPolicy, "min_hits", value))
+
+
+def make_settings(ratio: Any = None, min_prefix_tokens: Any = None, min_hits: Any = None) -> KVCompressionSettings:
+    """Validated settings; raises ValueError naming the offending field."""
+    return KVCompressionSettings(
+        ratio=None if ratio is None else validate_ratio(ratio),
+        min_prefix_tokens=None if min_prefix_tokens is None else validate_min_prefix_tokens(min_prefix_tokens),
+        min_hits=None if min_hits is None else validate_min_hits(min_hits),
+    )
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> KVCompressionSettings | None:
+    """`KVZIP_KV_COMPRESSION=kvzip` (+ knobs) -> settings; unset or `none` -> None.
+    Invalid values raise ValueError naming the environment variable."""
+    env = os.environ if environ is None else environ
+    mode = env.get(ENV_MODE, "").strip().lower() or "none"
+    if mode not in MODES:
+        raise ValueError(f"{ENV_MODE}: invalid choice {mode!r} (choose from {', '.join(MODES)})")
+    if mode == "none":
+        return None
+    values: dict[str, Any] = {}
+    for var, key, check in (
+        (ENV_RATIO, "ratio", validate_ratio),
+        (ENV_MIN_PREFIX, "min_prefix_tokens", validate_min_prefix_tokens),
+        (ENV_MIN_HITS, "min_hits", validate_min_hits),
+    ):
+        raw = env.get(var, "").strip()
+        if not raw:
+            continue
+        try:
+            values[key] = check(raw)
+        except ValueError as exc:
+            raise ValueError(f"{var}: {exc}") from None
+    return KVCompressionSettings(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# support check
+# ---------------------------------------------------------------------------------------------
+
+
+def unsupported_reason(version: str) -> str | None:
+    """None if SGLang `version` is supported, else why not (one line)."""
+    from packaging.version import InvalidVersion, Version
+
+    want = ".".join(map(str, SUPPORTED_VERSION))
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        return f"cannot parse the SGLang version {version!r} (supported: {want})"
+    if parsed.release[:3] != SUPPORTED_VERSION or parsed.is_prerelease or parsed.is_devrelease:
+        return f"SGLang {version} is not supported (supported: {want})"
+    return None
+
+
+def _sglang_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("sglang")
+    except Exception:
+        import sglang
+
+        return str(getattr(sglang, "__version__", "unknown"))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def _argparse_type(check):
+    def convert(text: str):
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = check.__name__.replace("validate_", "")
+    return convert
+
+
+def add_kv_compression_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the `--kv-compression*` flags to `parser` (no-op if already there)."""
+    if any("--kv-compression" in a.option_strings for a in parser._actions):
+        return parser
+    group = parser.add_argument_group(
+        title="KVzip",
+        description="KVzip compression of shared prefixes (kvzip-plugin). Environment variables "
+        f"{ENV_MODE}, {ENV_RATIO}, {ENV_MIN_PREFIX}, {ENV_MIN_HITS} apply when --kv-compression is not given.",
+    )
+    group.add_argument(
+        "--kv-compression",
+        choices=MODES,
+        default=None,
+        help="Compress the KV cache of shared prefixes. 'kvzip' selects --radix-cache-backend kvzip; "
+        "'none' (default) leaves SGLang untouched.",
+    )
+    group.add_argument(
+        "--kv-compression-ratio",
+        type=_argparse_type(validate_ratio),
+        default=None,
+        metavar="FLOAT",
+        help="Fraction of a prefix's KV pairs kept, in (0, 1] (KVzipConfig.ratio; default 0.3).",
+    )
+    group.add_argument(
+        "--kv-compression-min-prefix-tokens",
+        type=_argparse_type(validate_min_prefix_tokens),
+        default=None,
+        metavar="INT",
+        help="Shortest shared prefix that is compressed, in tokens, >= 1 (default 1024).",
+    )
+    group.add_argument(
+        "--kv-compression-min-hits",
+        type=_argparse_type(validate_min_hits),
+        default=None,
+        metavar="INT",
+        help="Requests that must hit a prefix before it is compressed, >= 1 (default 2).",
+    )
+    return parser
+
+
+_KNOB_FLAGS = {
+    "kv_compression_ratio": "--kv-compression-ratio",
+    "kv_compression_min_prefix_tokens": "--kv-compression-min-prefix-tokens",
+    "kv_compression_min_hits": "--kv-compression-min-hits",
+}
+_FIELD_FLAGS = {
+    "ratio": "--kv-compression-ratio",
+    "min_prefix_tokens": "--kv-compression-min-prefix-tokens",
+    "min_hits": "--kv-compression-min-hits",
+}
+
+
+def settings_from_args(args: argparse.Namespace) -> tuple[Literal["unset", "none", "kvzip"], KVCompressionSettings]:
+    """Read (and re-validate, for namespaces not built by the parser) the flags from `args`."""
+    mode = getattr(args, "kv_compression", None)
+    if mode is None:
+        mode = "unset"
+    elif mode not in MODES:
+        raise ValueError(f"--kv-compression: invalid choice {mode!r} (choose from {', '.join(MODES)})")
+    raw = {k: getattr(args, k, None) for k in _KNOB_FLAGS}
+    try:
+        settings = make_settings(
+            raw["kv_compression_ratio"], raw["kv_compression_min_prefix_tokens"], raw["kv_compression_min_hits"]
+        )
+    except ValueError as exc:
+        flag = _FIELD_FLAGS.get(str(exc).split(":", 1)[0], "--kv-compression")
+        raise ValueError(f"{flag}: {exc}") from None
+    given = [flag for key, flag in _KNOB_FLAGS.items() if raw[key] is not None]
+    if given and mode != "kvzip":
+        logger.warning("kvzip-plugin: %s ignored without --kv-compression kvzip", ", ".join(given))
+    return mode, settings
+
+
+def _check_backend(current: Any, source: str) -> None:
+    if current not in (None, BACKEND_NAME):
+        raise ValueError(
+            f"{source} cannot be combined with --radix-cache-backend {current!r}; drop one of them"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# hooks (registered with SGLang's HookRegistry)
+# ---------------------------------------------------------------------------------------------
+
+
+def _after_add_cli_args(result: Any, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+    """AFTER `ServerArgs.add_cli_args(parser)` (a staticmethod that returns None)."""
+    add_kv_compression_args(parser)
+    return None
+
+
+def _around_from_cli_args(original, cls, args: argparse.Namespace, *rest: Any, **kwargs: Any):
+    """AROUND `ServerArgs.from_cli_args(cls, args)`: `--kv-compression kvzip` -> radix_cache_backend."""
+    mode, settings = settings_from_args(args)
+    if mode == "kvzip":
+        _check_backend(getattr(args, "radix_cache_backend", None), "--kv-compression kvzip")
+        args = argparse.Namespace(**vars(args))  # never mutate the caller's namespace
+        args.radix_cache_backend = BACKEND_NAME
+    elif mode == "none" and getattr(args, "radix_cache_backend", None) == BACKEND_NAME:
+        raise ValueError("--kv-compression none cannot be combined with --radix-cache-backend kvzip; drop one of them")
+    server_args = original(cls, args, *rest, **kwargs)
+    if mode == "kvzip":
+        setattr(server_args, SETTINGS_ATTR, settings.to_dict())
+    elif mode == "none":
+        setattr(server_args, SETTINGS_ATTR, None)  # explicit: environment variables do not apply
+    return server_args
+
+
+def _before_resolve_once(server_args: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE `ServerArgs.resolve_once(self)`: the environment variables (Engine users, or the CLI
+    without `--kv-compression`) and `radix_cache_backend="kvzip"` given directly. Runs while the record
+    is still writable; a no-op on records already resolved (e.g. the scheduler's pickled copy)."""
+    if getattr(server_args, "_resolution_finished", False) or getattr(server_args, "_resolution_failed", False):
+        return None
+    backend = getattr(server_args, "radix_cache_backend", None)
+    if SETTINGS_ATTR in getattr(server_args, "__dict__", {}):
+        if getattr(server_args, SETTINGS_ATTR) is None:
+            return None  # `--kv-compression none`
+        # `--kv-compression kvzip`: backend already set by from_cli_args
+        return None
+    settings = settings_from_env()  # ValueError naming the variable: fails at start
+    if settings is not None:
+        _check_backend(backend, f"{ENV_MODE}=kvzip")
+        if backend is None:
+            server_args.radix_cache_backend = BACKEND_NAME
+        setattr(server_args, SETTINGS_ATTR, settings.to_dict())
+        logger.info("kvzip-plugin: %s=kvzip -> --radix-cache-backend %s", ENV_MODE, BACKEND_NAME)
+    elif backend == BACKEND_NAME:
+        setattr(server_args, SETTINGS_ATTR, {})  # `--radix-cache-backend kvzip` alone: defaults
+    return None
+
+
+def settings_of(server_args: Any) -> KVCompressionSettings:
+    """The settings the kvzip cache of a server uses: those stored on its `ServerArgs` by the hooks,
+    else the environment variables, else the defaults."""
+    stored = getattr(server_args, SETTINGS_ATTR, None) if server_args is not None else None
+    if isinstance(stored, Mapping):
+        return KVCompressionSettings.from_dict(stored)
+    return settings_from_env() or KVCompressionSettings()
+
+
+# ---------------------------------------------------------------------------------------------
+# the radix-cache backend
+# ---------------------------------------------------------------------------------------------
+
+
+def unsupported_cache_reason(ctx: Any) -> str | None:
+    """Why KVzip cannot run with the cache SGLang is building (`TreeCacheBuildContext`), or None."""
+    if ctx.disable_radix_cache:
+        return "the radix cache is disabled (--disable-radix-cache)"
+    if ctx.is_hybrid_swa:
+        return "hybrid sliding-window models are not supported"
+    if ctx.is_hybrid_ssm:
+        return "models with Mamba state are not supported"
+    if ctx.is_dsa:
+        return "DSA (sparse attention) models are not supported"
+    if ctx.enable_hierarchical_cache:
+        return "the hierarchical cache (HiCache) is not supported"
+    return None
+
+
+def kvzip_radix_cache_factory(ctx: Any):
+    """The `kvzip` radix-cache backend: SGLang's default unified tree cache, as `KVzipRadixCache`.
+    Fails closed: where KVzip cannot work, or building it fails, SGLang's default cache is built."""
+    from sglang.srt.mem_cache.registry import create_unified_radix_cache, default_radix_cache_factory
+
+    reason = unsupported_cache_reason(ctx)
+    if reason is None:
+        try:
+            from kvzip_plugin.integrations.sglang.radix_cache import KVzipRadixCache
+
+            settings = settings_of(ctx.server_args)
+            return create_unified_radix_cache(ctx, cache_class=functools.partial(KVzipRadixCache, settings=settings))
+        except Exception as exc:
+            reason = f"building KVzipRadixCache failed: {exc!r}"
+    logger.warning("kvzip-plugin: %s; KV compression disabled, SGLang's default tree cache is used", reason)
+    return default_radix_cache_factory(ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def _register_backend() -> None:
+    from sglang.srt.mem_cache.registry import get_radix_cache_factory, register_radix_cache_backend
+
+    if get_radix_cache_factory(BACKEND_NAME) is kvzip_radix_cache_factory:
+        return
+    register_radix_cache_backend(BACKEND_NAME, kvzip_radix_cache_factory)  # ValueError if taken by another
+
+
+def _register_hooks() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType, _current_plugin_source
+
+    HookRegistry.register(HOOK_TARGETS["add_cli_args"], _after_add_cli_args, HookType.AFTER)
+    HookRegistry.register(HOOK_TARGETS["from_cli_args"], _around_from_cli_args, HookType.AROUND)
+    HookRegistry.register(HOOK_TARGETS["resolve_once"], _before_resolve_once, HookType.BEFORE)
+    if _current_plugin_source.get() is None:
+        # Called directly, not from load_plugins() (which applies every plugin's hooks after the last
+        # plugin ran): apply now. Targets already patched are skipped by HookRegistry.
+        HookRegistry.apply_hooks()
+
+
+def register() -> None:
+    """The `sglang.srt.plugins` entry point. Idempotent, re-entrant, never raises."""
+    with _lock:
+        if _state["done"]:
+            return
+        _state["done"] = True  # set first: a nested call (re-entrancy) returns at once
+        try:
+            version = _sglang_version()
+            reason = unsupported_reason(version)
+            if reason is not None:
+                _state["reason"] = reason
+                logger.warning("kvzip-plugin: %s; KV compression disabled, SGLang left unchanged", reason)
+                return
+            _register_backend()
+            _register_hooks()
+            _state["active"] = True
+            logger.info("kvzip-plugin: registered for SGLang %s (pid %d)", version, os.getpid())
+        except Exception as exc:  # fail closed: a plugin error must not take SGLang down
+            _state["reason"] = f"registration failed: {exc!r}"
+            logger.warning("kvzip-plugin: registration failed (%r); KV compression disabled", exc)
+
+
+def is_active() -> bool:
+    """True once `register()` has registered the backend and the hooks in this process."""
+    return bool(_state["active"])
