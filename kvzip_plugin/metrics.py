@@ -159,6 +159,12 @@ class PromMetrics:
             self.jobs_queued.labels(*lv).set(stats.jobs_queued)
         if stats.jobs_running is not None:
             self.jobs_running.labels(*lv).set(stats.jobs_running)
+        # histogram label sets exist from the first interval on (zero counts), so a rate() over the
+        # first observation sees it rise from 0 rather than appear
+        for hist in (self.achieved_ratio, self.scoring_seconds, self.compaction_seconds, self.scoring_to_prefill):
+            hist.labels(*lv)
+        for kind in ("compressed", "full"):
+            self.decode_step_seconds.labels(*lv, kind)
         for hist, values in ((self.achieved_ratio, stats.achieved_ratios),
                              (self.scoring_seconds, stats.scoring_seconds),
                              (self.compaction_seconds, stats.compaction_seconds),

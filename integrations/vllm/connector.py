@@ -204,7 +204,9 @@ class KVzipConnector(KVConnectorBase_V1):
 
     def get_kv_connector_stats(self) -> stats.KVzipConnectorStats | None:
         data = KVzipStats()
-        if self.disabled and not self._fallback_reported:
+        # each engine counts its fallback once: the scheduler half, or the worker half for a reason only
+        # the worker can see (its KV layout)
+        if self.disabled and not self._fallback_reported and (self.sched is not None or self.disabled == "kv_layout"):
             data.fallbacks[self.disabled] = 1
             self._fallback_reported = True
         if self.sched is not None and not self.disabled:

@@ -115,3 +115,16 @@ def test_gauges_in_prometheus_multiprocess_mode(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert 'vllm:kvzip_blocks_saved{engine="0",model_name="tiny"} 9.0' in out  # one series, no pid label
     assert 'vllm:kvzip_prefixes_compressed_total{engine="0",model_name="tiny"} 3.0' in out
+
+
+def test_histogram_series_exist_before_their_first_observation():
+    """rate() over a histogram must see the first observation as a rise from 0, so every label set
+    is exported (count 0) from the first interval on."""
+    reg = CollectorRegistry()
+    PromMetrics("vllm:", ["model_name", "engine"], registry=reg).observe(KVzipStats(), ["m", "0"])
+    text = generate_latest(reg).decode()
+    for line in ('vllm:kvzip_achieved_ratio_count{engine="0",model_name="m"} 0.0',
+                 'vllm:kvzip_scoring_to_prefill_ratio_count{engine="0",model_name="m"} 0.0',
+                 'vllm:kvzip_decode_step_seconds_count{engine="0",model_name="m",prefix="compressed"} 0.0',
+                 'vllm:kvzip_decode_step_seconds_count{engine="0",model_name="m",prefix="full"} 0.0'):
+        assert line in text, line

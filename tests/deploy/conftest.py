@@ -74,6 +74,21 @@ def metric_names(text: str) -> set[str]:
     return set(METRIC_RE.findall(text))
 
 
+def plugin_sample_names() -> set[str]:
+    """Every sample name `PromMetrics(prefix="vllm:")` can export."""
+    from prometheus_client import CollectorRegistry
+
+    from kvzip_plugin.metrics import KVzipStats, PromMetrics
+
+    reg = CollectorRegistry()
+    pm = PromMetrics("vllm:", ["model_name", "engine"], registry=reg)
+    pm.observe(KVzipStats(prefixes_compressed=1, blocks_saved=1, bytes_saved=1, jobs_queued=0, jobs_running=0,
+                          achieved_ratios=[0.5], scoring_seconds=[1.0], compaction_seconds=[0.1],
+                          scoring_to_prefill=[2.0], compressed_hits=1, decode_step_seconds_compressed=[0.01],
+                          decode_step_seconds_full=[0.02], fallbacks={"mla": 1}), ["m", "0"])
+    return {s.name for family in reg.collect() for s in family.samples}
+
+
 @pytest.fixture(scope="session")
 def deploy_tiny_model(tmp_path_factory):
     """The tiny random-weight Llama of the vLLM integration tests (no download), built once."""

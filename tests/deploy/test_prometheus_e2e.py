@@ -18,7 +18,10 @@ finite value over the load window; the dashboard's variable queries must list th
 instances; every rule must be healthy, every recording rule must have produced finite samples, every
 alert expression must evaluate; the fallback alert must be pending on the fallback server and no other
 alert may be active; and every `vllm:*` name in the dashboard and the rules must be among the names the
-two servers actually export. About 90 s on the 2-core CI machine, server start-up included.
+two servers actually export. About 80 s on the 2-core CI machine, server start-up included.
+
+`KVZIP_DEPLOY_DUMP=path.json` writes every panel's query results there (input of
+deploy/grafana/render_preview.py, which draws deploy/grafana/kvzip-vllm-preview.png).
 """
 
 from __future__ import annotations
@@ -139,11 +142,18 @@ def stack(deploy_tiny_model, tmp_path_factory):
                  f"--web.listen-address=127.0.0.1:{port_p}", "--log.level=warn"],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         a, b, p = (f"http://{t}" for t in (*targets, f"127.0.0.1:{port_p}"))
-        for name, url, proc in (("kvzip", a, procs[0]), ("fallback", b, procs[1])):
-            try:
-                loadgen.wait_healthy(url, timeout=300, alive=lambda proc=proc: proc.poll() is None)
-            except (RuntimeError, TimeoutError) as err:
-                pytest.fail(f"vLLM ({name}) did not start: {err}\n{logs[name].read_text()[-5000:]}")
+        for i, (name, url, port, caching) in enumerate((("kvzip", a, port_a, True), ("fallback", b, port_b, False))):
+            for attempt in (1, 2):  # one retry: an engine core rarely dies at start-up on a busy machine
+                try:
+                    loadgen.wait_healthy(url, timeout=300, alive=lambda i=i: procs[i].poll() is None)
+                    break
+                except (RuntimeError, TimeoutError) as err:
+                    log = logs[name].read_text()[-5000:]
+                    if attempt == 2 or isinstance(err, TimeoutError):
+                        pytest.fail(f"vLLM ({name}) did not start: {err}\n{log}")
+                    _stop(procs[i])
+                    (tmp / f"{name}-first-attempt.log").write_text(log)
+                    procs[i] = _start_vllm(deploy_tiny_model, port, logs[name], prefix_caching=caching)
         prom = Prom(p)
         deadline = time.monotonic() + 60
         while True:  # both targets scraped and up
@@ -162,7 +172,7 @@ def stack(deploy_tiny_model, tmp_path_factory):
 
 def _run_load(stack) -> tuple[float, float]:
     """The multi-tenant load; returns its (start, end) times (Prometheus clock = this machine's)."""
-    requests = loadgen.build_workload(tenants=8, questions=8, facts=4, seed=0)
+    requests = loadgen.build_workload(tenants=8, questions=8, facts=8, seed=0)
     # phase 1: tenants 0-3 (their prefixes get compressed); phase 2: tenants 0-3 again (other
     # questions: compressed prefixes) mixed with tenants 4-7 (new: full prefixes, then compressed)
     phase1 = [r for r in requests if r.tenant < 4 and r.question < 4]
@@ -194,7 +204,9 @@ def test_dashboard_and_rules_on_real_prometheus(stack):
     exported = set(kvzip_snap.samples) | set(fallback_snap.samples)
     dash = dashboard()
     rules = yaml.safe_load(RULES.read_text())
-    used = metric_names(json.dumps(dash)) | metric_names(RULES.read_text())
+    exprs = [q for _, _, q in panel_queries(dash)] + [v.get("query", "") for v in variables(dash).values()]
+    exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    used = set().union(*(metric_names(e) for e in exprs))
     problems += [f"{name} is used but no server exports it" for name in sorted(used - exported)]
 
     # ---- the dashboard's variables resolve to the model and both instances
@@ -210,9 +222,11 @@ def test_dashboard_and_rules_on_real_prometheus(stack):
     # ---- every panel query returns real data over the load window
     queries = panel_queries(dash)
     assert len(queries) >= 30
+    dump: dict[str, dict] = {}
     for title, ref, raw in queries:
         expr = substitute(raw, values)
         res = prom.query_range(expr, start - 2, end)
+        dump.setdefault(title, {})[ref] = res.get("data", {}).get("result", [])
         if res.get("status") != "success":
             problems.append(f"panel {title!r} {ref}: error {res.get('error')!r}: {expr}")
         elif not _finite_series(res):
@@ -244,7 +258,11 @@ def test_dashboard_and_rules_on_real_prometheus(stack):
     expected = ("KVzipCompressionFallback", fallback_instance, "prefix_caching_disabled")
     if not any(a[:3] == expected and a[3] in ("pending", "firing") for a in active):
         problems.append(f"KVzipCompressionFallback is not active on the fallback server: {active}")
-    unexpected = [a for a in active if a[0] not in ("KVzipCompressionFallback", "KVzipDecodeSlowerOnCompressedPrefixes")]
+    # the decode speedup of the tiny random model on a shared 2-core CPU is noise: that alert may be pending
+    allowed = ("KVzipCompressionFallback", "KVzipDecodeSlowerOnCompressedPrefixes")
+    unexpected = [a for a in active if a[0] not in allowed]
     problems += [f"unexpected active alert {a}" for a in unexpected]
 
+    if os.environ.get("KVZIP_DEPLOY_DUMP"):  # the data of deploy/grafana/kvzip-vllm-preview.png
+        Path(os.environ["KVZIP_DEPLOY_DUMP"]).write_text(json.dumps({"start": start - 2, "end": end, "panels": dump}))
     assert not problems, "\n".join(problems)
