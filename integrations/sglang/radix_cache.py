@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 import os
 
+from kvzip_plugin.integrations.sglang import KVCompressionSettings
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from kvzip_plugin.config import KVzipConfig
 from kvzip_plugin.detection import TriggerPolicy
-from kvzip_plugin.integrations.sglang import KVCompressionSettings
 
 logger = logging.getLogger("sglang.kvzip_plugin")
 
