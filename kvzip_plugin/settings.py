@@ -1,0 +1,120 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`--kv-compression*` settings shared by the engine integrations (vLLM, SGLang).
+
+One validation for every way a user sets them: CLI flags, `KVZIP_KV_COMPRESSION*` environment
+variables (for `LLM(...)` / `Engine(...)` users) and Python helpers. Every invalid value raises a
+ValueError naming the field (the pydantic models `KVzipConfig` and `TriggerPolicy` are the source of
+truth for the bounds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+MODES = ("none", "kvzip")
+
+ENV_MODE = "KVZIP_KV_COMPRESSION"
+ENV_RATIO = "KVZIP_KV_COMPRESSION_RATIO"
+ENV_MIN_PREFIX = "KVZIP_KV_COMPRESSION_MIN_PREFIX_TOKENS"
+ENV_MIN_HITS = "KVZIP_KV_COMPRESSION_MIN_HITS"
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCompressionSettings:
+    """What `--kv-compression kvzip` asks for (vLLM keeps it in `kv_connector_extra_config["kvzip"]`)."""
+
+    ratio: float | None = None
+    """Fraction of the prefix's KV pairs kept (`KVzipConfig.ratio`); None = KVzipConfig's default."""
+    min_prefix_tokens: int | None = None
+    """Shortest shared prefix that is compressed (`TriggerPolicy.min_prefix_tokens`); None = default."""
+    min_hits: int | None = None
+    """Requests that must hit a prefix before it is compressed (`TriggerPolicy.min_hits`); None = default."""
+
+    def to_extra_config(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> KVCompressionSettings:
+        data = dict(data or {})
+        return make_settings(data.get("ratio"), data.get("min_prefix_tokens"), data.get("min_hits"))
+
+
+def _first_error(exc: Exception) -> str:
+    """The readable part of a pydantic ValidationError (first error), else str(exc)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            loc = ".".join(str(p) for p in first.get("loc", ()))
+            return f"{loc}: {first.get('msg', exc)}" if loc else str(first.get("msg", exc))
+        except Exception:  # pragma: no cover - defensive
+            pass
+    return str(exc)
+
+
+def _validated(model: Any, field: str, value: Any) -> Any:
+    """`value` as the pydantic `model`'s `field` accepts it; ValueError naming the field otherwise."""
+    try:
+        return getattr(model(**{field: value}), field)
+    except Exception as exc:
+        raise ValueError(f"{_first_error(exc)} (got {value!r})") from None
+
+
+def validate_ratio(value: Any) -> float:
+    """A ratio accepted by `KVzipConfig.ratio` (in (0, 1]); raises ValueError naming the field."""
+    from kvzip_plugin.config import KVzipConfig
+
+    return float(_validated(KVzipConfig, "ratio", value))
+
+
+def validate_min_prefix_tokens(value: Any) -> int:
+    """A token count accepted by `TriggerPolicy.min_prefix_tokens` (>= 1)."""
+    from kvzip_plugin.detection import TriggerPolicy
+
+    return int(_validated(TriggerPolicy, "min_prefix_tokens", value))
+
+
+def validate_min_hits(value: Any) -> int:
+    """A hit count accepted by `TriggerPolicy.min_hits` (>= 1)."""
+    from kvzip_plugin.detection import TriggerPolicy
+
+    return int(_validated(TriggerPolicy, "min_hits", value))
+
+
+def make_settings(
+    ratio: Any = None, min_prefix_tokens: Any = None, min_hits: Any = None
+) -> KVCompressionSettings:
+    """Validated settings; raises ValueError naming the offending field."""
+    return KVCompressionSettings(
+        ratio=None if ratio is None else validate_ratio(ratio),
+        min_prefix_tokens=None if min_prefix_tokens is None else validate_min_prefix_tokens(min_prefix_tokens),
+        min_hits=None if min_hits is None else validate_min_hits(min_hits),
+    )
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> KVCompressionSettings | None:
+    """`KVZIP_KV_COMPRESSION=kvzip` (+ knobs) -> settings; unset or `none` -> None.
+    Invalid values raise ValueError naming the environment variable."""
+    env = os.environ if environ is None else environ
+    mode = env.get(ENV_MODE, "").strip().lower() or "none"
+    if mode not in MODES:
+        raise ValueError(f"{ENV_MODE}: invalid choice {mode!r} (choose from {', '.join(MODES)})")
+    if mode == "none":
+        return None
+    values: dict[str, Any] = {}
+    for var, key, check in (
+        (ENV_RATIO, "ratio", validate_ratio),
+        (ENV_MIN_PREFIX, "min_prefix_tokens", validate_min_prefix_tokens),
+        (ENV_MIN_HITS, "min_hits", validate_min_hits),
+    ):
+        raw = env.get(var, "").strip()
+        if not raw:
+            continue
+        try:
+            values[key] = check(raw)
+        except ValueError as exc:
+            raise ValueError(f"{var}: {exc}") from None
+    return KVCompressionSettings(**values)

@@ -1,0 +1,33 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The `--kv-compression*` settings shared by the engine integrations (no engine needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvzip_plugin.settings import KVCompressionSettings, make_settings, settings_from_env
+
+
+def test_valid_settings_and_round_trip():
+    s = make_settings("0.25", 512, "3")
+    assert s == KVCompressionSettings(ratio=0.25, min_prefix_tokens=512, min_hits=3)
+    assert KVCompressionSettings.from_dict(s.to_extra_config()) == s
+    assert make_settings().to_extra_config() == {}
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [({"ratio": 0}, "ratio"), ({"ratio": 1.5}, "ratio"),
+                                               ({"min_prefix_tokens": 0}, "min_prefix_tokens"),
+                                               ({"min_hits": "x"}, "min_hits")])
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        make_settings(**kwargs)
+
+
+def test_environment():
+    assert settings_from_env({}) is None and settings_from_env({"KVZIP_KV_COMPRESSION": "none"}) is None
+    s = settings_from_env({"KVZIP_KV_COMPRESSION": "KVzip", "KVZIP_KV_COMPRESSION_RATIO": "0.5"})
+    assert s == KVCompressionSettings(ratio=0.5)
+    with pytest.raises(ValueError, match="KVZIP_KV_COMPRESSION_MIN_HITS"):
+        settings_from_env({"KVZIP_KV_COMPRESSION": "kvzip", "KVZIP_KV_COMPRESSION_MIN_HITS": "0"})
+    with pytest.raises(ValueError, match="invalid choice"):
+        settings_from_env({"KVZIP_KV_COMPRESSION": "zip"})
