@@ -121,8 +121,17 @@ class KVzipConnector(KVConnectorBase_V1):
         if self.worker is None or self.disabled:
             return
         from vllm.config import get_layers_from_vllm_config
-        from vllm.model_executor.layers.attention.attention import Attention
 
+        try:
+            from vllm.model_executor.layers.attention.attention import Attention
+        except ImportError:  # older layout of the attention layer module
+            try:
+                from vllm.attention.layer import Attention  # type: ignore[no-redef]
+            except ImportError:
+                self.disabled = "attention_layer"
+                logger.warning("kvzip-plugin: vLLM's Attention layer class was not found; KV compression "
+                               "disabled on this worker")
+                return
         layers = get_layers_from_vllm_config(self._vllm_config, Attention, list(kv_caches))
         self.worker.register(kv_caches, layers)
         if self.worker.unsupported:
