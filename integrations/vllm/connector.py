@@ -55,6 +55,8 @@ from kvzip_plugin.metrics import KVzipStats
 logger = init_logger("vllm.kvzip_plugin.connector")
 
 _SCHEDULE_WRAPPED = "__kvzip_schedule__"
+WORKER_ONLY_REASONS = ("kv_layout", "attention_layer")
+"""Fallback reasons only a worker can see (its KV buffers, its layers): the worker half reports them."""
 
 
 def unsupported_reason(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> str | None:
@@ -215,7 +217,8 @@ class KVzipConnector(KVConnectorBase_V1):
         data = KVzipStats()
         # each engine counts its fallback once: the scheduler half, or the worker half for a reason only
         # the worker can see (its KV layout)
-        if self.disabled and not self._fallback_reported and (self.sched is not None or self.disabled == "kv_layout"):
+        reporter = self.sched is not None or self.disabled in WORKER_ONLY_REASONS
+        if self.disabled and not self._fallback_reported and reporter:
             data.fallbacks[self.disabled] = 1
             self._fallback_reported = True
         if self.sched is not None and not self.disabled:
