@@ -33,8 +33,11 @@ class KVCompressionSettings:
     min_hits: int | None = None
     """Requests that must hit a prefix before it is compressed (`TriggerPolicy.min_hits`); None = default."""
 
-    def to_extra_config(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """The values that were set (what an engine stores in its config and passes to its processes)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    to_extra_config = to_dict  # vLLM: `kv_connector_extra_config["kvzip"]`
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> KVCompressionSettings:

@@ -12,7 +12,12 @@ What it does on SGLang 0.5.23:
   `--radix-cache-backend kvzip` selects it. Its factory builds SGLang's default tree cache with the
   subclass `KVzipRadixCache` (radix_cache.py) through `create_unified_radix_cache(ctx, cache_class=...)`;
   where KVzip cannot work (radix cache disabled, hybrid SWA / Mamba models, DSA, HiCache) or the
-  construction fails, it logs one line and builds SGLang's default cache instead (fail closed);
+  construction fails, it logs one line, counts `sglang:kvzip_fallbacks_total{reason}` (with
+  `--enable-metrics`) and builds SGLang's default cache instead (fail closed). `KVzipRadixCache` detects
+  hot shared prefixes, scores them with internal requests inside SGLang's own batches, compacts them into
+  fresh KV slots and serves later requests from the compacted copy (radix_cache.py, capture.py, hooks.py;
+  DESIGN.md); features it cannot handle, found once the pools and the model exist, turn it into SGLang's
+  default cache the same way;
 * adds `--kv-compression {none,kvzip}`, `--kv-compression-ratio`, `--kv-compression-min-prefix-tokens`,
   `--kv-compression-min-hits` to `ServerArgs.add_cli_args` (`sglang serve`, `python -m
   sglang.launch_server`), through SGLang's `HookRegistry` (AFTER hook). Invalid values fail at parse
@@ -31,13 +36,26 @@ This module imports SGLang lazily (inside functions), so importing it never fail
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import logging
 import os
 import threading
 from collections.abc import Mapping
 from typing import Any, Literal
+
+from kvzip_plugin.settings import (  # re-exported: the cache, the hooks and the tests use them from here
+    ENV_MIN_HITS,
+    ENV_MIN_PREFIX,
+    ENV_MODE,
+    ENV_RATIO,
+    MODES,
+    KVCompressionSettings,
+    make_settings,
+    settings_from_env,
+    validate_min_hits,
+    validate_min_prefix_tokens,
+    validate_ratio,
+)
 
 # A child of SGLang's "sglang" logger name, so its lines look like SGLang's (root handler).
 logger = logging.getLogger("sglang.kvzip_plugin")
@@ -47,12 +65,7 @@ SUPPORTED_VERSION = (0, 5, 23)
 releases of it). Anything else: fail closed."""
 
 BACKEND_NAME = "kvzip"
-MODES = ("none", "kvzip")
-
-ENV_MODE = "KVZIP_KV_COMPRESSION"
-ENV_RATIO = "KVZIP_KV_COMPRESSION_RATIO"
-ENV_MIN_PREFIX = "KVZIP_KV_COMPRESSION_MIN_PREFIX_TOKENS"
-ENV_MIN_HITS = "KVZIP_KV_COMPRESSION_MIN_HITS"
+# MODES, ENV_* and the settings validation are shared with vLLM: kvzip_plugin.settings
 
 SETTINGS_ATTR = "_kvzip_settings"
 """Private (non-field) attribute of SGLang's `ServerArgs` holding the settings as a plain dict, or None
@@ -71,101 +84,6 @@ _state: dict[str, Any] = {"done": False, "active": False, "reason": None}
 # ---------------------------------------------------------------------------------------------
 # settings: validation shared by the CLI flags, the environment variables and Engine users
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class KVCompressionSettings:
-    """What `--kv-compression kvzip` asks for. None = the core's default (KVzipConfig / TriggerPolicy)."""
-
-    ratio: float | None = None
-    """Fraction of the prefix's KV pairs kept (`KVzipConfig.ratio`)."""
-    min_prefix_tokens: int | None = None
-    """Shortest shared prefix that is compressed (`TriggerPolicy.min_prefix_tokens`)."""
-    min_hits: int | None = None
-    """Requests that must hit a prefix before it is compressed (`TriggerPolicy.min_hits`)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> KVCompressionSettings:
-        data = dict(data or {})
-        return make_settings(data.get("ratio"), data.get("min_prefix_tokens"), data.get("min_hits"))
-
-
-def _first_error(exc: Exception) -> str:
-    """The readable part of a pydantic ValidationError (first error), else str(exc)."""
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        try:
-            first = errors()[0]
-            loc = ".".join(str(p) for p in first.get("loc", ()))
-            return f"{loc}: {first.get('msg', exc)}" if loc else str(first.get("msg", exc))
-        except Exception:  # pragma: no cover - defensive
-            pass
-    return str(exc)
-
-
-def _validated(model: Any, field: str, value: Any) -> Any:
-    try:
-        return getattr(model(**{field: value}), field)
-    except Exception as exc:
-        raise ValueError(f"{_first_error(exc)} (got {value!r})") from None
-
-
-def validate_ratio(value: Any) -> float:
-    """A ratio accepted by `KVzipConfig.ratio` (in (0, 1]); raises ValueError naming the field."""
-    from kvzip_plugin.config import KVzipConfig
-
-    return float(_validated(KVzipConfig, "ratio", value))
-
-
-def validate_min_prefix_tokens(value: Any) -> int:
-    """A token count accepted by `TriggerPolicy.min_prefix_tokens` (>= 1)."""
-    from kvzip_plugin.detection import TriggerPolicy
-
-    return int(_validated(TriggerPolicy, "min_prefix_tokens", value))
-
-
-def validate_min_hits(value: Any) -> int:
-    """A hit count accepted by `TriggerPolicy.min_hits` (>= 1)."""
-    from kvzip_plugin.detection import TriggerPolicy
-
-    return int(_validated(TriggerPolicy, "min_hits", value))
-
-
-def make_settings(ratio: Any = None, min_prefix_tokens: Any = None, min_hits: Any = None) -> KVCompressionSettings:
-    """Validated settings; raises ValueError naming the offending field."""
-    return KVCompressionSettings(
-        ratio=None if ratio is None else validate_ratio(ratio),
-        min_prefix_tokens=None if min_prefix_tokens is None else validate_min_prefix_tokens(min_prefix_tokens),
-        min_hits=None if min_hits is None else validate_min_hits(min_hits),
-    )
-
-
-def settings_from_env(environ: Mapping[str, str] | None = None) -> KVCompressionSettings | None:
-    """`KVZIP_KV_COMPRESSION=kvzip` (+ knobs) -> settings; unset or `none` -> None.
-    Invalid values raise ValueError naming the environment variable."""
-    env = os.environ if environ is None else environ
-    mode = env.get(ENV_MODE, "").strip().lower() or "none"
-    if mode not in MODES:
-        raise ValueError(f"{ENV_MODE}: invalid choice {mode!r} (choose from {', '.join(MODES)})")
-    if mode == "none":
-        return None
-    values: dict[str, Any] = {}
-    for var, key, check in (
-        (ENV_RATIO, "ratio", validate_ratio),
-        (ENV_MIN_PREFIX, "min_prefix_tokens", validate_min_prefix_tokens),
-        (ENV_MIN_HITS, "min_hits", validate_min_hits),
-    ):
-        raw = env.get(var, "").strip()
-        if not raw:
-            continue
-        try:
-            values[key] = check(raw)
-        except ValueError as exc:
-            raise ValueError(f"{var}: {exc}") from None
-    return KVCompressionSettings(**values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,36 +278,55 @@ def settings_of(server_args: Any) -> KVCompressionSettings:
 # ---------------------------------------------------------------------------------------------
 
 
+def unsupported_cache_check(ctx: Any) -> tuple[str, str] | None:
+    """Why KVzip cannot run with the cache SGLang is building (`TreeCacheBuildContext`): (metric reason
+    code, message), or None."""
+    if ctx.disable_radix_cache:
+        return "radix_cache_disabled", "the radix cache is disabled (--disable-radix-cache)"
+    if ctx.is_hybrid_swa:
+        return "hybrid_swa", "hybrid sliding-window models are not supported"
+    if ctx.is_hybrid_ssm:
+        return "hybrid_ssm", "models with Mamba state are not supported"
+    if ctx.is_dsa:
+        return "dsa", "DSA (sparse attention) models are not supported"
+    if ctx.enable_hierarchical_cache:
+        return "hicache", "the hierarchical cache (HiCache) is not supported"
+    return None
+
+
 def unsupported_cache_reason(ctx: Any) -> str | None:
     """Why KVzip cannot run with the cache SGLang is building (`TreeCacheBuildContext`), or None."""
-    if ctx.disable_radix_cache:
-        return "the radix cache is disabled (--disable-radix-cache)"
-    if ctx.is_hybrid_swa:
-        return "hybrid sliding-window models are not supported"
-    if ctx.is_hybrid_ssm:
-        return "models with Mamba state are not supported"
-    if ctx.is_dsa:
-        return "DSA (sparse attention) models are not supported"
-    if ctx.enable_hierarchical_cache:
-        return "the hierarchical cache (HiCache) is not supported"
-    return None
+    check = unsupported_cache_check(ctx)
+    return None if check is None else check[1]
 
 
 def kvzip_radix_cache_factory(ctx: Any):
     """The `kvzip` radix-cache backend: SGLang's default unified tree cache, as `KVzipRadixCache`.
-    Fails closed: where KVzip cannot work, or building it fails, SGLang's default cache is built."""
+    Fails closed: where KVzip cannot work, or building it fails, SGLang's default cache is built (one
+    warning line, `sglang:kvzip_fallbacks_total{reason}` with --enable-metrics). Features detected once the
+    pools and the model exist (speculative decoding, KV layouts, mrope, ...) are refused by
+    `KVzipRadixCache` itself, which then behaves as SGLang's default cache."""
     from sglang.srt.mem_cache.registry import create_unified_radix_cache, default_radix_cache_factory
 
-    reason = unsupported_cache_reason(ctx)
-    if reason is None:
+    check = unsupported_cache_check(ctx)
+    if check is None:
         try:
             from kvzip_plugin.integrations.sglang.radix_cache import KVzipRadixCache
 
             settings = settings_of(ctx.server_args)
-            return create_unified_radix_cache(ctx, cache_class=functools.partial(KVzipRadixCache, settings=settings))
+            cache_class = functools.partial(KVzipRadixCache, settings=settings, tp_worker=ctx.tp_worker,
+                                            server_args=ctx.server_args)
+            return create_unified_radix_cache(ctx, cache_class=cache_class)
         except Exception as exc:
-            reason = f"building KVzipRadixCache failed: {exc!r}"
+            check = ("build_failed", f"building KVzipRadixCache failed: {exc!r}")
+    code, reason = check
     logger.warning("kvzip-plugin: %s; KV compression disabled, SGLang's default tree cache is used", reason)
+    try:
+        from kvzip_plugin.integrations.sglang.radix_cache import report_fallback
+
+        report_fallback(code, bool(getattr(ctx.params, "enable_metrics", False)))
+    except Exception:  # pragma: no cover - never let metrics break the fallback
+        pass
     return default_radix_cache_factory(ctx)
 
 

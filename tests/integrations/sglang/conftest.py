@@ -12,3 +12,26 @@ def sglang_tiny_model_dir(tmp_path_factory):
     from tests.integrations.vllm.tiny_model import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("sglang_tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def sglang_baseline(sglang_tiny_model_dir, tmp_path_factory):
+    """SGLang without kvzip-plugin (`SGLANG_PLUGINS` names no installed plugin), float32: greedy outputs of
+    the step-1 prompts (scenarios.STEP1_PROMPTS) and of scenarios.SEQUENCE, shared by the end-to-end modules
+    (one server start)."""
+    from tests.integrations.sglang import harness, scenarios
+
+    harness.require_sglang()
+    log_path = tmp_path_factory.mktemp("sglang_baseline") / "server.log"
+    server = harness.SGLangServer(sglang_tiny_model_dir, "--dtype", "float32", log_path=log_path, plugins=False)
+    try:
+        outs = [server.generate(p, scenarios.STEP1_MAX_NEW) for p in scenarios.STEP1_PROMPTS]
+        sequence = scenarios.run_sequence(server, wait_job=False)
+    finally:
+        server.stop()
+    return {
+        "tokens": [o["output_ids"] for o in outs],
+        "cached": [o["meta_info"]["cached_tokens"] for o in outs],
+        "sequence": sequence,
+        "log": log_path.read_text(errors="replace"),
+    }

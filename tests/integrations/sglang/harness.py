@@ -130,11 +130,37 @@ class SGLangServer:
             time.sleep(1.0)
         raise TimeoutError(f"SGLang server not ready after {timeout:.0f} s:\n{self.log[-6000:]}")
 
-    def post(self, path: str, payload: dict, timeout: float = 120.0) -> dict | list:
+    def post(self, path: str, payload: dict, timeout: float = 120.0) -> dict | list | None:
         req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
+            body = resp.read()
+        return json.loads(body) if body.strip() else None
+
+    def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
+        """SGLang's `/abort_request` (one request id, or every request with `abort_all`)."""
+        self.post("/abort_request", {"rid": rid or "", "abort_all": abort_all})
+
+    def metrics(self) -> dict[str, float]:
+        """`/metrics` (`--enable-metrics`) as {"name{labels}": value}, comments dropped."""
+        out = {}
+        for line in self.get_text("/metrics").splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the series of `name` whose labels include `labels` (0.0 if none)."""
+        total = 0.0
+        for key, value in self.metrics().items():
+            base, _, rest = key.partition("{")
+            if base == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
+                total += value
+        return total
+
+    def log_offset(self) -> int:
+        return len(self.log)
 
     def get_text(self, path: str, timeout: float = 30.0) -> str:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:

@@ -363,3 +363,113 @@ def test_tokenizer_manager_ignores_unknown_rids():
 
     body = inspect.getsource(TokenizerManager)
     assert "Received output for {rid=} but the state was deleted in TokenizerManager." in body
+
+
+# --------------------------------------------------------------------------- step 2: what KVzipRadixCache relies on
+
+
+def test_hook_targets_of_the_compression_path():
+    """integrations/sglang/hooks.py: every target resolves, with the signature the hooks unpack."""
+    import pkgutil
+
+    from kvzip_plugin.integrations.sglang import hooks
+
+    for target in hooks.TARGETS.values():
+        obj_path, attr = target.rsplit(".", 1)
+        assert hasattr(pkgutil.resolve_name(obj_path), attr), target
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
+
+    assert params_of(Scheduler.on_idle) == ["self"]
+    assert params_of(Scheduler.send_abort_output)[:3] == ["self", "abort_req", "req"]
+    assert params_of(SchedulerOutputStreamer.stream_output)[:4] == ["self", "reqs", "return_logprob", "skip_req"]
+    for name in ("is_fully_idle", "init_req_max_new_tokens", "_add_request_to_queue"):
+        assert callable(getattr(Scheduler, name)), name
+    init = inspect.getsource(Scheduler)
+    assert "self.max_req_input_len" in init and "self.waiting_queue" in init and "self.chunked_req" in init
+
+
+def test_outputs_report_origin_input_ids_and_cached_tokens():
+    """The output hook shows logical `origin_input_ids` / `cached_tokens` of requests on compacted prefixes
+    while SGLang builds their output; detokenization reads `origin_input_ids_unpadded`, which keeps the
+    logical ids (the adoption assigns a new `origin_input_ids` array)."""
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.managers.scheduler_components import output_streamer
+
+    body = inspect.getsource(output_streamer)
+    assert "prompt_tokens.append(len(req.origin_input_ids))" in body
+    assert "cached_tokens.append(req.cached_tokens)" in body and '"device": req.cached_tokens_device' in body
+    init = src(Req.__init__)
+    assert " ".join(init.split()).count(
+        "origin_input_ids_unpadded if origin_input_ids_unpadded else self.origin_input_ids") == 1
+    assert "self.read_offset = len(self.origin_input_ids_unpadded)" in src(Req.init_incremental_detokenize)
+    assert "full_untruncated_fill_ids = self.origin_input_ids + self.output_ids" in src(Req.refresh_fill_ids)
+
+
+def test_request_prefix_lifecycle():
+    """An adopted request: prefix_len = P from match_prefix, cache_protected_len = prefix_len, admission locks
+    `req.last_node` (the compacted entry's handle) through `tree_cache.lock`, the prefix slots come from
+    `prefix_device_indices`, release frees only `[cache_protected_len, owned)` and unlocks."""
+    from sglang.srt.managers import schedule_policy
+    from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+    from sglang.srt.mem_cache import common
+
+    assert "self.kv.cache_protected_len = self.prefix_len" in src(Req.init_next_round_input)
+    adder = schedule_policy.PrefillAdder
+    assert "req.lock = self.tree_cache.lock(req.last_node)" in src(adder._commit_prefill_admission)
+    assert "lock = self.tree_cache.lock(last_node)" in src(schedule_policy.PrefillAdder._lock_node)
+    release = src(common.release_kv_cache)
+    assert "tree_cache.free_kv_row(req.kv, [(req.kv.cache_protected_len, owned_kv_len)])" in release
+    assert "tree_cache.unlock(req.lock)" in release and "tree_cache.on_release(req" in release
+    extend = src(ScheduleBatch.prepare_for_extend)
+    assert "new_cached = pre_len - req.already_computed" in extend and "req.cached_tokens += new_cached" in extend
+    assert "logprob_start_len = len(req.origin_input_ids)" in extend
+    assert "self.logprob_start_len" in src(Req._compute_max_prefix_len)
+    abort = src(__import__("sglang.srt.managers.scheduler", fromlist=["Scheduler"]).Scheduler.abort_request)
+    assert "req = self.waiting_queue.pop(i)" in abort and "self.send_abort_output(" in abort
+
+
+def test_runners_copy_the_forward_batch():
+    """The eager runner runs the model on `dataclasses.replace(...)` of the ForwardBatch init_new returned
+    (positions copied into static buffers): the capture plan is matched by `extend_seq_lens_cpu`, a
+    non-buffer field the copy carries by reference; positions must be final when init_new returns."""
+    from sglang.srt.model_executor import cuda_graph_buffer_registry as reg
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+    from sglang.srt.model_executor.runner import eager_runner
+
+    assert "dataclasses.replace(forward_batch_template, **replace_kwargs)" in src(
+        reg.CudaGraphBufferRegistry.extract_buffer)
+    execute_extend = src(eager_runner.EagerRunner._execute_extend)
+    assert "forward_batch = self.load_batch(forward_batch, pp_proxy_tensors)" in execute_extend
+    names = {f.name for f in dataclasses.fields(ForwardBatch)}
+    assert {"extend_seq_lens_cpu", "extend_prefix_lens_cpu", "positions", "forward_mode"} <= names
+
+
+def test_radix_attention_attributes_and_pool_buffers(pools):
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    layer = RadixAttention(num_heads=4, head_dim=8, scaling=0.35, num_kv_heads=2, layer_id=3)
+    for name in ("tp_q_head_num", "tp_k_head_num", "qk_head_dim", "v_head_dim", "scaling", "layer_id",
+                 "sliding_window_size", "logit_cap", "is_cross_attention"):
+        assert hasattr(layer, name), name
+    kv, alloc, _ = pools
+    assert kv._get_value_buffer(1).data_ptr() == kv.v_buffer[1].data_ptr()
+    assert kv.use_hnd is False  # NHD by default (SGLANG_USE_HND_KVCACHE unset); HND is refused (fail closed)
+    free = alloc.get_all_free_pages()
+    assert free is not None and len(free) == alloc.available_size()
+
+
+def test_unified_radix_cache_overridden_methods():
+    from sglang.srt.mem_cache.base_prefix_cache import DecLockRefParams, MatchResult, TreeLock
+    from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+    assert params_of(UnifiedRadixCache._evict) == ["self", "params", "available_size_targets",
+                                                    "allocation_reclaim_satisfied"]
+    for name in ("evictable_size", "protected_size", "full_evictable_size", "full_protected_size", "reset",
+                 "is_root", "dfs_weight_order", "init_metrics_collector", "on_release"):
+        assert callable(getattr(UnifiedRadixCache, name)), name
+    assert [f.name for f in dataclasses.fields(TreeLock)][:2] == ["node", "receipt"]
+    DecLockRefParams()
+    assert {"device_prefix_len", "last_device_node", "last_host_node", "best_match_node", "full_kv_hit_length",
+            "cache_actions"} <= set(MatchResult._fields)
+    assert "return self.tree_core.empty_match_result" in src(UnifiedRadixCache._match_tree)

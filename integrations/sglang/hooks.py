@@ -1,0 +1,100 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Runtime hooks of KVzip in SGLang's scheduler process, applied through SGLang's `HookRegistry` when the
+first `KVzipRadixCache` is built (so other processes, and servers without `--kv-compression kvzip`, are
+never patched):
+
+* `Scheduler.on_idle` (AFTER): pump the jobs when no batch runs (`KVzipRadixCache.kvzip_pump`);
+* `ForwardBatch.init_new` (AFTER): logical positions of requests on compacted prefixes (`+ L - P`), and the
+  capture plan of scoring rows (`KVzipRadixCache.on_forward_batch`);
+* `SchedulerOutputStreamer.stream_output` (AROUND): outputs of the internal `kvzip-score-*` requests are dropped;
+  requests on compacted prefixes are reported with their logical `prompt_tokens` / `cached_tokens`;
+* `Scheduler.send_abort_output` (AROUND): no abort message for internal scoring requests (the
+  TokenizerManager does not know them).
+
+Each hook looks the cache up at call time and does nothing without an active one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+logger = logging.getLogger("sglang.kvzip_plugin")
+
+TARGETS = {
+    "on_idle": "sglang.srt.managers.scheduler.Scheduler.on_idle",
+    "init_new": "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
+    "stream_output": "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output",
+    "send_abort_output": "sglang.srt.managers.scheduler.Scheduler.send_abort_output",
+}
+
+_lock = threading.Lock()
+_installed: list[bool] = []
+
+
+def _cache_of(scheduler: Any):
+    from kvzip_plugin.integrations.sglang.radix_cache import KVzipRadixCache
+
+    cache = getattr(scheduler, "tree_cache", None)
+    if isinstance(cache, KVzipRadixCache) and not cache.kvzip_disabled:
+        return cache
+    return None
+
+
+def _after_on_idle(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    cache = _cache_of(scheduler)
+    if cache is not None:
+        cache.kvzip_pump(scheduler, idle=True)
+    return None
+
+
+def _after_init_new(result: Any, cls: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+    from kvzip_plugin.integrations.sglang.radix_cache import active_cache
+
+    cache = active_cache()
+    if cache is not None and result is not None:
+        cache.on_forward_batch(result, batch)
+    return None
+
+
+def _around_stream_output(original, streamer: Any, reqs, *args: Any, **kwargs: Any):
+    from kvzip_plugin.integrations.sglang.radix_cache import KVzipRadixCache, active_cache, is_scoring_rid
+
+    if active_cache() is None:
+        return original(streamer, reqs, *args, **kwargs)
+    kept = [r for r in reqs if not is_scoring_rid(r.rid)]
+    if not kept:
+        return None
+    saved = KVzipRadixCache.logical_view(kept)
+    try:
+        return original(streamer, kept, *args, **kwargs)
+    finally:
+        KVzipRadixCache.physical_view(saved)
+
+
+def _around_send_abort_output(original, scheduler: Any, abort_req: Any, req: Any, *args: Any, **kwargs: Any):
+    from kvzip_plugin.integrations.sglang.radix_cache import is_scoring_rid
+
+    if req is not None and is_scoring_rid(getattr(req, "rid", None)):
+        return None
+    return original(scheduler, abort_req, req, *args, **kwargs)
+
+
+def install() -> None:
+    """Register and apply the hooks (once per process)."""
+    with _lock:
+        if _installed:
+            return
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+        HookRegistry.register(TARGETS["on_idle"], _after_on_idle, HookType.AFTER)
+        HookRegistry.register(TARGETS["init_new"], _after_init_new, HookType.AFTER)
+        HookRegistry.register(TARGETS["stream_output"], _around_stream_output, HookType.AROUND)
+        HookRegistry.register(TARGETS["send_abort_output"], _around_send_abort_output, HookType.AROUND)
+        HookRegistry.apply_hooks()
+        missing = [t for t in TARGETS.values() if t not in HookRegistry._patched]
+        if missing:
+            raise RuntimeError(f"hooks not applied: {missing}")
+        _installed.append(True)
+        logger.info("kvzip-plugin: scheduler hooks applied")

@@ -1,0 +1,314 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`--kv-compression kvzip` compressing inside the real SGLang 0.5.23 server (CPU, tiny random Llama,
+float32). Two servers:
+
+* `kvzip` (ratio 0.5, trigger 64 tokens / 2 hits, `--page-size 16`, `--chunked-prefill-size 128`,
+  `--max-running-requests 2`, `--max-total-tokens 1024`, `KVZIP_DUMP_DIR`, `--enable-metrics`, SGLang's
+  strict pool checks after every busy step and KV page invariants): the sequence of scenarios.py (r1
+  triggers the job; r2..r5 run on the compacted prefix), then a cancelled job, then random requests /
+  aborts / compactions / evictions (~70 s);
+* `fault` (`KVZIP_FAULT_INJECTION=compaction`, page size 1): every compaction fails and is rolled back.
+
+What the server does is read from the server: responses (`meta_info`), its scheduler log (`Decode batch,
+#token: N` = KV slots in use), `/metrics`, and the cache's own dumps (`job-<id>.pt`: kept tokens, `state.json`:
+pool accounting when idle).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integrations.sglang import harness, scenarios
+
+harness.require_sglang()
+
+from kvzip_plugin.hf.attention import install  # noqa: E402
+from kvzip_plugin.hf.cache import KVzipCache, compact  # noqa: E402
+from kvzip_plugin.types import EvictionPlan  # noqa: E402
+
+PAGE = 16  # the kvzip server's --page-size: prefixes, compacted slots and evictions are whole pages
+L = scenarios.PREFIX_LEN // PAGE * PAGE  # the shared 200 tokens hit as 12 pages (192 tokens)
+P = L // 2
+CHUNK = 128  # the kvzip server's --chunked-prefill-size: the scoring request's repeat input is prefilled in 2 steps
+LABELS = {"cache_type": "UnifiedRadixCache", "tp_rank": "0", "pp_rank": "0", "dp_rank": "0"}
+STRICT = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1", "SGLANG_CHECK_KV_PAGE_INVARIANTS": "1"}
+
+
+def _server(model_dir, tmp_path_factory, name: str, *args: str, **env: str):
+    root = tmp_path_factory.mktemp(f"sglang_{name}")
+    dump = root / "dump"
+    server = harness.SGLangServer(
+        model_dir, "--dtype", "float32", "--kv-compression", "kvzip", *scenarios.KVZIP_TRIGGER, "--enable-metrics",
+        "--decode-log-interval", "1", *args, log_path=root / "server.log",
+        env={"KVZIP_DUMP_DIR": str(dump), **STRICT, **env})
+    server.dump_dir = dump
+    return server
+
+
+@pytest.fixture(scope="module")
+def kvzip_server(sglang_tiny_model_dir, tmp_path_factory):
+    server = _server(sglang_tiny_model_dir, tmp_path_factory, "kvzip", "--kv-compression-ratio", "0.5",
+                     "--max-running-requests", "2", "--max-total-tokens", "1024", "--page-size", str(PAGE),
+                     "--chunked-prefill-size", str(CHUNK))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def kvzip_seq(kvzip_server):
+    before = scenarios.state_seq(kvzip_server.dump_dir)
+    seq = scenarios.run_sequence(kvzip_server)
+    seq["state"] = scenarios.read_state(kvzip_server.dump_dir, after=before)
+    seq["metrics"] = kvzip_server.metrics()
+    return seq
+
+
+def _adopted(seq: dict) -> list[dict]:
+    return seq["requests"][2:]
+
+
+def _metric(metrics: dict, name: str, **labels: str) -> float:
+    want = {**LABELS, **labels}
+    total = 0.0
+    for key, value in metrics.items():
+        base, _, rest = key.partition("{")
+        if base == name and all(f'{k}="{v}"' in rest for k, v in want.items()):
+            total += value
+    return total
+
+
+def test_compacted_prefix_is_hit_with_fewer_slots(kvzip_server, kvzip_seq, sglang_baseline):
+    log = kvzip_server.log
+    assert f"kvzip-plugin: job 0 committed: {L} -> {P} tokens ({L - P} slots saved)" in log
+    base = sglang_baseline["sequence"]["requests"]
+    for r, b in zip(kvzip_seq["requests"], base, strict=True):
+        # SGLang reports logical numbers: the prompt as sent, the cached prefix (whole pages here)
+        assert r["prompt_tokens"] == b["prompt_tokens"], r["id"]
+        assert r["cached_tokens"] == (0 if r["id"] == "r0" else L), r["id"]
+    for r in kvzip_seq["requests"][:2]:  # before the compaction: the full prefix is in use
+        assert r["decode_tokens"] and min(r["decode_tokens"]) > L, r
+    for r, sfx in zip(_adopted(kvzip_seq), kvzip_seq["suffixes"][2:], strict=True):
+        # the scheduler's own count of KV slots in use while the request decodes alone: the P compacted
+        # slots + the pages of its own tokens (the prefix's last 8 tokens, its suffix, its outputs)
+        own = scenarios.PREFIX_LEN - L + len(sfx)
+        assert len(r["decode_tokens"]) >= scenarios.MAX_NEW - 2, r
+        assert all(P + own < n <= P + -(-(own + scenarios.MAX_NEW) // PAGE) * PAGE < L for n in r["decode_tokens"]), r
+    # requests on the compacted prefix see other KV, so (random model) their outputs change
+    assert any(r["tokens"] != b["tokens"] for r, b in zip(_adopted(kvzip_seq), base[2:], strict=True))
+    # idle: one compacted prefix of P slots, unpinned; SGLang's pool invariant holds with it as evictable
+    state = kvzip_seq["state"]
+    assert [(e["L"], e["P"], e["refs"]) for e in state["compacted"]] == [(L, P, 0)]
+    assert state["available"] + state["tree_evictable"] + P == state["total"] and state["tree_protected"] == 0
+    assert state["compacted_slots_in_free_pool"] == 0 and state["jobs_live"] == 0
+
+
+def test_metrics(kvzip_seq):
+    m = kvzip_seq["metrics"]
+    assert _metric(m, "sglang:kvzip_prefixes_compressed_total") == 1
+    assert _metric(m, "sglang:kvzip_jobs_total", outcome="submitted") == 1
+    assert _metric(m, "sglang:kvzip_jobs_total", outcome="committed") == 1
+    assert _metric(m, "sglang:kvzip_jobs_total", outcome="failed") == 0
+    assert _metric(m, "sglang:kvzip_compressed_prefix_hits_total") == len(_adopted(kvzip_seq))
+    assert _metric(m, "sglang:kvzip_blocks_saved") == (L - P) // PAGE  # pages
+    assert _metric(m, "sglang:kvzip_bytes_saved") == (L - P) * 2 * 2 * 2 * 64 * 4  # K+V, 2 layers, 2 heads, fp32
+    assert _metric(m, "sglang:kvzip_jobs_running") == 0 and _metric(m, "sglang:kvzip_jobs_queued") == 0
+    assert _metric(m, "sglang:kvzip_achieved_ratio_count") == 1 and _metric(m, "sglang:kvzip_achieved_ratio_sum") == 0.5
+    assert _metric(m, "sglang:kvzip_scoring_seconds_count") == 1
+    assert _metric(m, "sglang:kvzip_compaction_seconds_count") == 1
+    assert _metric(m, "sglang:kvzip_decode_step_seconds_count", prefix="compressed") >= 4 * (scenarios.MAX_NEW - 2)
+    assert _metric(m, "sglang:kvzip_decode_step_seconds_count", prefix="full") > 0
+    # SGLang's own radix-cache series keep their label (the plugin reports as UnifiedRadixCache)
+    assert not any('cache_type="KVzipRadixCache"' in k for k in m)
+
+
+def _reference_logprobs(model, prefix: list[int], n_protected: int, kept: torch.Tensor | None,
+                        rest: list[int], generated: list[int]) -> tuple[list[float], list[int]]:
+    """Teacher-forced transformers run on `prefix[:L]` (compacted to `kept` when given), then
+    `rest + generated`; logprob of each generated token and the argmax at each step."""
+    with torch.no_grad():
+        out = model(torch.tensor([prefix[:L]]), use_cache=True)
+        cache = KVzipCache.from_dynamic(out.past_key_values)
+        if kept is not None:
+            n_layers, n_heads, _ = kept.shape
+            keep = torch.zeros(n_layers, n_heads, L - n_protected, dtype=torch.bool)
+            for layer in range(n_layers):
+                for head in range(n_heads):
+                    ctx = kept[layer, head]
+                    keep[layer, head, ctx[ctx >= n_protected] - n_protected] = True
+            cache = compact(cache, EvictionPlan(keep, "head", tuple(range(n_layers))), n_protected)
+        ids = rest + generated[:-1]
+        logits = model(torch.tensor([ids]), past_key_values=cache.view(), use_cache=True).logits[0].float()
+    logp = torch.log_softmax(logits[len(rest) - 1:], dim=-1)
+    return [float(logp[i, t]) for i, t in enumerate(generated)], logp.argmax(-1).tolist()
+
+
+def test_outputs_on_compacted_prefix_equal_transformers_reference(kvzip_server, kvzip_seq, sglang_tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    dump = torch.load(Path(kvzip_server.dump_dir) / "job-0.pt")
+    kept = dump["kept_tokens"]  # [layers, H_kv, P]
+    assert dump["prefix_len"] == L and kept.shape[-1] == P and dump["prefix_ids"] == kvzip_seq["prefix"][:L]
+    assert len({tuple(kept[0, h].tolist()) for h in range(kept.shape[1])}) > 1  # heads keep different tokens
+    model = AutoModelForCausalLM.from_pretrained(sglang_tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    install(model.eval())  # KVzipCache's per-head physical slots need KVzip's attention wrapper
+    prefix, gaps = kvzip_seq["prefix"], []
+    for r, sfx in zip(_adopted(kvzip_seq), kvzip_seq["suffixes"][2:], strict=True):
+        # the prefix's last (partial-page) tokens and the suffix at logical positions L, L+1, ... after the
+        # kept pairs at their original positions
+        rest = prefix[L:] + sfx
+        ref_lp, ref_argmax = _reference_logprobs(model, prefix, dump["n_protected"], kept, rest, r["tokens"])
+        assert ref_argmax == r["tokens"], r["id"]
+        assert max(abs(a - b) for a, b in zip(ref_lp, r["logprobs"], strict=True)) < 1e-4, r["id"]
+        full_lp, _ = _reference_logprobs(model, prefix, dump["n_protected"], None, rest, r["tokens"])
+        gaps.append(max(abs(a - b) for a, b in zip(full_lp, r["logprobs"], strict=True)))
+    assert gaps and max(gaps) > 1e-2  # the comparison can fail: the full cache gives other logprobs
+
+
+def test_scores_equal_the_transformers_scoring_pass(kvzip_server, kvzip_seq, sglang_tiny_model_dir):
+    """The scores captured inside SGLang (from the paged pool, over two chunked-prefill steps of the repeat
+    input) equal KVzipCompressor.score's on the same prefix, per (layer, KV head, context token)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvzip_plugin.hf.cache import KVzipCache as Cache
+    from kvzip_plugin.hf.compressor import KVzipCompressor
+    from kvzip_plugin.hf.template import ContextLayout, template_parts
+
+    dump = torch.load(Path(kvzip_server.dump_dir) / "job-0.pt")
+    tok = AutoTokenizer.from_pretrained(sglang_tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(sglang_tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    comp = KVzipCompressor(model, tok)
+    n_p, ids = dump["n_protected"], kvzip_seq["prefix"][:L]
+    layout = ContextLayout(tuple(ids[:n_p]), tuple(ids[n_p:]), template_parts(tok).postfix_ids)
+    repeat_len = sum(len(c) for c in [layout.postfix_ids]) + L - n_p
+    assert repeat_len > CHUNK  # the server prefilled the scoring request's repeat input in several steps
+    ref = comp.score(layout, Cache.from_dynamic(comp.prefill(layout.input_ids))).scores
+    assert ref.shape == dump["scores"].shape
+    torch.testing.assert_close(dump["scores"], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cancelled_job_rolls_back(kvzip_server, kvzip_seq):
+    """A job whose scoring request is aborted (`/abort_request` with abort_all) while it waits for a batch
+    slot (`--max-running-requests 2`, both taken by long requests) is cancelled: nothing is compacted, the
+    prefix stays in the tree, later requests get SGLang's usual hit."""
+    server = kvzip_server
+    prefix = scenarios.prefix_ids(seed=1)
+    first = scenarios.generate(server, prefix + [71, 72, 73])
+    cancelled0 = server.metric("sglang:kvzip_jobs_total", outcome="cancelled")
+    start, before = server.log_offset(), scenarios.state_seq(server.dump_dir)
+    threads = [threading.Thread(target=scenarios.generate, args=(server, ids, 300), kwargs={"logprobs": False})
+               for ids in (scenarios.prefix_ids(seed=9, n=40), prefix + [81, 82])]
+    threads[0].start()  # an unrelated long request takes the first batch slot
+    assert scenarios.wait_for_log(server, r"Decode batch, #running-req: 1,", timeout=60, start=start)
+    threads[1].start()  # the second hit on the prefix queues a job and takes the second slot
+    try:
+        # logged when the scoring request is queued, behind two requests with ~290 decode steps left
+        scoring = scenarios.wait_for_log(server, r"kvzip-plugin: job (\d+) scoring", timeout=60, start=start)
+        assert scoring, server.log[-3000:]
+    finally:
+        server.abort(abort_all=True)
+        for t in threads:
+            t.join(120)
+    job = scoring.group(1)
+    assert scenarios.wait_for_log(server, rf"kvzip-plugin: job {job} cancelled: scoring request "
+                                          rf"kvzip-score-{job}-0 was aborted", timeout=30, start=start)
+    state = scenarios.read_state(server.dump_dir, after=before)
+    assert state["jobs_live"] == 0 and [e["L"] for e in state["compacted"]] == [L]  # the sequence's prefix only
+    assert state["scoring_targets"] == 0 and state["tree_protected"] == 0
+    assert server.metric("sglang:kvzip_jobs_total", outcome="cancelled") == cancelled0 + 1
+    again = scenarios.generate(server, prefix + [71, 72, 73])
+    # SGLang's own hit (all but the last token, in whole pages): the tree untouched
+    assert again["meta_info"]["cached_tokens"] == (len(prefix) + 2) // PAGE * PAGE
+    assert again["output_ids"] == first["output_ids"]
+
+
+def test_no_slot_leaks_after_random_requests_aborts_and_compactions(kvzip_server, kvzip_seq):
+    """Random concurrent requests on three prefixes (one compacted already, two compacted during the run),
+    random aborts, then one long request that forces SGLang to evict the tree and the compacted prefixes.
+    SGLang's strict pool checks run after every busy step (STRICT) and at idle; the cache's idle dump must
+    account for every slot and keep no compacted slot in the free pool."""
+    server = kvzip_server
+    rng = random.Random(0)
+    before = scenarios.state_seq(server.dump_dir)
+    prefixes = [scenarios.prefix_ids(seed) for seed in (0, 2, 3)]
+    errors: list[str] = []
+    threads, live = [], []
+
+    def run(rid: str, ids: list[int], n: int) -> None:
+        try:
+            scenarios.generate(server, ids, n, logprobs=False, rid=rid)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(f"{rid}: {exc!r}")
+
+    aborted = 0
+    for op in range(50):
+        if rng.random() < 0.6 or not live:
+            rid = f"churn-{op}-{uuid.uuid4().hex[:6]}"
+            ids = rng.choice(prefixes) + [rng.randrange(50, 450) for _ in range(rng.randrange(1, 40))]
+            t = threading.Thread(target=run, args=(rid, ids, rng.randrange(2, 30)))
+            t.start()
+            threads.append(t)
+            live.append(rid)
+        else:
+            server.abort(live.pop(rng.randrange(len(live))))
+            aborted += 1
+        time.sleep(rng.random() * 0.1)
+    for t in threads:
+        t.join(180)
+    assert not errors and aborted >= 5
+    state = scenarios.read_state(server.dump_dir, after=before)
+    assert len(state["compacted"]) >= 2 and state["jobs_live"] == 0, state  # more prefixes compacted meanwhile
+    hits_before = server.metric("sglang:kvzip_compressed_prefix_hits_total")
+    assert hits_before > len(_adopted(kvzip_seq))
+    # a prompt longer than what is free + the tree's evictable part: SGLang must evict compacted prefixes
+    total, free = state["total"], state["available"] + state["tree_evictable"]
+    long_prompt = [rng.randrange(50, 450) for _ in range(min(free + 60, 1000))]
+    scenarios.generate(server, long_prompt, 4, logprobs=False)
+    after = scenarios.read_state(server.dump_dir, after=state["seq"])
+    assert len(after["compacted"]) < len(state["compacted"])
+    for s in (state, after):
+        assert all(e["refs"] == 0 for e in s["compacted"]) and s["tree_protected"] == 0
+        assert s["available"] + s["tree_evictable"] + sum(e["P"] for e in s["compacted"]) == total
+        assert s["compacted_slots_in_free_pool"] == 0 and s["scoring_targets"] == 0
+    log = server.log
+    assert "Leak" not in log and "leak detected" not in log and "double free" not in log
+    assert server.proc.poll() is None
+
+
+@pytest.fixture(scope="module")
+def fault_seq(sglang_tiny_model_dir, tmp_path_factory):
+    server = _server(sglang_tiny_model_dir, tmp_path_factory, "fault", "--kv-compression-ratio", "0.5",
+                     KVZIP_FAULT_INJECTION="compaction")
+    try:
+        before = scenarios.state_seq(server.dump_dir)
+        seq = scenarios.run_sequence(server)
+        seq["state"] = scenarios.read_state(server.dump_dir, after=before)
+        seq["metrics"] = server.metrics()
+        seq["log"] = server.log
+    finally:
+        server.stop()
+    return seq
+
+
+def test_failed_job_leaves_the_cache_as_it_was(fault_seq, sglang_baseline):
+    base = sglang_baseline["sequence"]["requests"]
+    m, state = fault_seq["metrics"], fault_seq["state"]
+    assert "kvzip-plugin: job 0 failed: RuntimeError: fault injected (KVZIP_FAULT_INJECTION=compaction)" in \
+        fault_seq["log"]
+    assert _metric(m, "sglang:kvzip_jobs_total", outcome="failed") >= 1
+    assert _metric(m, "sglang:kvzip_jobs_total", outcome="committed") == 0
+    assert _metric(m, "sglang:kvzip_compressed_prefix_hits_total") == 0
+    for r, b in zip(fault_seq["requests"], base, strict=True):
+        assert r["tokens"] == b["tokens"] and r["logprobs"] == b["logprobs"], r["id"]
+        assert (r["prompt_tokens"], r["cached_tokens"]) == (b["prompt_tokens"], b["cached_tokens"]), r["id"]
+    # every slot is free or in the tree again: the destination slots were freed, the tree lock released
+    assert state["compacted"] == [] and state["jobs_live"] == 0 and state["scoring_targets"] == 0
+    assert state["available"] + state["tree_evictable"] == state["total"] and state["tree_protected"] == 0

@@ -1,0 +1,224 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`KVzipRadixCache` in this process, on SGLang 0.5.23's real pools, allocator and unified radix tree (no
+model, no server): fail-closed checks, the accounting of compacted prefixes (SGLang's pool invariant),
+their eviction, adoption (physical ids / logical positions) and its undo. The end-to-end behaviour is in
+test_e2e_kvzip.py."""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from types import SimpleNamespace
+
+import pytest
+
+from tests.integrations.sglang import harness
+
+harness.require_sglang()
+
+import torch  # noqa: E402
+from kvzip_plugin.integrations.sglang import radix_cache as rc  # noqa: E402
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams  # noqa: E402
+from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
+
+from kvzip_plugin.metrics import KVzipStats  # noqa: E402
+
+
+@pytest.fixture()
+def pools():
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+    kv = MHATokenToKVPool(size=64, page_size=1, dtype=torch.float32, head_num=2, head_dim=8, layer_num=2,
+                          device="cpu", enable_memory_saver=False)
+    alloc = TokenToKVPoolAllocator(64, torch.float32, "cpu", kv, need_sort=False)
+    req_to_token = ReqToTokenPool(size=4, max_context_len=64, device="cpu", enable_memory_saver=False)
+    return kv, alloc, req_to_token
+
+
+def _cache(pools, server_args=None, core: str = "rust") -> rc.KVzipRadixCache:
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.unified_cache.components import ComponentType
+
+    kv, alloc, req_to_token = pools
+    params = CacheInitParams(disable=False, req_to_token_pool=req_to_token, token_to_kv_pool_allocator=alloc,
+                             page_size=1, tree_components=(ComponentType.FULL,), tree_core_backend=core)
+    return rc.KVzipRadixCache(params, settings=None, tp_worker=None, server_args=server_args)
+
+
+def _live(cache: rc.KVzipRadixCache) -> rc.KVzipRadixCache:
+    """Turn the model-less cache's compression on (its match/adoption/accounting paths need no model)."""
+    cache.kvzip_disabled = None
+    return cache
+
+
+def _entry(cache, tokens: list[int], P: int) -> rc.CompactedPrefix:
+    slots = cache.token_to_kv_pool_allocator.alloc(P)
+    entry = rc.CompactedPrefix(99, ("k",), (None, None), array("q", tokens), slots, len(tokens), P)
+    cache.compacted.setdefault(entry.namespace, []).append(entry)
+    return entry
+
+
+def _req(ids: list[int], rid: str = "r0", return_logprob: bool = False):
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    req = Req(rid, "", array("q", ids), SamplingParams(max_new_tokens=4), return_logprob=return_logprob)
+    req.logprob_start_len = len(ids) if return_logprob else -1
+    return req
+
+
+def _match(cache, req):
+    req.refresh_fill_ids()
+    key = RadixKey(token_ids=req.full_untruncated_fill_ids, limit=len(req.full_untruncated_fill_ids) - 1)
+    return cache.match_prefix(MatchPrefixParams(key=key, req=req))
+
+
+# --------------------------------------------------------------------------- fail closed
+
+
+def test_without_a_model_worker_the_cache_is_sglangs_default(pools, caplog):
+    with caplog.at_level(logging.WARNING, logger="sglang.kvzip_plugin"):
+        cache = _cache(pools)
+    assert cache.kvzip_disabled == "no_model" and rc.active_cache() is not cache
+    lines = [r.getMessage() for r in caplog.records if "KV compression disabled" in r.getMessage()]
+    assert lines == ["kvzip-plugin: no model worker was given to the cache; KV compression disabled, SGLang's "
+                     "default tree cache behaviour is used"]
+    # behaves as UnifiedRadixCache: insert, match, evict
+    _, alloc, _ = pools
+    slots = alloc.alloc(6)
+    cache.insert(InsertParams(key=RadixKey(array("q", range(10, 16))), value=slots))
+    req = _req(list(range(10, 16)) + [1, 2])
+    assert _match(cache, req).device_prefix_len == 6 and not hasattr(req, rc.ADOPT_ATTR)
+    assert cache.evict(EvictParams(num_tokens=6)).num_tokens_evicted == 6
+
+
+def test_fallback_is_one_log_line_and_one_metric(pools):
+    observed = []
+    cache = _live(_cache(pools))
+    cache.prom = SimpleNamespace(observe=lambda stats, labels: observed.append((stats, labels)))
+    cache.prom_labels = ["UnifiedRadixCache", "0", "0", "0"]
+    cache._disable("speculative_decoding", "speculative decoding is not supported")
+    cache._disable("other", "ignored: already disabled")
+    assert cache.kvzip_disabled == "speculative_decoding"
+    assert [s.fallbacks for s, _ in observed] == [{"speculative_decoding": 1}]
+    assert isinstance(observed[0][0], KVzipStats)
+
+
+@pytest.mark.parametrize(("server_args", "code"), [
+    ({"speculative_algorithm": "EAGLE"}, "speculative_decoding"),
+    ({"pp_size": 2}, "pipeline_parallel"),
+    ({"enable_session_radix_cache": True}, "sessions"),
+    ({"enable_streaming_session": True}, "sessions"),
+    ({"enable_unified_cache_external_linker": True}, "external_linker"),
+    ({"enable_lmcache": True}, "external_kv_store"),
+    ({"disaggregation_mode": "prefill"}, "disaggregation"),
+    ({}, "no_model"),
+])
+def test_unsupported_runtime_features(pools, server_args, code):
+    cache = _cache(pools, server_args=SimpleNamespace(**server_args))
+    assert cache.kvzip_disabled == code
+
+
+def test_unsupported_kv_pool(pools):
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    cache = _cache(pools)
+
+    class OtherPool(MHATokenToKVPool):
+        pass
+
+    cache.kv_pool = object.__new__(OtherPool)
+    assert rc.unsupported_runtime_reason(cache, None, None)[0] == "kv_pool"
+
+
+# --------------------------------------------------------------------------- accounting and eviction
+
+
+def test_compacted_prefixes_are_evictable_or_protected_and_evicted_last(pools):
+    _, alloc, _ = pools
+    cache = _live(_cache(pools))
+    free0 = alloc.available_size()
+    tree_slots = alloc.alloc(8)
+    cache.insert(InsertParams(key=RadixKey(array("q", range(100, 108))), value=tree_slots))
+    entry = _entry(cache, list(range(200, 208)), 4)
+    assert cache.evictable_size() == 8 + 4 and cache.protected_size() == 0
+    lock = cache.lock(entry.handle)  # a request admitted on the compacted prefix pins it
+    assert cache.evictable_size() == 8 and cache.protected_size() == 4
+    assert alloc.available_size() + cache.evictable_size() + cache.protected_size() == free0
+    assert cache.evict(EvictParams(num_tokens=12)).num_tokens_evicted == 8  # the tree only: the entry is pinned
+    assert entry.alive
+    cache.unlock(lock)
+    assert cache.evict(EvictParams(num_tokens=1)).num_tokens_evicted == 4  # then the compacted prefix
+    assert not entry.alive and cache.compacted == {} and alloc.available_size() == free0
+    with pytest.raises(RuntimeError, match="after it was dropped"):
+        cache.lock(entry.handle)
+
+
+def test_reset_drops_compacted_prefixes(pools):
+    _, alloc, _ = pools
+    cache = _live(_cache(pools))
+    free0 = alloc.available_size()
+    entry = _entry(cache, list(range(300, 306)), 3)
+    cache.reset()
+    assert cache.compacted == {} and not entry.alive and alloc.available_size() == free0
+
+
+# --------------------------------------------------------------------------- adoption
+
+
+def test_adoption_uses_physical_ids_and_is_undone_when_the_prefix_goes(pools):
+    _, alloc, _ = pools
+    cache = _live(_cache(pools))
+    prefix = list(range(100, 108))
+    tree_slots = alloc.alloc(8)
+    cache.insert(InsertParams(key=RadixKey(array("q", prefix)), value=tree_slots))
+    entry = _entry(cache, prefix, 4)
+    req = _req(prefix + [1, 2, 3], return_logprob=True)
+    result = _match(cache, req)
+    # matched the compacted prefix, not the (longer-lived) tree copy: P slots, its handle as last node
+    assert result.device_prefix_len == 4 and result.last_device_node is entry.handle
+    info = getattr(req, rc.ADOPT_ATTR)
+    assert info.offset == 4 and list(info.logical_ids) == prefix + [1, 2, 3]
+    assert list(req.origin_input_ids) == prefix[:4] + [1, 2, 3]  # row position == fill index
+    assert list(req.full_untruncated_fill_ids) == list(req.origin_input_ids)
+    assert list(req.origin_input_ids_unpadded) == prefix + [1, 2, 3]  # detokenization keeps the logical ids
+    assert req.logprob_start_len == 7 and req.skip_radix_cache_insert  # 11 logical - offset 4
+    req.prefix_len, req.last_node = result.device_prefix_len, result.last_device_node
+    assert torch.equal(cache.prefix_device_indices(req), entry.slots)
+    assert cache.dfs_weight_order([entry.handle, cache.root_node_handle()]) == [0, 1]
+    # a second match (the request waited another round) is idempotent
+    assert _match(cache, req).device_prefix_len == 4 and list(req.origin_input_ids) == prefix[:4] + [1, 2, 3]
+    # the compacted prefix is evicted before the request is admitted: back to logical ids and the tree
+    cache._drop_entry(entry, free=True, reason="evicted")
+    again = _match(cache, req)
+    assert again.device_prefix_len == 8 and not hasattr(req, rc.ADOPT_ATTR)
+    assert list(req.origin_input_ids) == prefix + [1, 2, 3] and req.logprob_start_len == 11
+    assert not req.skip_radix_cache_insert
+
+
+def test_input_logprobs_inside_the_prefix_are_not_adopted(pools):
+    cache = _live(_cache(pools))
+    prefix = list(range(100, 108))
+    _entry(cache, prefix, 4)
+    req = _req(prefix + [1, 2], return_logprob=True)
+    req.logprob_start_len = 2  # input logprobs of prefix tokens: needs the full prefix
+    assert _match(cache, req).device_prefix_len == 0 and not hasattr(req, rc.ADOPT_ATTR)
+
+
+def test_logical_positions_and_capture_plan(pools):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    cache = _live(_cache(pools))
+    entry = _entry(cache, list(range(100, 108)), 4)
+    adopted, plain = _req(list(range(100, 108)) + [1, 2]), _req([5, 6, 7], rid="r1")
+    _match(cache, adopted)
+    batch = SimpleNamespace(reqs=[plain, adopted])
+    decode = SimpleNamespace(forward_mode=ForwardMode.DECODE, positions=torch.tensor([3, 6]))
+    cache.on_forward_batch(decode, batch)
+    assert decode.positions.tolist() == [3, 6 + entry.offset]
+    extend = SimpleNamespace(forward_mode=ForwardMode.EXTEND, positions=torch.tensor([0, 1, 2, 4, 5]),
+                             extend_seq_lens_cpu=[3, 2], extend_prefix_lens_cpu=[0, 4])
+    cache.on_forward_batch(extend, batch)
+    assert extend.positions.tolist() == [0, 1, 2, 4 + 4, 5 + 4]
+    assert cache.stats.compressed_hits == 1  # counted once per request
