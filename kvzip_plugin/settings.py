@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """`--kv-compression*` settings shared by the engine integrations (vLLM, SGLang).
 
-One validation for every way a user sets them: CLI flags, `KVZIP_KV_COMPRESSION*` environment
+One validation (and one set of CLI flags) for every way a user sets them: CLI flags, `KVZIP_KV_COMPRESSION*` environment
 variables (for `LLM(...)` / `Engine(...)` users) and Python helpers. Every invalid value raises a
 ValueError naming the field (the pydantic models `KVzipConfig` and `TriggerPolicy` are the source of
 truth for the bounds).
@@ -9,10 +9,12 @@ truth for the bounds).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 MODES = ("none", "kvzip")
 
@@ -121,3 +123,83 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> KVCompression
         except ValueError as exc:
             raise ValueError(f"{var}: {exc}") from None
     return KVCompressionSettings(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI flags (added to vLLM's and SGLang's parsers by their glue)
+# ---------------------------------------------------------------------------------------------
+
+FLAGS = {
+    "ratio": "--kv-compression-ratio",
+    "min_prefix_tokens": "--kv-compression-min-prefix-tokens",
+    "min_hits": "--kv-compression-min-hits",
+}
+"""Settings field -> its flag (the argparse destination is the flag without dashes)."""
+
+
+def _argparse_type(check):
+    def convert(text: str):
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = check.__name__.replace("validate_", "")
+    return convert
+
+
+def add_kv_compression_args(parser: argparse.ArgumentParser, *, mode_help: str,
+                            env_applies: str) -> argparse.ArgumentParser:
+    """Add the `--kv-compression*` flags to `parser` (no-op if already there). `mode_help` is the
+    engine's help of `--kv-compression`; `env_applies` says when the environment variables apply."""
+    if any("--kv-compression" in a.option_strings for a in parser._actions):
+        return parser
+    group = parser.add_argument_group(
+        title="KVzip",
+        description="KVzip compression of shared prefixes (kvzip-plugin). Environment variables "
+        f"{ENV_MODE}, {ENV_RATIO}, {ENV_MIN_PREFIX}, {ENV_MIN_HITS} apply {env_applies}.",
+    )
+    group.add_argument("--kv-compression", choices=MODES, default=None, help=mode_help)
+    group.add_argument(
+        FLAGS["ratio"],
+        type=_argparse_type(validate_ratio),
+        default=None,
+        metavar="FLOAT",
+        help="Fraction of a prefix's KV pairs kept, in (0, 1] (KVzipConfig.ratio; default 0.3).",
+    )
+    group.add_argument(
+        FLAGS["min_prefix_tokens"],
+        type=_argparse_type(validate_min_prefix_tokens),
+        default=None,
+        metavar="INT",
+        help="Shortest shared prefix that is compressed, in tokens, >= 1 (default 1024).",
+    )
+    group.add_argument(
+        FLAGS["min_hits"],
+        type=_argparse_type(validate_min_hits),
+        default=None,
+        metavar="INT",
+        help="Requests that must hit a prefix before it is compressed, >= 1 (default 2).",
+    )
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace,
+                       logger: logging.Logger) -> tuple[Literal["unset", "none", "kvzip"], KVCompressionSettings]:
+    """Read (and re-validate, for namespaces not built by the parser) the flags from `args`; warns on
+    `logger` about knobs given without `--kv-compression kvzip`."""
+    mode = getattr(args, "kv_compression", None)
+    if mode is None:
+        mode = "unset"
+    elif mode not in MODES:
+        raise ValueError(f"--kv-compression: invalid choice {mode!r} (choose from {', '.join(MODES)})")
+    raw = {field: getattr(args, flag[2:].replace("-", "_"), None) for field, flag in FLAGS.items()}
+    try:
+        settings = make_settings(**raw)
+    except ValueError as exc:
+        flag = FLAGS.get(str(exc).split(":", 1)[0], "--kv-compression")
+        raise ValueError(f"{flag}: {exc}") from None
+    given = [FLAGS[field] for field, value in raw.items() if value is not None]
+    if given and mode != "kvzip":
+        logger.warning("kvzip-plugin: %s ignored without --kv-compression kvzip", ", ".join(given))
+    return mode, settings

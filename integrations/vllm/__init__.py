@@ -33,7 +33,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from kvzip_plugin.settings import (  # re-exported: the connector and the tests use them from here
+from kvzip_plugin import settings as shared_settings
+from kvzip_plugin.settings import (  # noqa: F401  (re-exported: the connector and the tests use them from here)
     ENV_MIN_HITS,
     ENV_MIN_PREFIX,
     ENV_MODE,
@@ -125,84 +126,16 @@ def _current_device() -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _argparse_type(check):
-    def convert(text: str):
-        try:
-            return check(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = check.__name__.replace("validate_", "")
-    return convert
-
-
 def add_kv_compression_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the `--kv-compression*` flags to `parser` (no-op if already there)."""
-    if any("--kv-compression" in a.option_strings for a in parser._actions):
-        return parser
-    group = parser.add_argument_group(
-        title="KVzip",
-        description="KVzip compression of shared prefixes (kvzip-plugin). Environment variables "
-        f"{ENV_MODE}, {ENV_RATIO}, {ENV_MIN_PREFIX}, {ENV_MIN_HITS} apply when the flags are not given.",
-    )
-    group.add_argument(
-        "--kv-compression",
-        choices=MODES,
-        default=None,
-        help="Compress the KV cache of shared prefixes. 'none' (default) leaves vLLM untouched.",
-    )
-    group.add_argument(
-        "--kv-compression-ratio",
-        type=_argparse_type(validate_ratio),
-        default=None,
-        metavar="FLOAT",
-        help="Fraction of a prefix's KV pairs kept, in (0, 1] (KVzipConfig.ratio; default 0.3).",
-    )
-    group.add_argument(
-        "--kv-compression-min-prefix-tokens",
-        type=_argparse_type(validate_min_prefix_tokens),
-        default=None,
-        metavar="INT",
-        help="Shortest shared prefix that is compressed, in tokens, >= 1 (default 1024).",
-    )
-    group.add_argument(
-        "--kv-compression-min-hits",
-        type=_argparse_type(validate_min_hits),
-        default=None,
-        metavar="INT",
-        help="Requests that must hit a prefix before it is compressed, >= 1 (default 2).",
-    )
-    return parser
-
-
-_KNOB_FLAGS = {
-    "kv_compression_ratio": "--kv-compression-ratio",
-    "kv_compression_min_prefix_tokens": "--kv-compression-min-prefix-tokens",
-    "kv_compression_min_hits": "--kv-compression-min-hits",
-}
+    return shared_settings.add_kv_compression_args(
+        parser, mode_help="Compress the KV cache of shared prefixes. 'none' (default) leaves vLLM untouched.",
+        env_applies="when the flags are not given")
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[Literal["unset", "none", "kvzip"], KVCompressionSettings]:
-    """Read (and re-validate, for namespaces not built by the parser) the flags from `args`."""
-    mode = getattr(args, "kv_compression", None)
-    if mode is None:
-        mode = "unset"
-    elif mode not in MODES:
-        raise ValueError(f"--kv-compression: invalid choice {mode!r} (choose from {', '.join(MODES)})")
-    raw = {k: getattr(args, k, None) for k in _KNOB_FLAGS}
-    try:
-        settings = make_settings(
-            raw["kv_compression_ratio"], raw["kv_compression_min_prefix_tokens"], raw["kv_compression_min_hits"]
-        )
-    except ValueError as exc:
-        field = str(exc).split(":", 1)[0]
-        flag = {"ratio": "--kv-compression-ratio", "min_prefix_tokens": "--kv-compression-min-prefix-tokens",
-                "min_hits": "--kv-compression-min-hits"}.get(field, "--kv-compression")
-        raise ValueError(f"{flag}: {exc}") from None
-    given = [flag for key, flag in _KNOB_FLAGS.items() if raw[key] is not None]
-    if given and mode != "kvzip":
-        logger.warning("kvzip-plugin: %s ignored without --kv-compression kvzip", ", ".join(given))
-    return mode, settings
+    """Read (and re-validate) the flags from `args` (`kvzip_plugin.settings.settings_from_args`)."""
+    return shared_settings.settings_from_args(args, logger)
 
 
 def _connector_name(cfg: Any) -> str | None:
