@@ -277,7 +277,7 @@ class KVzipRadixCache(UnifiedRadixCache):
         if not params.enable_metrics:
             return
         try:
-            self.prom, self.prom_labels = make_prom_metrics()
+            self.prom, self.prom_labels = make_prom_metrics(served_model_name(self.server_args))
         except Exception as exc:  # metrics must never take the cache down
             logger.warning("kvzip-plugin: sglang:kvzip_* metrics unavailable: %r", exc)
 
@@ -1049,9 +1049,17 @@ def unsupported_runtime_reason(cache: Any, server_args: Any, tp_worker: Any) -> 
     return None
 
 
-def make_prom_metrics() -> tuple[Any, list[str]]:
+def served_model_name(server_args: Any) -> str | None:
+    """The `model_name` label SGLang puts on its own series (`--served-model-name`, else the model path)."""
+    if server_args is None:
+        return None
+    name = getattr(server_args, "served_model_name", None) or getattr(server_args, "model_path", None)
+    return None if name is None else str(name)
+
+
+def make_prom_metrics(model_name: str | None = None) -> tuple[Any, list[str]]:
     """`sglang:kvzip_*` series labelled like SGLang's radix-cache metrics (cache_type, tp/pp/dp rank, extra
-    labels). Built in the scheduler process after SGLang set PROMETHEUS_MULTIPROC_DIR (`--enable-metrics`),
+    labels), plus `model_name` like SGLang's scheduler series (so dashboards select them the same way). Built in the scheduler process after SGLang set PROMETHEUS_MULTIPROC_DIR (`--enable-metrics`),
     so `/metrics` serves them through its multiprocess collector."""
     from sglang.srt.layers.dp_attention import is_dp_attention_enabled
     from sglang.srt.observability.metrics_collector import radix_cache_metric_labels
@@ -1060,6 +1068,8 @@ def make_prom_metrics() -> tuple[Any, list[str]]:
     from kvzip_plugin.metrics import PromMetrics
 
     labels = radix_cache_metric_labels("UnifiedRadixCache", get_parallel(), is_dp_attention_enabled())
+    if model_name is not None:
+        labels["model_name"] = model_name
     extra = get_observability().extra_metric_labels
     if extra:
         labels.update(extra)
@@ -1067,13 +1077,13 @@ def make_prom_metrics() -> tuple[Any, list[str]]:
     return PromMetrics(prefix="sglang:", labelnames=names), [str(labels[n]) for n in names]
 
 
-def report_fallback(code: str, enable_metrics: bool) -> None:
+def report_fallback(code: str, enable_metrics: bool, model_name: str | None = None) -> None:
     """Count one fallback (`sglang:kvzip_fallbacks_total{reason}`) where no KVzipRadixCache exists (the
     factory built SGLang's default cache). Only with --enable-metrics; never raises."""
     if not enable_metrics:
         return
     try:
-        prom, labels = make_prom_metrics()
+        prom, labels = make_prom_metrics(model_name)
         prom.observe(KVzipStats(fallbacks={code: 1}), labels)
     except Exception as exc:  # pragma: no cover
         logger.debug("kvzip-plugin: fallback metric not recorded: %r", exc)

@@ -95,11 +95,13 @@ def test_kvzip_backend_is_the_scheduler_tree_cache(sglang_baseline, plugin_kvzip
     assert plugin_kvzip["cached"] == sglang_baseline["cached"]
 
 
-def test_ratio_one_is_token_identical_to_none(sglang_baseline, plugin_kvzip):
+def test_ratio_one_is_token_identical_to_none(sglang_baseline, plugin_kvzip, sglang_tiny_model_dir):
     base, full = sglang_baseline["sequence"]["requests"], plugin_kvzip["sequence"]["requests"]
     log, metrics = plugin_kvzip["log"], plugin_kvzip["metrics"]
     assert f"kvzip-plugin: job 0 committed: {L} -> {L} tokens (0 slots saved)" in log
-    labels = '{cache_type="UnifiedRadixCache",dp_rank="0",pp_rank="0",tp_rank="0"}'
+    # SGLang's radix-cache labels + model_name (= the served model name, here the model path), sorted
+    labels = (f'{{cache_type="UnifiedRadixCache",dp_rank="0",model_name="{sglang_tiny_model_dir}",pp_rank="0",'
+              'tp_rank="0"}')
     assert metrics[f"sglang:kvzip_prefixes_compressed_total{labels}"] == 1
     # r2..r5 ran on the compacted copy (r1 triggered the job while it decoded)
     assert metrics[f"sglang:kvzip_compressed_prefix_hits_total{labels}"] == len(base) - 2
