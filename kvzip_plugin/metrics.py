@@ -20,6 +20,43 @@ JOB_OUTCOMES = ("submitted", "committed", "failed", "cancelled", "rejected")
 
 
 @dataclass
+class ScoringClock:
+    """The forward time one job's scoring requests cost, and the prefill time of its prefix, estimated
+    from the same steps (both engines).
+
+    Each step that runs scoring rows adds its wall time: the score capture (`capture_seconds`, it runs
+    inside the forward and belongs to the job) plus the job's share of the rest, by its share of the
+    step's tokens. The prefill estimate is that forward rate per token, capture excluded, times the
+    prefix length: what computing the prefix's L tokens costs on the same engine and batch shapes.
+    """
+
+    forward_seconds: float = 0.0
+    capture_seconds: float = 0.0
+    tokens: int = 0
+
+    def add_step(self, elapsed: float, capture: float, tokens: int, total_tokens: int) -> None:
+        """One step: `elapsed` wall seconds, `capture` of them in this job's score capture, `tokens` of
+        its `total_tokens` scheduled tokens were this job's scoring tokens."""
+        self.capture_seconds += capture
+        self.forward_seconds += max(elapsed - capture, 0.0) * tokens / max(1, total_tokens)
+        self.tokens += tokens
+
+    @property
+    def seconds(self) -> float:
+        """Scoring time: the job's share of its steps plus its capture."""
+        return self.forward_seconds + self.capture_seconds
+
+    def prefill_estimate(self, prefix_len: int) -> float:
+        """Estimated prefill seconds of a `prefix_len`-token prefix (0.0 before any step)."""
+        return self.forward_seconds / self.tokens * prefix_len if self.tokens else 0.0
+
+    def scoring_to_prefill(self, prefix_len: int) -> float | None:
+        """`seconds / prefill_estimate(prefix_len)`, None when nothing was timed."""
+        prefill = self.prefill_estimate(prefix_len)
+        return self.seconds / prefill if prefill > 0 else None
+
+
+@dataclass
 class KVzipStats:
     """One interval of KVzip activity.
 

@@ -62,11 +62,12 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from kvzip_plugin import envs
+from kvzip_plugin.admission import Admission
 from kvzip_plugin.compaction import CompactionTxn, apply_compaction, physical_budget, plan_compaction, top_kept_tokens
 from kvzip_plugin.config import KVzipConfig
-from kvzip_plugin.detection import PrefixTracker, TriggerPolicy
-from kvzip_plugin.jobs import CompressionJob, JobQueue, JobStatus
-from kvzip_plugin.metrics import KVzipStats
+from kvzip_plugin.detection import TriggerPolicy
+from kvzip_plugin.jobs import CompressionJob, JobStatus
+from kvzip_plugin.metrics import KVzipStats, ScoringClock
 from kvzip_plugin.scoring.reconstruction import repeat_chunks
 
 logger = logging.getLogger("sglang.kvzip_plugin")
@@ -74,7 +75,6 @@ logger = logging.getLogger("sglang.kvzip_plugin")
 SCORING_PREFIX = "kvzip-score-"
 ADOPT_ATTR = "_kvzip_adoption"
 SEEN_ATTR = "_kvzip_observed"
-MAX_RETRIES = 3  # failed jobs per prefix before it is given up
 MAX_RUNTIME_FAILURES = 5  # unexpected errors before KVzip is disabled in this process
 MAX_ALLOC_WAIT_PUMPS = 200  # pumps a scored job may wait for free slots before it fails
 _SCORING_OVERHEAD = 64  # repeat prompt + chat postfix tokens, with margin
@@ -160,6 +160,7 @@ class _Job:
     node: Any = None
     reqs: dict[str, Any] = field(default_factory=dict)  # pending scoring Req objects
     scoring_started: float = 0.0
+    clock: ScoringClock = field(default_factory=ScoringClock)  # forward time of its scoring requests
     txn: CompactionTxn | None = None
     waits: int = 0
 
@@ -203,14 +204,11 @@ class KVzipRadixCache(UnifiedRadixCache):
             min_prefix_tokens=self.kvzip_settings.min_prefix_tokens or policy.min_prefix_tokens,
             min_hits=self.kvzip_settings.min_hits or policy.min_hits,
         )
-        self.tracker = PrefixTracker(self.kvzip_trigger)
-        self.queue = JobQueue()
+        self.admission = Admission(self.kvzip_trigger)  # hit counting, job queue, retries (shared with vLLM)
+        self.tracker, self.queue = self.admission.tracker, self.admission.queue
         self.jobs: dict[int, _Job] = {}
         self.compacted: dict[tuple[Any, Any], list[CompactedPrefix]] = {}
         self.scoring_len: dict[str, int] = {}  # scoring rid -> prefix length its match is capped at
-        self.failed: set[Hashable] = set()
-        self.failures: dict[Hashable, int] = {}
-        self.unservable: set[Hashable] = set()
         self.stats = KVzipStats()
         self.prom: Any = None
         self.prom_labels: list[str] = []
@@ -221,6 +219,8 @@ class KVzipRadixCache(UnifiedRadixCache):
         self._tokenizer: Any = None
         self._dirty = True
         self._decode_step: tuple[float, int, int] | None = None
+        # an extend batch with scoring rows: (start, {job: its tokens}, batch tokens, {job: capture s at start})
+        self._scoring_step: tuple[float, dict[int, int], int, dict[int, float]] | None = None
         self._dumps = 0
         self.server_args = server_args
         self.tp_worker = tp_worker
@@ -560,16 +560,12 @@ class KVzipRadixCache(UnifiedRadixCache):
         namespace = self._namespace(key)
         tokens = key.token_ids[:L]
         ckey = self._digest_key(namespace, tokens)
-        if ckey in self.unservable or self.failures.get(ckey, 0) >= MAX_RETRIES:
+        if not self.admission.eligible(ckey) or self._covered(namespace, tokens):
             return
-        if self._covered(namespace, tokens):
+        offer = self.admission.offer(ckey, L, key.cache_salt)
+        if offer.candidate is None:
             return
-        if self.tracker.hits(ckey) == 0 and ckey not in self.failed:  # the request that cached it counts too
-            self.tracker.observe(ckey, L, (), key.cache_salt)
-        candidate = self.tracker.observe(ckey, L, (), key.cache_salt)
-        if candidate is None:
-            return
-        job = self.queue.submit(candidate)
+        job, candidate = offer.job, offer.candidate
         self.stats.jobs["submitted" if job else "rejected"] += 1
         if job is not None:
             self.jobs[job.job_id] = _Job(job, array("q", tokens), namespace, getattr(req, "lora_id", None))
@@ -598,7 +594,20 @@ class KVzipRadixCache(UnifiedRadixCache):
             elapsed = time.perf_counter() - t0
             self.stats.decode_step_seconds_compressed.extend([elapsed] * compressed)
             self.stats.decode_step_seconds_full.extend([elapsed] * full)
+        if self._scoring_step is not None:  # the end of an extend batch that ran scoring rows
+            t0, tokens, total, capture_at_start = self._scoring_step
+            self._scoring_step = None
+            elapsed = time.perf_counter() - t0
+            for job_id, n in tokens.items():
+                j = self.jobs.get(job_id)
+                if j is not None:
+                    j.clock.add_step(elapsed, self._capture_seconds(job_id) - capture_at_start.get(job_id, 0.0), n,
+                                     total)
         self.kvzip_pump()
+
+    def _capture_seconds(self, job_id: int) -> float:
+        scores = self.capture.jobs.get(job_id) if self.capture is not None else None
+        return scores.kernel_seconds if scores is not None else 0.0
 
     def kvzip_pump(self, scheduler: Any = None, idle: bool = False) -> None:
         """Drive the jobs: notice finished scoring requests, commit compactions, start queued jobs, publish
@@ -697,9 +706,8 @@ class KVzipRadixCache(UnifiedRadixCache):
                         j.n_protected, len(chunks))
         except _Cancelled as exc:
             self._end(j, JobStatus.CANCELLED, str(exc))
-        except _Unservable as exc:
-            self.unservable.add(j.job.candidate.key)
-            self._end(j, JobStatus.FAILED, str(exc))
+        except _Unservable as exc:  # the same prefix would fail again: never retried
+            self._end(j, JobStatus.FAILED, str(exc), unservable=True)
         except Exception as exc:
             self._end(j, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
 
@@ -752,7 +760,6 @@ class KVzipRadixCache(UnifiedRadixCache):
             j.txn = txn
         j.job.advance(JobStatus.COMPACTING)
         t0 = time.perf_counter()
-        scoring_seconds = t0 - j.scoring_started
         assert self.capture is not None
         capture = self.capture
         scores = capture.drop_job(j.job.job_id)
@@ -783,7 +790,12 @@ class KVzipRadixCache(UnifiedRadixCache):
         self.stats.prefixes_compressed += 1
         self.stats.achieved_ratios.append(P / L)
         self.stats.compaction_seconds.append(seconds)
-        self.stats.scoring_seconds.append(scoring_seconds)
+        # forward time of the scoring requests (as vLLM reports it); the wall time also holds the traffic's
+        # batches that ran in between
+        self.stats.scoring_seconds.append(j.clock.seconds if j.clock.tokens else t0 - j.scoring_started)
+        ratio = j.clock.scoring_to_prefill(L)
+        if ratio is not None:
+            self.stats.scoring_to_prefill.append(ratio)
         self._end(j, JobStatus.COMMITTED)
         logger.info("kvzip-plugin: job %d committed: %d -> %d tokens (%d slots saved) in %.3f s", j.job.job_id, L,
                     P, L - P, seconds)
@@ -802,7 +814,7 @@ class KVzipRadixCache(UnifiedRadixCache):
             return pages
         return (pages[:, None] * self.page_size + torch.arange(self.page_size, device=device)).flatten()
 
-    def _end(self, j: _Job, status: JobStatus, error: str | None = None) -> None:
+    def _end(self, j: _Job, status: JobStatus, error: str | None = None, unservable: bool = False) -> None:
         if j.txn is not None and status is not JobStatus.COMMITTED:
             j.txn.rollback()
         if j.lock is not None:
@@ -818,16 +830,11 @@ class KVzipRadixCache(UnifiedRadixCache):
             ids = {id(r) for r in j.reqs.values()}
             sched.waiting_queue[:] = [r for r in sched.waiting_queue if id(r) not in ids]
         j.reqs = {}
-        self.queue.finish(j.job, status, error)
+        outcome = self.admission.finish(j.job, status, error, unservable=unservable)
         self.jobs.pop(j.job.job_id, None)
         self._dirty = True
-        outcome = {JobStatus.COMMITTED: "committed", JobStatus.FAILED: "failed"}.get(status, "cancelled")
         self.stats.jobs[outcome] += 1
         if status is not JobStatus.COMMITTED:
-            self.tracker.reopen(j.job.candidate.key)
-            self.failed.add(j.job.candidate.key)
-            if status is JobStatus.FAILED:
-                self.failures[j.job.candidate.key] = self.failures.get(j.job.candidate.key, 0) + 1
             logger.warning("kvzip-plugin: job %d %s: %s", j.job.job_id, status.value, error)
 
     # ------------------------------------------------------------------ batches (ForwardBatch.init_new hook)
@@ -852,6 +859,18 @@ class KVzipRadixCache(UnifiedRadixCache):
                 self.stats.compressed_hits += 1
         # decode step time per request, on compacted vs full prefixes (until the batch's results are processed)
         self._decode_step = (time.perf_counter(), compressed, len(reqs) - compressed) if mode.is_decode() else None
+        self._scoring_step = None
+        if self.scoring_len and mode.is_extend() and not mode.is_decode():
+            owner = {rid: job_id for job_id, j in self.jobs.items() for rid in j.reqs}
+            lens = list(getattr(ret, "extend_seq_lens_cpu", None) or [])
+            tokens: dict[int, int] = {}
+            for req, n in zip(reqs, lens, strict=False):
+                job_id = owner.get(req.rid)
+                if job_id is not None:
+                    tokens[job_id] = tokens.get(job_id, 0) + int(n)
+            if tokens:
+                self._scoring_step = (time.perf_counter(), tokens, int(sum(lens)),
+                                      {job_id: self._capture_seconds(job_id) for job_id in tokens})
         if offsets is not None:
             off = torch.tensor(offsets, dtype=ret.positions.dtype, device=ret.positions.device)
             if mode.is_decode():
@@ -1059,8 +1078,9 @@ def served_model_name(server_args: Any) -> str | None:
 
 def make_prom_metrics(model_name: str | None = None) -> tuple[Any, list[str]]:
     """`sglang:kvzip_*` series labelled like SGLang's radix-cache metrics (cache_type, tp/pp/dp rank, extra
-    labels), plus `model_name` like SGLang's scheduler series (so dashboards select them the same way). Built in the scheduler process after SGLang set PROMETHEUS_MULTIPROC_DIR (`--enable-metrics`),
-    so `/metrics` serves them through its multiprocess collector."""
+    labels), plus `model_name` like SGLang's scheduler series (so dashboards select them the same way).
+    Built in the scheduler process after SGLang set PROMETHEUS_MULTIPROC_DIR (`--enable-metrics`), so
+    `/metrics` serves them through its multiprocess collector."""
     from sglang.srt.layers.dp_attention import is_dp_attention_enabled
     from sglang.srt.observability.metrics_collector import radix_cache_metric_labels
     from sglang.srt.runtime_context import get_observability, get_parallel

@@ -36,10 +36,11 @@ from typing import Any
 
 from kvzip_plugin.integrations.vllm.protocol import CompactCommand, KVzipConnectorMetadata, ScoringTarget
 
+from kvzip_plugin.admission import Admission
 from kvzip_plugin.compaction import CompactionTxn, physical_budget
 from kvzip_plugin.config import KVzipConfig
-from kvzip_plugin.detection import PrefixTracker, TriggerPolicy
-from kvzip_plugin.jobs import CompressionJob, JobQueue, JobStatus
+from kvzip_plugin.detection import TriggerPolicy
+from kvzip_plugin.jobs import CompressionJob, JobStatus
 from kvzip_plugin.metrics import KVzipStats
 from kvzip_plugin.scoring.reconstruction import repeat_chunks
 
@@ -48,7 +49,6 @@ logger = logging.getLogger("vllm.kvzip_plugin.scheduler")
 SCORING_PREFIX = "kvzip-score-"
 _SCORING_OVERHEAD = 64  # repeat prompt + chat postfix tokens, with margin
 _MIN_CHUNK = 32
-MAX_RETRIES = 3
 ACK_TIMEOUT_S = 120.0
 
 
@@ -109,8 +109,8 @@ class SchedulerState:
 
     def __init__(self, config: KVzipConfig, policy: TriggerPolicy, vllm_config: Any) -> None:
         self.config = config
-        self.tracker = PrefixTracker(policy)
-        self.queue = JobQueue()
+        self.admission = Admission(policy)  # hit counting, job queue, retries (shared with SGLang)
+        self.tracker, self.queue = self.admission.tracker, self.admission.queue
         self.vllm_config = vllm_config
         self.kvcm: Any = None
         self.pool: Any = None
@@ -126,9 +126,6 @@ class SchedulerState:
         self.drop: list[int] = []
         self.stats = KVzipStats()
         self.disabled: str | None = None
-        self.failed: set[Hashable] = set()  # prefixes whose job failed: they need min_hits new hits
-        self.failures: dict[Hashable, int] = {}  # failed jobs per prefix (retried up to MAX_RETRIES)
-        self.unservable: set[Hashable] = set()  # prefixes that can never be compressed here
         self.covered: dict[Hashable, Hashable] = {}  # block hash in a compacted / in-flight prefix -> its key
         self._tokenizer: Any = None
 
@@ -165,7 +162,7 @@ class SchedulerState:
         if n_blocks == 0 or len(request.block_hashes) < n_blocks:
             return
         key = request.block_hashes[n_blocks - 1]
-        if key in self.unservable or self.failures.get(key, 0) >= MAX_RETRIES:
+        if not self.admission.eligible(key):
             return
         # a prefix that contains a compacted or in-flight one is served by it; one inside it is a
         # shorter hit on the same document (its own blocks were evicted): not worth another job
@@ -173,12 +170,10 @@ class SchedulerState:
                                       for h in request.block_hashes[:n_blocks]):
             return
         length = n_blocks * self.block_size
-        if self.tracker.hits(key) == 0 and key not in self.failed:  # the request that cached it counts too
-            self.tracker.observe(key, length, (), request.cache_salt)
-        candidate = self.tracker.observe(key, length, (), request.cache_salt)
-        if candidate is None:
+        offer = self.admission.offer(key, length, request.cache_salt)
+        if offer.candidate is None:
             return
-        job = self.queue.submit(candidate)
+        job, candidate = offer.job, offer.candidate
         self.stats.jobs["submitted" if job else "rejected"] += 1
         if job is not None:
             self.jobs[job.job_id] = _Job(job, list(request.all_token_ids[:length]), request)
@@ -273,8 +268,7 @@ class SchedulerState:
             logger.info("kvzip-plugin: job %d scoring %d tokens (%d protected) in %d chunk(s)",
                         j.job.job_id, L, j.n_protected, len(chunks))
         except _Unservable as exc:  # the same prefix would fail again: never retried
-            self.unservable.add(j.job.candidate.key)
-            self._end(j, JobStatus.FAILED, str(exc))
+            self._end(j, JobStatus.FAILED, str(exc), unservable=True)
         except Exception as exc:
             self._end(j, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
 
@@ -362,25 +356,20 @@ class SchedulerState:
         self.pool.free_blocks(blocks)  # ref 0, hashed: LRU tail of the free queue, like any cached block
         self.pool.evict_blocks({b.block_id for b in j.src_blocks})
 
-    def _end(self, j: _Job, status: JobStatus, error: str | None = None) -> None:
+    def _end(self, j: _Job, status: JobStatus, error: str | None = None, unservable: bool = False) -> None:
         if j.txn is not None and status is not JobStatus.COMMITTED:
             j.txn.rollback()
         if j.src_blocks:
             self.pool.free_blocks(j.src_blocks)  # unpin (after evict_blocks on commit)
             j.src_blocks = []
-        self.queue.finish(j.job, status, error)
+        outcome = self.admission.finish(j.job, status, error, unservable=unservable)
         self.jobs.pop(j.job.job_id, None)
         for rid in j.pending:
             self.scoring_owner.pop(rid, None)
         self.drop.append(j.job.job_id)
-        outcome = {JobStatus.COMMITTED: "committed", JobStatus.FAILED: "failed"}.get(status, "cancelled")
         self.stats.jobs[outcome] += 1
         if status is not JobStatus.COMMITTED:
             self._uncover(j.job.candidate.key)
-            self.tracker.reopen(j.job.candidate.key)
-            self.failed.add(j.job.candidate.key)
-            if status is JobStatus.FAILED:
-                self.failures[j.job.candidate.key] = self.failures.get(j.job.candidate.key, 0) + 1
             logger.warning("kvzip-plugin: job %d %s: %s", j.job.job_id, status.value, error)
 
     # ------------------------------------------------------------ adoption (wrapped KVCacheManager)

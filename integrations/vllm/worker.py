@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from kvzip_plugin.integrations.vllm.protocol import (
 
 from kvzip_plugin import envs
 from kvzip_plugin.compaction import apply_compaction, plan_compaction, top_kept_tokens
-from kvzip_plugin.metrics import KVzipStats
+from kvzip_plugin.metrics import KVzipStats, ScoringClock
 from kvzip_plugin.scoring.kvzip import chunk_scores
 
 logger = logging.getLogger("vllm.kvzip_plugin.worker")
@@ -46,9 +46,8 @@ _WRAPPED = "__kvzip_forward__"
 class _JobScores:
     scores: torch.Tensor  # [layers, H_kv, n_context] float32, max so far
     prefix_len: int
-    kernel_seconds: float = 0.0
-    step_seconds: float = 0.0
-    step_tokens: int = 0
+    kernel_seconds: float = 0.0  # score capture so far
+    clock: ScoringClock = field(default_factory=ScoringClock)
 
 
 class WorkerState:
@@ -67,6 +66,7 @@ class WorkerState:
         self.batch_rows: dict[str, int] = {}  # scoring req -> row in this step's batch (runner.py)
         self.step_tokens: dict[str, int] = {}
         self.step_started: float | None = None
+        self._kernel_at_start: dict[int, float] = {}  # each job's capture seconds when this step began
         self.jobs: dict[int, _JobScores] = {}
         self.results: list[CompactionResult] = []
         self.stats = KVzipStats()  # decode step times, sent with the connector's stats
@@ -133,6 +133,7 @@ class WorkerState:
         self.batch_rows = dict(req_rows)
         self.step_tokens = dict(tokens)
         self.step_started = time.perf_counter()
+        self._kernel_at_start = {job_id: job.kernel_seconds for job_id, job in self.jobs.items()}
         pure_decode = bool(tokens) and not req_rows and all(n == 1 for n in tokens.values())
         compressed = sum(1 for rid in tokens if self.offsets.get(rid))
         self._decode_step = (compressed, len(tokens) - compressed) if pure_decode else None
@@ -150,12 +151,15 @@ class WorkerState:
         if self.step_started is not None and self.batch_rows:
             elapsed = time.perf_counter() - self.step_started
             total = max(1, sum(self.step_tokens.values()))
+            by_job: dict[int, int] = {}
             for rid in self.batch_rows:
-                job = self.jobs.get(self.scoring[rid].job_id)
+                job_id = self.scoring[rid].job_id
+                by_job[job_id] = by_job.get(job_id, 0) + self.step_tokens.get(rid, 0)
+            for job_id, n in by_job.items():
+                job = self.jobs.get(job_id)
                 if job is not None:
-                    n = self.step_tokens.get(rid, 0)
-                    job.step_seconds += elapsed * n / total
-                    job.step_tokens += n
+                    capture = job.kernel_seconds - self._kernel_at_start.get(job_id, 0.0)
+                    job.clock.add_step(elapsed, capture, n, total)
         self.batch_rows = {}
         self.step_started = None
 
@@ -227,9 +231,8 @@ class WorkerState:
                 for view in layout.token_major(kv, self.specs[name]):
                     apply_compaction(view, plan.src_slots[idx], plan.dst_slots)
             self._dump(cmd, tokens, job)
-            prefill = job.step_seconds / max(1, job.step_tokens) * job.prefix_len
             return CompactionResult(cmd.job_id, True, None, time.perf_counter() - t0,
-                                    job.step_seconds + job.kernel_seconds, prefill)
+                                    job.clock.seconds, job.clock.prefill_estimate(job.prefix_len))
         except Exception as exc:  # reported to the scheduler, which rolls the job back
             logger.warning("kvzip-plugin: compaction of job %d failed: %s", cmd.job_id, exc)
             return CompactionResult(cmd.job_id, False, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)

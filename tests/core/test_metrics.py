@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kvzip_plugin.metrics import KVzipStats, PromMetrics
@@ -128,3 +129,17 @@ def test_histogram_series_exist_before_their_first_observation():
                  'vllm:kvzip_decode_step_seconds_count{engine="0",model_name="m",prefix="compressed"} 0.0',
                  'vllm:kvzip_decode_step_seconds_count{engine="0",model_name="m",prefix="full"} 0.0'):
         assert line in text, line
+
+
+def test_scoring_clock_splits_steps_by_token_share_and_keeps_capture_whole():
+    from kvzip_plugin.metrics import ScoringClock
+
+    clock = ScoringClock()
+    assert clock.scoring_to_prefill(100) is None and clock.prefill_estimate(100) == 0.0
+    clock.add_step(elapsed=3.0, capture=1.0, tokens=50, total_tokens=100)  # 2 s forward, half of it the job's
+    clock.add_step(elapsed=1.0, capture=0.0, tokens=50, total_tokens=50)
+    assert clock.forward_seconds == pytest.approx(2.0) and clock.capture_seconds == pytest.approx(1.0)
+    assert clock.tokens == 100 and clock.seconds == pytest.approx(3.0)
+    # 2 s for 100 tokens without the capture: a 50-token prefix prefills in 1 s
+    assert clock.prefill_estimate(50) == pytest.approx(1.0)
+    assert clock.scoring_to_prefill(50) == pytest.approx(3.0)

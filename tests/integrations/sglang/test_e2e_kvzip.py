@@ -120,7 +120,11 @@ def test_metrics(kvzip_seq):
     assert _metric(m, "sglang:kvzip_bytes_saved") == (L - P) * 2 * 2 * 2 * 64 * 4  # K+V, 2 layers, 2 heads, fp32
     assert _metric(m, "sglang:kvzip_jobs_running") == 0 and _metric(m, "sglang:kvzip_jobs_queued") == 0
     assert _metric(m, "sglang:kvzip_achieved_ratio_count") == 1 and _metric(m, "sglang:kvzip_achieved_ratio_sum") == 0.5
-    assert _metric(m, "sglang:kvzip_scoring_seconds_count") == 1
+    assert _metric(m, "sglang:kvzip_scoring_seconds_count") == 1 and _metric(m, "sglang:kvzip_scoring_seconds_sum") > 0
+    # scoring / prefill, estimated from the scoring batches' forward time: the repeat input is longer than the
+    # prefix's context, so scoring must cost more than one prefill
+    assert _metric(m, "sglang:kvzip_scoring_to_prefill_ratio_count") == 1
+    assert _metric(m, "sglang:kvzip_scoring_to_prefill_ratio_sum") > 1.0
     assert _metric(m, "sglang:kvzip_compaction_seconds_count") == 1
     assert _metric(m, "sglang:kvzip_decode_step_seconds_count", prefix="compressed") >= 4 * (scenarios.MAX_NEW - 2)
     assert _metric(m, "sglang:kvzip_decode_step_seconds_count", prefix="full") > 0

@@ -85,5 +85,7 @@ def test_kvzip_metrics_on_vllm_metrics_endpoint(server):
     assert after.get("vllm:kvzip_compressed_prefix_hits_total", **labels) >= 5
     assert after.get("vllm:kvzip_decode_step_seconds_count", prefix="compressed", **labels) > 0
     assert after.get("vllm:kvzip_scoring_seconds_count", **labels) == 1.0
+    assert after.get("vllm:kvzip_scoring_to_prefill_ratio_count", **labels) == 1.0
+    assert after.get("vllm:kvzip_scoring_to_prefill_ratio_sum", **labels) > 0.8  # ~ repeat tokens / prefix tokens
     assert after.get("vllm:kvzip_jobs_queued", **labels) == 0.0 and after.get("vllm:kvzip_jobs_running", **labels) == 0
     assert "kvzip-plugin: job 0 committed: 192 -> 96 tokens" in log.read_text()

@@ -1,0 +1,100 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Admission of hot prefixes to compression jobs, and what a job's end means for the next try.
+
+Both engines report every request's cached-prefix hit here (`offer`) and every job's end (`finish`).
+The rules, shared so vLLM and SGLang behave the same:
+
+* a prefix is counted by `PrefixTracker`; the request that cached it counts as its first hit (it
+  was computed, not hit, so it never reports itself);
+* once hot, a job is submitted to the bounded `JobQueue` (refused when full or already queued);
+* a failed or cancelled job reopens the prefix: it needs `min_hits` *new* hits before the next try
+  (the caching request no longer counts);
+* a prefix whose jobs failed `max_retries` times, or that can never be served here (`unservable`:
+  e.g. its scoring input exceeds the engine's context), is not offered again.
+
+The engine keeps what is engine-specific: the prefix key (vLLM's chained block hash, SGLang's
+digest of the token ids + namespace), which prefixes are already covered by a compacted or
+in-flight one, the job's work, and the metrics it counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+from kvzip_plugin.detection import PrefixCandidate, PrefixTracker, TriggerPolicy
+from kvzip_plugin.jobs import CompressionJob, JobQueue, JobStatus
+
+MAX_RETRIES = 3
+"""Failed jobs per prefix before it is given up."""
+
+
+@dataclass
+class Offer:
+    """The outcome of `Admission.offer` for one request's hit.
+
+    Attributes:
+        candidate: the prefix became hot with this hit (None: not yet, or not eligible).
+        job: the job submitted for it (None when the queue refused it: `rejected`).
+    """
+
+    candidate: PrefixCandidate | None = None
+    job: CompressionJob | None = None
+
+    @property
+    def rejected(self) -> bool:
+        return self.candidate is not None and self.job is None
+
+
+@dataclass
+class Admission:
+    """Hit counting, job submission and retry bookkeeping of one engine instance."""
+
+    policy: TriggerPolicy = field(default_factory=TriggerPolicy)
+    max_retries: int = MAX_RETRIES
+    tracker: PrefixTracker = field(init=False)
+    queue: JobQueue = field(default_factory=JobQueue)
+    failed: set[Hashable] = field(default_factory=set)
+    """Prefixes whose last job failed or was cancelled: the caching request no longer counts."""
+    failures: dict[Hashable, int] = field(default_factory=dict)
+    """Failed jobs per prefix."""
+    unservable: set[Hashable] = field(default_factory=set)
+    """Prefixes that can never be compressed by this engine instance."""
+
+    def __post_init__(self) -> None:
+        self.tracker = PrefixTracker(self.policy)
+
+    def eligible(self, key: Hashable) -> bool:
+        """False for prefixes given up on (unservable, or `max_retries` failed jobs)."""
+        return key not in self.unservable and self.failures.get(key, 0) < self.max_retries
+
+    def offer(self, key: Hashable, num_tokens: int, salt: str | None = None) -> Offer:
+        """Count one request's hit on the cached prefix `key` (`num_tokens` long); submit a job the
+        first time the prefix qualifies. The caller has already checked that the prefix is not
+        covered by a compacted or in-flight one."""
+        if not self.eligible(key) or num_tokens < self.policy.min_prefix_tokens:
+            return Offer()
+        if self.tracker.hits(key) == 0 and key not in self.failed:  # the request that cached it
+            self.tracker.observe(key, num_tokens, (), salt)
+        candidate = self.tracker.observe(key, num_tokens, (), salt)
+        if candidate is None:
+            return Offer()
+        return Offer(candidate, self.queue.submit(candidate))
+
+    def finish(self, job: CompressionJob, status: JobStatus, error: str | None = None, *,
+               unservable: bool = False) -> str:
+        """Record `job`'s end in the queue and the retry bookkeeping; returns its outcome label
+        (`committed`, `failed` or `cancelled`, as in `kvzip_jobs_total{outcome}`). `unservable`: the
+        same prefix would fail the same way again, never retry it."""
+        self.queue.finish(job, status, error)
+        key = job.candidate.key
+        if unservable:
+            self.unservable.add(key)
+        if status is JobStatus.COMMITTED:
+            return "committed"
+        self.tracker.reopen(key)
+        self.failed.add(key)
+        if status is JobStatus.FAILED:
+            self.failures[key] = self.failures.get(key, 0) + 1
+            return "failed"
+        return "cancelled"

@@ -1,0 +1,97 @@
+# SPDX-License-Identifier: Apache-2.0
+"""`Admission`: the hit-counting / submission / retry rules both engines share."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvzip_plugin.admission import MAX_RETRIES, Admission
+from kvzip_plugin.detection import TriggerPolicy
+from kvzip_plugin.jobs import JobQueue, JobStatus
+
+
+def _admission(min_hits: int = 2, **kw) -> Admission:
+    return Admission(TriggerPolicy(min_prefix_tokens=64, min_hits=min_hits), **kw)
+
+
+def _run(adm: Admission, key: str, status: JobStatus, **kw) -> str:
+    """Offer `key` until it is submitted, start its job and end it with `status`."""
+    for _ in range(adm.policy.min_hits + 1):
+        offer = adm.offer(key, 128)
+        if offer.job is not None:
+            break
+    assert offer.job is not None
+    job = adm.queue.start_next()
+    assert job is offer.job
+    if status is JobStatus.COMMITTED:
+        job.advance(JobStatus.COMPACTING)
+    return adm.finish(job, status, "test", **kw)
+
+
+def test_the_caching_request_counts_as_the_first_hit():
+    adm = _admission(min_hits=2)
+    offer = adm.offer("p", 128)  # one request hit it: with the request that cached it, 2 hits
+    assert offer.candidate is not None and offer.candidate.hits == 2
+    assert offer.job is not None and offer.job.candidate.key == "p" and not offer.rejected
+    assert adm.queue.queued == 1
+    assert adm.offer("p", 128).candidate is None  # proposed once
+
+
+def test_min_hits_three_needs_two_hits():
+    adm = _admission(min_hits=3)
+    assert adm.offer("p", 128).candidate is None
+    assert adm.offer("p", 128).job is not None
+
+
+def test_short_prefixes_are_not_counted():
+    adm = _admission()
+    assert adm.offer("p", 63).candidate is None
+    assert adm.tracker.hits("p") == 0
+
+
+def test_a_full_queue_rejects():
+    adm = _admission(min_hits=2, queue=JobQueue(max_queued=1))
+    assert adm.offer("a", 128).job is not None
+    offer = adm.offer("b", 128)
+    assert offer.candidate is not None and offer.job is None and offer.rejected
+
+
+def test_commit_counts_nothing_against_the_prefix():
+    adm = _admission()
+    assert _run(adm, "p", JobStatus.COMMITTED) == "committed"
+    assert adm.failures == {} and adm.failed == set() and adm.eligible("p")
+    assert adm.queue.finished[JobStatus.COMMITTED] == 1
+
+
+@pytest.mark.parametrize("status,outcome", [(JobStatus.FAILED, "failed"), (JobStatus.CANCELLED, "cancelled")])
+def test_after_a_failed_or_cancelled_job_the_prefix_needs_min_hits_new_hits(status, outcome):
+    adm = _admission(min_hits=2)
+    assert _run(adm, "p", status) == outcome
+    # the request that cached it no longer counts: one hit is not enough any more
+    assert adm.offer("p", 128).candidate is None
+    assert adm.offer("p", 128).job is not None
+    assert adm.failures.get("p", 0) == (1 if status is JobStatus.FAILED else 0)
+
+
+def test_failed_jobs_are_retried_max_retries_times():
+    adm = _admission()
+    for _ in range(MAX_RETRIES):
+        assert adm.eligible("p")
+        _run(adm, "p", JobStatus.FAILED)
+    assert not adm.eligible("p")
+    assert all(adm.offer("p", 128).candidate is None for _ in range(5))
+    assert adm.eligible("q")  # other prefixes are unaffected
+
+
+def test_cancelled_jobs_do_not_use_up_retries():
+    adm = _admission()
+    for _ in range(MAX_RETRIES + 2):
+        _run(adm, "p", JobStatus.CANCELLED)
+    assert adm.eligible("p") and adm.failures == {}
+
+
+def test_an_unservable_prefix_is_never_offered_again():
+    adm = _admission()
+    assert _run(adm, "p", JobStatus.FAILED, unservable=True) == "failed"
+    assert not adm.eligible("p")
+    assert all(adm.offer("p", 128).candidate is None for _ in range(5))
