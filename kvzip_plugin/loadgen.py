@@ -2,7 +2,7 @@
 """Multi-tenant chat load against an OpenAI-compatible server, and a summary of its `/metrics`.
 
 Engine-agnostic (stdlib HTTP + `prometheus_client`'s parser; no vLLM or SGLang import), used by
-`kvzip load`, `scripts/vllm_demo.sh` and `benchmarks/bench_vllm_multitenant.py`.
+`kvzip load`, `scripts/vllm_demo.sh`, `scripts/sglang_demo.sh` and `benchmarks/bench_multitenant.py`.
 
 The workload: `T` tenants, each with its own long system prompt (a seeded key-value "reference
 document" from `kvzip_plugin.datasets.kv_retrieval`, headed by the tenant's name so no two tenants
@@ -304,6 +304,62 @@ def _hist_mean(before: MetricsSnapshot | None, after: MetricsSnapshot, name: str
     return s / c if s is not None and c else None
 
 
+@dataclass(frozen=True)
+class EngineSeries:
+    """Where one engine exports the numbers `summarize` reports (full series names). The KV pool is
+    in blocks of `block_size` tokens on vLLM and in pages (`--page-size`, 1 token by default) on SGLang;
+    both engines count idle cached prefix blocks as free in their usage gauge."""
+
+    prefix: str
+    num_blocks: str  # gauge, or "<info metric>:<label>"
+    block_size: str
+    kv_usage: str  # gauge 0..1
+    prefix_cache_hits: str  # counter of prompt tokens served from the prefix cache
+    prefix_cache_queries: str  # counter of prompt tokens looked up
+    running: str
+    waiting: str
+    preemptions: str
+    prompt_tokens: str
+    generation_tokens: str
+    inter_token_latency: str  # histogram (seconds)
+    time_to_first_token: str
+
+
+VLLM_SERIES = EngineSeries(
+    prefix="vllm:", num_blocks="vllm:cache_config_info:num_gpu_blocks", block_size="vllm:cache_config_info:block_size",
+    kv_usage="vllm:kv_cache_usage_perc", prefix_cache_hits="vllm:prefix_cache_hits_total",
+    prefix_cache_queries="vllm:prefix_cache_queries_total", running="vllm:num_requests_running",
+    waiting="vllm:num_requests_waiting", preemptions="vllm:num_preemptions_total",
+    prompt_tokens="vllm:prompt_tokens_total", generation_tokens="vllm:generation_tokens_total",
+    inter_token_latency="vllm:inter_token_latency_seconds", time_to_first_token="vllm:time_to_first_token_seconds",
+)
+SGLANG_SERIES = EngineSeries(
+    prefix="sglang:", num_blocks="sglang:num_pages", block_size="sglang:page_size", kv_usage="sglang:token_usage",
+    prefix_cache_hits="sglang:cached_tokens_total", prefix_cache_queries="sglang:prompt_tokens_total",
+    running="sglang:num_running_reqs", waiting="sglang:num_queue_reqs",
+    preemptions="sglang:num_retracted_requests_total", prompt_tokens="sglang:prompt_tokens_total",
+    generation_tokens="sglang:generation_tokens_total", inter_token_latency="sglang:inter_token_latency_seconds",
+    time_to_first_token="sglang:time_to_first_token_seconds",
+)
+
+
+def engine_series(prefix: str) -> EngineSeries:
+    """The series map of the engine whose metrics start with `prefix` (`vllm:` or `sglang:`)."""
+    for series in (VLLM_SERIES, SGLANG_SERIES):
+        if series.prefix == prefix:
+            return series
+    raise ValueError(f"unknown metrics prefix {prefix!r}: expected 'vllm:' or 'sglang:'")
+
+
+def _gauge_or_info(snap: MetricsSnapshot, name: str) -> float | None:
+    """`<prefix>:<gauge>`'s value, or `<prefix>:<info metric>:<label>`'s label value."""
+    if name.count(":") == 2:
+        metric, _, label = name.rpartition(":")
+        info = snap.labels(metric)
+        return _to_float(info[0].get(label)) if info else None
+    return snap.get(name)
+
+
 def _ms(x: float | None) -> float | None:
     return None if x is None else 1000.0 * x
 
@@ -322,15 +378,11 @@ def summarize(before: MetricsSnapshot | None, after: MetricsSnapshot, peaks: dic
     when the server has no `kvzip_*` series at all, e.g. a plain engine).
     """
     p = prefix
+    e = engine_series(prefix)
     peaks = peaks or {}
-    info = after.labels(f"{p}cache_config_info")
-    num_blocks = block_size = None
-    if info:
-        num_blocks = _int(_to_float(info[0].get("num_gpu_blocks")))
-        block_size = _int(_to_float(info[0].get("block_size")))
-    usage, usage_peak = after.get(f"{p}kv_cache_usage_perc"), peaks.get(f"{p}kv_cache_usage_perc")
-    hits, queries = _delta(before, after, f"{p}prefix_cache_hits_total"), _delta(before, after,
-                                                                                  f"{p}prefix_cache_queries_total")
+    num_blocks, block_size = _int(_gauge_or_info(after, e.num_blocks)), _int(_gauge_or_info(after, e.block_size))
+    usage, usage_peak = after.get(e.kv_usage), peaks.get(e.kv_usage)
+    hits, queries = _delta(before, after, e.prefix_cache_hits), _delta(before, after, e.prefix_cache_queries)
     engine = {
         "num_gpu_blocks": num_blocks,
         "block_size": block_size,
@@ -341,13 +393,13 @@ def summarize(before: MetricsSnapshot | None, after: MetricsSnapshot, peaks: dic
         "prefix_cache_queries": _int(queries),
         "prefix_cache_hits": _int(hits),
         "prefix_cache_hit_rate": hits / queries if hits is not None and queries else None,
-        "num_requests_running_peak": _int(peaks.get(f"{p}num_requests_running")),
-        "num_requests_waiting_peak": _int(peaks.get(f"{p}num_requests_waiting")),
-        "num_preemptions": _int(_delta(before, after, f"{p}num_preemptions_total")),
-        "prompt_tokens": _int(_delta(before, after, f"{p}prompt_tokens_total")),
-        "generation_tokens": _int(_delta(before, after, f"{p}generation_tokens_total")),
-        "inter_token_latency_ms": _ms(_hist_mean(before, after, f"{p}inter_token_latency_seconds")),
-        "time_to_first_token_ms": _ms(_hist_mean(before, after, f"{p}time_to_first_token_seconds")),
+        "num_requests_running_peak": _int(peaks.get(e.running)),
+        "num_requests_waiting_peak": _int(peaks.get(e.waiting)),
+        "num_preemptions": _preemptions(before, after, e.preemptions),
+        "prompt_tokens": _int(_delta(before, after, e.prompt_tokens)),
+        "generation_tokens": _int(_delta(before, after, e.generation_tokens)),
+        "inter_token_latency_ms": _ms(_hist_mean(before, after, e.inter_token_latency)),
+        "time_to_first_token_ms": _ms(_hist_mean(before, after, e.time_to_first_token)),
     }
     k = f"{p}kvzip_"
     dec_c = _hist_mean(before, after, f"{k}decode_step_seconds", prefix="compressed")
@@ -375,6 +427,15 @@ def summarize(before: MetricsSnapshot | None, after: MetricsSnapshot, peaks: dic
     return {"engine": engine, "kvzip": kvzip}
 
 
+def _preemptions(before: MetricsSnapshot | None, after: MetricsSnapshot, name: str) -> int | None:
+    """Preemptions over the load. SGLang creates its retraction counter at the first retraction: absent
+    from a server that exports the rest of its series means none happened."""
+    delta = _delta(before, after, name)
+    if delta is None and name.startswith("sglang:") and after.has_prefix("sglang:"):
+        return 0
+    return _int(delta)
+
+
 def _to_float(x: str | None) -> float | None:
     try:
         return float(x) if x is not None else None
@@ -382,8 +443,7 @@ def _to_float(x: str | None) -> float | None:
         return None
 
 
-DEFAULT_PEAK_GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
-                       "kvzip_blocks_saved", "kvzip_bytes_saved", "kvzip_jobs_queued", "kvzip_jobs_running")
+KVZIP_PEAK_GAUGES = ("kvzip_blocks_saved", "kvzip_bytes_saved", "kvzip_jobs_queued", "kvzip_jobs_running")
 
 
 class MetricsPoller:
@@ -391,9 +451,10 @@ class MetricsPoller:
     `gauges` (summed over label sets). Use as a context manager around the load."""
 
     def __init__(self, base_url: str, interval: float = 0.25, prefix: str = "vllm:",
-                 gauges: Sequence[str] = DEFAULT_PEAK_GAUGES) -> None:
+                 gauges: Sequence[str] = KVZIP_PEAK_GAUGES) -> None:
         self.base_url, self.interval = base_url, interval
-        self.names = [f"{prefix}{g}" for g in gauges]
+        e = engine_series(prefix)
+        self.names = [e.running, e.waiting, e.kv_usage, *(f"{prefix}{g}" for g in gauges)]
         self.peaks: dict[str, float] = {}
         self.scrapes = 0
         self.errors = 0

@@ -218,10 +218,18 @@ class FakeOpenAIServer:
                     outer.in_flight += 1
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
                     outer.eng["running"].labels(*LV).set(outer.in_flight)
+                self.counted = True
                 try:
                     self._stream(body)
                 finally:
-                    with outer.lock:
+                    self._leave()
+
+            def _leave(self) -> None:
+                """Stop counting this request (before its last bytes: the client may send the next one
+                as soon as it reads them)."""
+                with outer.lock:
+                    if self.counted:
+                        self.counted = False
                         outer.in_flight -= 1
                         outer.eng["running"].labels(*LV).set(outer.in_flight)
 
@@ -249,6 +257,7 @@ class FakeOpenAIServer:
                 usage = {"prompt_tokens": len(system.split()), "completion_tokens": len(pieces),
                          "total_tokens": len(system.split()) + len(pieces)}
                 self._chunk({**base, "choices": [], "usage": usage})
+                self._leave()
                 self._chunk("[DONE]")
                 self.wfile.write(b"0\r\n\r\n")
 

@@ -67,6 +67,7 @@ def kvzip_seq(kvzip_server):
     seq = scenarios.run_sequence(kvzip_server)
     seq["state"] = scenarios.read_state(kvzip_server.dump_dir, after=before)
     seq["metrics"] = kvzip_server.metrics()
+    seq["metrics_text"] = kvzip_server.get_text("/metrics")
     return seq
 
 
@@ -130,6 +131,24 @@ def test_metrics(kvzip_seq):
     assert _metric(m, "sglang:kvzip_decode_step_seconds_count", prefix="full") > 0
     # SGLang's own radix-cache series keep their label (the plugin reports as UnifiedRadixCache)
     assert not any('cache_type="KVzipRadixCache"' in k for k in m)
+
+
+def test_loadgen_summary_reads_the_sglang_series(kvzip_seq):
+    """`kvzip load` / the benchmark read SGLang's own series (pool, usage, prefix cache) and the plugin's."""
+    from kvzip_plugin.loadgen import parse_metrics, summarize
+
+    out = summarize(None, parse_metrics(kvzip_seq["metrics_text"]), prefix="sglang:")
+    e, k = out["engine"], out["kvzip"]
+    assert e["block_size"] == PAGE and e["num_gpu_blocks"] == 1024 // PAGE  # --max-total-tokens 1024 in pages
+    assert e["kv_cache_usage_perc"] is not None and 0.0 <= e["kv_cache_usage_perc"] <= 1.0
+    n = len(kvzip_seq["requests"])
+    assert e["prompt_tokens"] >= n * L and 0 < e["prefix_cache_hits"] <= e["prefix_cache_queries"]
+    # (+ the server's own warm-up request: no before-snapshot here)
+    assert e["generation_tokens"] >= n * scenarios.MAX_NEW and e["num_preemptions"] == 0
+    assert e["time_to_first_token_ms"] > 0  # (inter-token latency: streamed requests only; these are not)
+    assert k["exported"] and k["prefixes_compressed"] == 1 and k["blocks_saved"] == (L - P) // PAGE
+    assert k["jobs"]["committed"] == 1 and k["compressed_prefix_hits"] == len(_adopted(kvzip_seq))
+    assert k["scoring_to_prefill_mean"] > 0 and k["achieved_ratio_mean"] == 0.5
 
 
 def _reference_logprobs(model, prefix: list[int], n_protected: int, kept: torch.Tensor | None,
