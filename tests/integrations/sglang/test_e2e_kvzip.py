@@ -30,8 +30,7 @@ from tests.integrations.sglang import harness, scenarios
 harness.require_sglang()
 
 from kvzip_plugin.hf.attention import install  # noqa: E402
-from kvzip_plugin.hf.cache import KVzipCache, compact  # noqa: E402
-from kvzip_plugin.types import EvictionPlan  # noqa: E402
+from tests.integrations.reference import reference_logprobs  # noqa: E402
 
 PAGE = 16  # the kvzip server's --page-size: prefixes, compacted slots and evictions are whole pages
 L = scenarios.PREFIX_LEN // PAGE * PAGE  # the shared 200 tokens hit as 12 pages (192 tokens)
@@ -151,27 +150,6 @@ def test_loadgen_summary_reads_the_sglang_series(kvzip_seq):
     assert k["scoring_to_prefill_mean"] > 0 and k["achieved_ratio_mean"] == 0.5
 
 
-def _reference_logprobs(model, prefix: list[int], n_protected: int, kept: torch.Tensor | None,
-                        rest: list[int], generated: list[int]) -> tuple[list[float], list[int]]:
-    """Teacher-forced transformers run on `prefix[:L]` (compacted to `kept` when given), then
-    `rest + generated`; logprob of each generated token and the argmax at each step."""
-    with torch.no_grad():
-        out = model(torch.tensor([prefix[:L]]), use_cache=True)
-        cache = KVzipCache.from_dynamic(out.past_key_values)
-        if kept is not None:
-            n_layers, n_heads, _ = kept.shape
-            keep = torch.zeros(n_layers, n_heads, L - n_protected, dtype=torch.bool)
-            for layer in range(n_layers):
-                for head in range(n_heads):
-                    ctx = kept[layer, head]
-                    keep[layer, head, ctx[ctx >= n_protected] - n_protected] = True
-            cache = compact(cache, EvictionPlan(keep, "head", tuple(range(n_layers))), n_protected)
-        ids = rest + generated[:-1]
-        logits = model(torch.tensor([ids]), past_key_values=cache.view(), use_cache=True).logits[0].float()
-    logp = torch.log_softmax(logits[len(rest) - 1:], dim=-1)
-    return [float(logp[i, t]) for i, t in enumerate(generated)], logp.argmax(-1).tolist()
-
-
 def test_outputs_on_compacted_prefix_equal_transformers_reference(kvzip_server, kvzip_seq, sglang_tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -187,10 +165,10 @@ def test_outputs_on_compacted_prefix_equal_transformers_reference(kvzip_server, 
         # the prefix's last (partial-page) tokens and the suffix at logical positions L, L+1, ... after the
         # kept pairs at their original positions
         rest = prefix[L:] + sfx
-        ref_lp, ref_argmax = _reference_logprobs(model, prefix, dump["n_protected"], kept, rest, r["tokens"])
+        ref_lp, ref_argmax = reference_logprobs(model, prefix[:L], dump["n_protected"], kept, rest, r["tokens"])
         assert ref_argmax == r["tokens"], r["id"]
         assert max(abs(a - b) for a, b in zip(ref_lp, r["logprobs"], strict=True)) < 1e-4, r["id"]
-        full_lp, _ = _reference_logprobs(model, prefix, dump["n_protected"], None, rest, r["tokens"])
+        full_lp, _ = reference_logprobs(model, prefix[:L], dump["n_protected"], None, rest, r["tokens"])
         gaps.append(max(abs(a - b) for a, b in zip(full_lp, r["logprobs"], strict=True)))
     assert gaps and max(gaps) > 1e-2  # the comparison can fail: the full cache gives other logprobs
 

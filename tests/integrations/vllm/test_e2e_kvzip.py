@@ -18,8 +18,7 @@ import torch
 pytest.importorskip("vllm")
 
 from kvzip_plugin.hf.attention import install  # noqa: E402
-from kvzip_plugin.hf.cache import KVzipCache, compact  # noqa: E402
-from kvzip_plugin.types import EvictionPlan  # noqa: E402
+from tests.integrations.reference import reference_logprobs  # noqa: E402
 from tests.integrations.vllm.run_kvzip import BLOCK_SIZE  # noqa: E402
 from tests.integrations.vllm.spawn import spawn  # noqa: E402
 
@@ -86,27 +85,6 @@ def test_compacted_prefix_is_hit_with_fewer_blocks(kvzip_seq, none_seq):
     assert kvzip_seq["pool"]["referenced"] == [] and kvzip_seq["pool"]["cached"] == L // 2 // BLOCK_SIZE
 
 
-def _reference_logprobs(model, prefix: list[int], n_protected: int, kept: torch.Tensor | None,
-                        rest: list[int], generated: list[int]) -> tuple[list[float], list[int]]:
-    """Teacher-forced transformers run on `prefix[:L]` (compacted to `kept` when given), then
-    `rest + generated`; logprob of each generated token and the argmax at each step."""
-    with torch.no_grad():
-        out = model(torch.tensor([prefix[:L]]), use_cache=True)
-        cache = KVzipCache.from_dynamic(out.past_key_values)
-        if kept is not None:
-            n_layers, n_heads, _ = kept.shape
-            keep = torch.zeros(n_layers, n_heads, L - n_protected, dtype=torch.bool)
-            for layer in range(n_layers):
-                for head in range(n_heads):
-                    ctx = kept[layer, head]
-                    keep[layer, head, ctx[ctx >= n_protected] - n_protected] = True
-            cache = compact(cache, EvictionPlan(keep, "head", tuple(range(n_layers))), n_protected)
-        ids = rest + generated[:-1]
-        logits = model(torch.tensor([ids]), past_key_values=cache.view(), use_cache=True).logits[0].float()
-    logp = torch.log_softmax(logits[len(rest) - 1:], dim=-1)
-    return [float(logp[i, t]) for i, t in enumerate(generated)], logp.argmax(-1).tolist()
-
-
 def test_outputs_on_compacted_prefix_equal_transformers_reference(kvzip_seq, dump_dir, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -123,10 +101,10 @@ def test_outputs_on_compacted_prefix_equal_transformers_reference(kvzip_seq, dum
         if r["offset"] is None:
             continue
         rest = prefix[L:] + sfx  # the partial block and the suffix, at logical positions L, L+1, ...
-        ref_lp, ref_argmax = _reference_logprobs(model, prefix, dump["n_protected"], kept, rest, r["tokens"])
+        ref_lp, ref_argmax = reference_logprobs(model, prefix[:L], dump["n_protected"], kept, rest, r["tokens"])
         assert ref_argmax == r["tokens"], r["id"]
         assert max(abs(a - b) for a, b in zip(ref_lp, r["logprobs"], strict=True)) < 2e-3, r["id"]
-        full_lp, _ = _reference_logprobs(model, prefix, dump["n_protected"], None, rest, r["tokens"])
+        full_lp, _ = reference_logprobs(model, prefix[:L], dump["n_protected"], None, rest, r["tokens"])
         gaps.append(max(abs(a - b) for a, b in zip(full_lp, r["logprobs"], strict=True)))
     assert gaps and max(gaps) > 1e-2  # the comparison can fail: the full cache gives other logprobs
 

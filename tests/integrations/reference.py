@@ -1,0 +1,34 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The transformers reference both engines' end-to-end tests compare a compacted prefix against: the
+same kept KV pairs at their original positions, through the core's compressed cache."""
+
+from __future__ import annotations
+
+import torch
+
+from kvzip_plugin.hf.cache import KVzipCache, compact
+from kvzip_plugin.types import EvictionPlan
+
+
+def reference_logprobs(model, prefix: list[int], n_protected: int, kept: torch.Tensor | None, rest: list[int],
+                       generated: list[int]) -> tuple[list[float], list[int]]:
+    """Teacher-forced run of `model` on the L tokens of `prefix` (compacted to `kept` when given:
+    `[layers, H_kv, P]` positions kept per KV head, the first `n_protected` always), then `rest +
+    generated`; returns the logprob of each generated token and the argmax at each step. The model
+    needs KVzip's attention wrapper (`kvzip_plugin.hf.attention.install`)."""
+    L = len(prefix)
+    with torch.no_grad():
+        out = model(torch.tensor([prefix]), use_cache=True)
+        cache = KVzipCache.from_dynamic(out.past_key_values)
+        if kept is not None:
+            n_layers, n_heads, _ = kept.shape
+            keep = torch.zeros(n_layers, n_heads, L - n_protected, dtype=torch.bool)
+            for layer in range(n_layers):
+                for head in range(n_heads):
+                    ctx = kept[layer, head]
+                    keep[layer, head, ctx[ctx >= n_protected] - n_protected] = True
+            cache = compact(cache, EvictionPlan(keep, "head", tuple(range(n_layers))), n_protected)
+        ids = rest + generated[:-1]
+        logits = model(torch.tensor([ids]), past_key_values=cache.view(), use_cache=True).logits[0].float()
+    logp = torch.log_softmax(logits[len(rest) - 1:], dim=-1)
+    return [float(logp[i, t]) for i, t in enumerate(generated)], logp.argmax(-1).tolist()
