@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Tools of the deploy/ checks (tests/deploy), on top of scripts/setup.sh (+ setup_vllm.sh for the
-# end-to-end test). Idempotent; safe to re-run. About 1 minute on a fresh Debian 12 machine.
+# Tools of the deploy/ checks (tests/deploy), on top of scripts/setup.sh (+ setup_vllm.sh and setup_sglang.sh
+# for the end-to-end tests). Idempotent; safe to re-run. About 1 minute on a fresh Debian 12 machine.
 #
-#   Debian 12 packages: prometheus + promtool 2.42.0 (the real Prometheus the end-to-end test runs),
+#   Debian 12 packages: prometheus + promtool 2.42.0 (the real Prometheus the end-to-end tests run),
 #     docker-compose 1.29.2 (`docker-compose config` validates deploy/compose/compose.yaml);
 #     installed with apt-get (root, or sudo) and --no-install-recommends (no Docker engine, no
 #     node exporter; nothing is started).
-#   PyPI, pinned, into the project's venv: grafana-foundation-sdk (deploy/grafana/dashboard.py),
+#   PyPI, pinned, into the project's venv: grafana-foundation-sdk (deploy/grafana/dashboard.py: both dashboards),
 #     helm-python-sdk (Helm v4's Go library: lint and template the chart), kubernetes-validate (the
 #     rendered manifests against Kubernetes' OpenAPI schemas).
 #

@@ -1,11 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Draw deploy/grafana/kvzip-vllm-preview.png: the dashboard's layout (kvzip-vllm.json gridPos, titles,
-units, legends) filled with the real query results that tests/deploy/test_prometheus_e2e.py got from
-Prometheus scraping real vLLM servers. A stand-in for a Grafana screenshot (Grafana itself is not
-installable from the package registries this project can reach); matplotlib draws it.
+"""Draw deploy/grafana/kvzip-vllm-preview.png (or another dashboard's preview): the dashboard's layout
+(gridPos, titles, units, legends) filled with the real query results that tests/deploy/test_prometheus_e2e.py
+(vLLM) or test_prometheus_e2e_sglang.py (SGLang) got from Prometheus scraping real servers. A stand-in for a
+Grafana screenshot (Grafana itself is not installable from the package registries this project can reach);
+matplotlib draws it.
 
     KVZIP_DEPLOY_DUMP=/tmp/kvzip-dump.json python -m pytest -q tests/deploy/test_prometheus_e2e.py
     python deploy/grafana/render_preview.py /tmp/kvzip-dump.json     # needs matplotlib
+    KVZIP_DEPLOY_DUMP_SGLANG=/tmp/sglang-dump.json python -m pytest -q tests/deploy/test_prometheus_e2e_sglang.py
+    python deploy/grafana/render_preview.py /tmp/sglang-dump.json --dashboard deploy/grafana/kvzip-sglang.json
 """
 
 from __future__ import annotations
@@ -34,13 +37,13 @@ def _fmt(value: float, unit: str) -> str:
     return f"{text} {suffix}".strip()
 
 
-def render(dump_path: Path, out: Path) -> None:
+def render(dump_path: Path, out: Path, dashboard: Path = HERE / "kvzip-vllm.json") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dash = json.loads((HERE / "kvzip-vllm.json").read_text())
+    dash = json.loads(dashboard.read_text())
     dump = json.loads(dump_path.read_text())
     t0 = dump["start"]
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in dash["panels"])
@@ -50,7 +53,7 @@ def render(dump_path: Path, out: Path) -> None:
     fig.text(0.01, 1 - 0.35 / (rows * unit_h + 1.2), f"{dash['title']}   |   model_name=tiny, instance=All",
              color=FG, fontsize=15, weight="bold", va="center")
     fig.text(0.99, 1 - 0.35 / (rows * unit_h + 1.2), "rendered from real Prometheus data of "
-             "tests/deploy/test_prometheus_e2e.py (not a Grafana screenshot)", color=MUTED, fontsize=9,
+             "the tests/deploy end-to-end tests (not a Grafana screenshot)", color=MUTED, fontsize=9,
              ha="right", va="center")
 
     def box(g: dict) -> list[float]:
@@ -102,10 +105,11 @@ def render(dump_path: Path, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("dump", type=Path, help="the KVZIP_DEPLOY_DUMP file of tests/deploy/test_prometheus_e2e.py")
-    ap.add_argument("--out", type=Path, default=HERE / "kvzip-vllm-preview.png")
+    ap.add_argument("dump", type=Path, help="the KVZIP_DEPLOY_DUMP(_SGLANG) file of a tests/deploy e2e test")
+    ap.add_argument("--dashboard", type=Path, default=HERE / "kvzip-vllm.json", help="the dashboard JSON")
+    ap.add_argument("--out", type=Path, help="default: <dashboard>-preview.png beside the dashboard")
     args = ap.parse_args()
-    render(args.dump, args.out)
+    render(args.dump, args.out or args.dashboard.with_name(args.dashboard.stem + "-preview.png"), args.dashboard)
 
 
 if __name__ == "__main__":
