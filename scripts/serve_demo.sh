@@ -110,8 +110,13 @@ stop_server() {
     [ -n "$SERVER_PID" ] || return 0
     if kill -0 "$SERVER_PID" 2>/dev/null; then
         echo "== stopping the server (pid $SERVER_PID)"
-        # its own process group (setsid): the server and its engine processes go together
-        kill -TERM -- "-$SERVER_PID" 2>/dev/null || kill -TERM "$SERVER_PID" 2>/dev/null || true
+        # its own process group (setsid). vLLM: the whole group. SGLang: only its launcher, which stops
+        # its scheduler and detokenizer itself (a TERM to the group looks to it like a crashed scheduler)
+        if [ "$ENGINE" = sglang ]; then
+            kill -TERM "$SERVER_PID" 2>/dev/null || true
+        else
+            kill -TERM -- "-$SERVER_PID" 2>/dev/null || kill -TERM "$SERVER_PID" 2>/dev/null || true
+        fi
         for _ in $(seq 1 30); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 1; done
         kill -KILL -- "-$SERVER_PID" 2>/dev/null || kill -KILL "$SERVER_PID" 2>/dev/null || true
     fi
