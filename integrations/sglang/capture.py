@@ -23,23 +23,11 @@ from typing import Any
 import torch
 
 from kvzip_plugin.scoring.kvzip import chunk_scores
+from kvzip_plugin.scoring.plan import ScoringTarget
 
 logger = logging.getLogger("sglang.kvzip_plugin")
 
 _WRAPPED = "__kvzip_forward__"
-
-
-@dataclass(frozen=True)
-class ScoringTarget:
-    """What one scoring request scores: context span `[start, end)` of job `job_id`'s prefix of `prefix_len`
-    tokens whose first `n_protected` are protected."""
-
-    job_id: int
-    prefix_len: int
-    n_protected: int
-    start: int
-    end: int
-    softmax: str = "chunk"
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 from kvzip_plugin.integrations.sglang import KVCompressionSettings
-from kvzip_plugin.integrations.sglang.capture import ScoreCapture, ScoringTarget
+from kvzip_plugin.integrations.sglang.capture import ScoreCapture
 from sglang.srt.mem_cache.base_prefix_cache import (
     DecLockRefParams,
     EvictParams,
@@ -68,7 +68,7 @@ from kvzip_plugin.config import KVzipConfig
 from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.jobs import CompressionJob, JobStatus
 from kvzip_plugin.metrics import KVzipStats, ScoringClock
-from kvzip_plugin.scoring.reconstruction import repeat_chunks
+from kvzip_plugin.scoring.plan import SCORING_OVERHEAD, Unservable, plan_scoring
 
 logger = logging.getLogger("sglang.kvzip_plugin")
 
@@ -77,8 +77,7 @@ ADOPT_ATTR = "_kvzip_adoption"
 SEEN_ATTR = "_kvzip_observed"
 MAX_RUNTIME_FAILURES = 5  # unexpected errors before KVzip is disabled in this process
 MAX_ALLOC_WAIT_PUMPS = 200  # pumps a scored job may wait for free slots before it fails
-_SCORING_OVERHEAD = 64  # repeat prompt + chat postfix tokens, with margin
-_MIN_CHUNK = 16
+_MIN_CHUNK = 16  # shortest scoring chunk (vLLM: the core default, 32)
 STATS_INTERVAL_S = 1.0
 
 _active: list[weakref.ReferenceType] = []
@@ -92,10 +91,6 @@ def active_cache() -> KVzipRadixCache | None:
 
 def is_scoring_rid(rid: Any) -> bool:
     return isinstance(rid, str) and rid.startswith(SCORING_PREFIX)
-
-
-class _Unservable(RuntimeError):
-    """A job that would fail the same way on every retry."""
 
 
 class CompactedNode:
@@ -651,7 +646,7 @@ class KVzipRadixCache(UnifiedRadixCache):
             return False
         L = pending.candidate.num_tokens
         room = self.token_to_kv_pool_allocator.available_size() + super().evictable_size()
-        return room >= 2 * L + _SCORING_OVERHEAD + self.kvzip_config.carry_tokens
+        return room >= 2 * L + SCORING_OVERHEAD + self.kvzip_config.carry_tokens
 
     def _start(self, j: _Job, sched: Any) -> None:
         L = len(j.tokens)
@@ -662,37 +657,18 @@ class KVzipRadixCache(UnifiedRadixCache):
                 raise _Cancelled("the prefix was evicted before its job started")
             j.node = match.last_device_node
             j.lock = super().lock(j.node)  # pinned until commit or rollback
-            from kvzip_plugin.hf.template import encode, template_parts
-
-            tok = self._get_tokenizer(sched)
-            parts = template_parts(tok, self.kvzip_config.system_prompt)
-            if self.kvzip_config.protected_prefix_tokens is not None:
-                j.n_protected = min(self.kvzip_config.protected_prefix_tokens, L)
-            else:
-                j.n_protected = _common_prefix(parts.prefix_ids, j.tokens)
-            context = list(j.tokens[j.n_protected:])
-            if len(context) < self.kvzip_config.min_context_tokens:
-                raise _Unservable(f"context of {len(context)} tokens < min_context_tokens")
             max_len = int(getattr(sched, "max_req_input_len", None) or sched.model_config.context_len) - 1
-            chunk_size = min(self.kvzip_config.chunk_size,
-                             max_len - L - _SCORING_OVERHEAD - self.kvzip_config.carry_tokens)
-            if chunk_size < _MIN_CHUNK:
-                raise _Unservable(f"a {L}-token prefix leaves no room for scoring chunks under the context "
-                                  f"length {max_len}")
-            chunks = repeat_chunks(context, parts.postfix_ids, lambda s: encode(tok, s), chunk_size,
-                                   self.kvzip_config.carry_tokens, self.kvzip_config.repeat_prompt_first,
-                                   self.kvzip_config.repeat_prompt_next)
+            plan = plan_scoring(j.tokens, self._get_tokenizer(sched), self.kvzip_config, max_len,
+                                min_chunk=_MIN_CHUNK)
+            j.n_protected = plan.n_protected
             if envs.fault_injection() == "scoring":
                 raise RuntimeError("fault injected (KVZIP_FAULT_INJECTION=scoring)")
             reqs, targets = [], {}
-            for chunk in chunks:
-                ids = array("q", j.tokens) + array("q", chunk.input_ids)
-                if len(ids) > max_len:
-                    raise _Unservable(f"scoring input of {len(ids)} tokens exceeds the context length {max_len}")
+            for chunk, target in zip(plan.chunks, plan.targets(j.job.job_id, L, self.kvzip_config.score_softmax),
+                                     strict=True):
                 rid = f"{SCORING_PREFIX}{j.job.job_id}-{chunk.index}"
-                reqs.append(self._scoring_req(sched, rid, ids, j))
-                targets[rid] = ScoringTarget(j.job.job_id, L, j.n_protected, chunk.start, chunk.end,
-                                             self.kvzip_config.score_softmax)
+                reqs.append(self._scoring_req(sched, rid, array("q", j.tokens) + array("q", chunk.input_ids), j))
+                targets[rid] = target
             assert self.capture is not None
             self.capture.add_targets(targets)
             for req in reqs:  # only once every chunk is valid
@@ -703,10 +679,10 @@ class KVzipRadixCache(UnifiedRadixCache):
                 sched._add_request_to_queue(req)
             self._dirty = True
             logger.info("kvzip-plugin: job %d scoring %d tokens (%d protected) in %d chunk(s)", j.job.job_id, L,
-                        j.n_protected, len(chunks))
+                        j.n_protected, len(plan.chunks))
         except _Cancelled as exc:
             self._end(j, JobStatus.CANCELLED, str(exc))
-        except _Unservable as exc:  # the same prefix would fail again: never retried
+        except Unservable as exc:  # the same prefix would fail again: never retried
             self._end(j, JobStatus.FAILED, str(exc), unservable=True)
         except Exception as exc:
             self._end(j, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
@@ -1007,15 +983,6 @@ class KVzipRadixCache(UnifiedRadixCache):
 
 class _Cancelled(RuntimeError):
     pass
-
-
-def _common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,26 +15,9 @@ import dataclasses
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
+from kvzip_plugin.scoring.plan import ScoringTarget  # what each scoring request scores (shared with SGLang)
 
-@dataclasses.dataclass(frozen=True)
-class ScoringTarget:
-    """A scoring request: the repeat input of one chunk, prefilled on top of a cached prefix.
-
-    Attributes:
-        job_id: the compression job.
-        prefix_len: L, tokens of the prefix (the scoring request's prompt is prefix + repeat input).
-        n_protected: leading prefix tokens that are always kept (not scored).
-        start, end: the context span `[start, end)` this chunk scores (context coordinates, i.e.
-            prefix positions minus `n_protected`).
-        softmax: `chunk` (protected + chunk + repeat keys, as the official code) or `full_cache`.
-    """
-
-    job_id: int
-    prefix_len: int
-    n_protected: int
-    start: int
-    end: int
-    softmax: str = "chunk"
+__all__ = ["CompactCommand", "CompactionResult", "KVzipConnectorMetadata", "KVzipWorkerMetadata", "ScoringTarget"]
 
 
 @dataclasses.dataclass(frozen=True)

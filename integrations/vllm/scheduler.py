@@ -42,18 +42,12 @@ from kvzip_plugin.config import KVzipConfig
 from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.jobs import CompressionJob, JobStatus
 from kvzip_plugin.metrics import KVzipStats
-from kvzip_plugin.scoring.reconstruction import repeat_chunks
+from kvzip_plugin.scoring.plan import Unservable, plan_scoring
 
 logger = logging.getLogger("vllm.kvzip_plugin.scheduler")
 
 SCORING_PREFIX = "kvzip-score-"
-_SCORING_OVERHEAD = 64  # repeat prompt + chat postfix tokens, with margin
-_MIN_CHUNK = 32
 ACK_TIMEOUT_S = 120.0
-
-
-class _Unservable(RuntimeError):
-    """A job that would fail the same way on every retry (e.g. the prefix is too long to score)."""
 _WRAPPED = "__kvzip_kvcm__"
 
 
@@ -224,50 +218,30 @@ class SchedulerState:
                 raise RuntimeError("the prefix was evicted before its job started")
             j.src_blocks = [b[0] for b in blocks]
             self.pool.touch(j.src_blocks)  # pinned until commit or rollback
-            tok = self._get_tokenizer()
-            from kvzip_plugin.hf.template import encode, template_parts
-
-            parts = template_parts(tok, None)
-            if self.config.protected_prefix_tokens is not None:
-                j.n_protected = min(self.config.protected_prefix_tokens, L)
-            else:
-                j.n_protected = _common_prefix(parts.prefix_ids, j.prefix_ids)
-            context = j.prefix_ids[j.n_protected:]
-            if len(context) < self.config.min_context_tokens:
-                raise _Unservable(f"context of {len(context)} tokens < min_context_tokens")
-            max_len = self.vllm_config.model_config.max_model_len
-            # a scoring request is prefix + repeat prompt + carried tokens + chunk: shrink the chunk so it
-            # fits the engine's max_model_len (more, shorter scoring requests; same scores per token)
-            chunk_size = min(self.config.chunk_size, max_len - L - _SCORING_OVERHEAD - self.config.carry_tokens)
-            if chunk_size < _MIN_CHUNK:
-                raise _Unservable(f"a {L}-token prefix leaves no room for scoring chunks under max_model_len "
-                                  f"{max_len} (needs about {L + _SCORING_OVERHEAD + _MIN_CHUNK})")
-            chunks = repeat_chunks(context, parts.postfix_ids, lambda s: encode(tok, s), chunk_size,
-                                   self.config.carry_tokens, self.config.repeat_prompt_first,
-                                   self.config.repeat_prompt_next)
+            # a prompt shorter than max_model_len leaves room for the one generated token
+            plan = plan_scoring(j.prefix_ids, self._get_tokenizer(), self.config,
+                                self.vllm_config.model_config.max_model_len - 1)
+            j.n_protected = plan.n_protected
             from vllm import SamplingParams
             from vllm.v1.request import Request
 
             reqs = []
-            for chunk in chunks:
-                ids = j.prefix_ids + list(chunk.input_ids)
-                if len(ids) >= max_len:
-                    raise _Unservable(f"scoring input of {len(ids)} tokens exceeds max_model_len {max_len}")
+            for chunk, target in zip(plan.chunks, plan.targets(j.job.job_id, L, self.config.score_softmax),
+                                     strict=True):
                 rid = f"{SCORING_PREFIX}{j.job.job_id}-{chunk.index}"
-                reqs.append(Request(request_id=rid, prompt_token_ids=ids,
+                reqs.append(Request(request_id=rid, prompt_token_ids=j.prefix_ids + list(chunk.input_ids),
                                     sampling_params=SamplingParams(max_tokens=1, temperature=0.0),
                                     pooling_params=None, lora_request=j.request.lora_request,
                                     cache_salt=j.request.cache_salt, block_hasher=j.request._block_hasher))
-                j.targets[rid] = ScoringTarget(j.job.job_id, L, j.n_protected, chunk.start, chunk.end,
-                                               self.config.score_softmax)
+                j.targets[rid] = target
             for req in reqs:  # only once every chunk is valid: a failed start adds nothing
                 j.pending.add(req.request_id)
                 self.scoring_owner[req.request_id] = j.job.job_id
             self.to_add.extend(reqs)
             self.new_targets.update(j.targets)
             logger.info("kvzip-plugin: job %d scoring %d tokens (%d protected) in %d chunk(s)",
-                        j.job.job_id, L, j.n_protected, len(chunks))
-        except _Unservable as exc:  # the same prefix would fail again: never retried
+                        j.job.job_id, L, j.n_protected, len(plan.chunks))
+        except Unservable as exc:  # the same prefix would fail again: never retried
             self._end(j, JobStatus.FAILED, str(exc), unservable=True)
         except Exception as exc:
             self._end(j, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
@@ -456,10 +430,3 @@ class SchedulerState:
         return self._tokenizer
 
 
-def _common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
