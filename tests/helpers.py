@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -72,3 +74,14 @@ def make_model(arch: str, vocab_size: int = 512, seed: int = 0, layers: int = 3)
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(4.0)
     return model.eval()
+
+
+class ListHandler(logging.Handler):
+    """A logging handler that keeps every message (formatted), for tests that check log lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())

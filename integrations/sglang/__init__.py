@@ -38,12 +38,11 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
-import threading
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from kvzip_plugin import settings as shared_settings
+from kvzip_plugin.registration import Registration
 from kvzip_plugin.settings import (  # noqa: F401  (re-exported: the cache, the hooks and the tests use them)
     ENV_MIN_HITS,
     ENV_MIN_PREFIX,
@@ -78,8 +77,7 @@ HOOK_TARGETS = {
     "resolve_once": "sglang.srt.server_args.ServerArgs.resolve_once",
 }
 
-_lock = threading.RLock()
-_state: dict[str, Any] = {"done": False, "active": False, "reason": None}
+_registration = Registration("SGLang", logger)  # once per process; fails closed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,28 +283,16 @@ def _register_hooks() -> None:
         HookRegistry.apply_hooks()
 
 
+def _patch_sglang() -> None:
+    _register_backend()
+    _register_hooks()
+
+
 def register() -> None:
     """The `sglang.srt.plugins` entry point. Idempotent, re-entrant, never raises."""
-    with _lock:
-        if _state["done"]:
-            return
-        _state["done"] = True  # set first: a nested call (re-entrancy) returns at once
-        try:
-            version = _sglang_version()
-            reason = unsupported_reason(version)
-            if reason is not None:
-                _state["reason"] = reason
-                logger.warning("kvzip-plugin: %s; KV compression disabled, SGLang left unchanged", reason)
-                return
-            _register_backend()
-            _register_hooks()
-            _state["active"] = True
-            logger.info("kvzip-plugin: registered for SGLang %s (pid %d)", version, os.getpid())
-        except Exception as exc:  # fail closed: a plugin error must not take SGLang down
-            _state["reason"] = f"registration failed: {exc!r}"
-            logger.warning("kvzip-plugin: registration failed (%r); KV compression disabled", exc)
+    _registration.run(lambda: _sglang_version(), unsupported_reason, _patch_sglang)  # late-bound: tests replace it
 
 
 def is_active() -> bool:
     """True once `register()` has registered the backend and the hooks in this process."""
-    return bool(_state["active"])
+    return _registration.active

@@ -29,11 +29,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import threading
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from kvzip_plugin import settings as shared_settings
+from kvzip_plugin.registration import Registration
 from kvzip_plugin.settings import (  # noqa: F401  (re-exported: the connector and the tests use them from here)
     ENV_MIN_HITS,
     ENV_MIN_PREFIX,
@@ -62,8 +62,7 @@ SUPPORTED: dict[tuple[int, int], str] = {(0, 32): "cpu", (0, 33): "cuda"}
 
 _WRAPPED = "__kvzip_wrapped__"  # marks our wrappers, so a second register() never wraps twice
 _DISABLED_ATTR = "_kvzip_explicitly_disabled"  # set on EngineArgs by `--kv-compression none`
-_lock = threading.RLock()
-_state: dict[str, Any] = {"done": False, "active": False, "reason": None}
+_registration = Registration("vLLM", logger)  # once per process; fails closed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,30 +237,22 @@ def _register_connector() -> None:
         KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
 
 
+def _vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def _patch_vllm() -> None:
+    _register_connector()
+    _wrap_engine_args()
+
+
 def register() -> None:
     """The `vllm.general_plugins` entry point. Idempotent, re-entrant, never raises."""
-    with _lock:
-        if _state["done"]:
-            return
-        _state["done"] = True  # set first: a nested call (re-entrancy) returns at once
-        try:
-            import vllm
-
-            version = getattr(vllm, "__version__", "unknown")
-            reason = unsupported_reason(version, _current_device())
-            if reason is not None:
-                _state["reason"] = reason
-                logger.warning("kvzip-plugin: %s; KV compression disabled, vLLM left unchanged", reason)
-                return
-            _register_connector()
-            _wrap_engine_args()
-            _state["active"] = True
-            logger.info("kvzip-plugin: registered for vLLM %s (pid %d)", version, os.getpid())
-        except Exception as exc:  # fail closed: a plugin error must not take vLLM down
-            _state["reason"] = f"registration failed: {exc!r}"
-            logger.warning("kvzip-plugin: registration failed (%r); KV compression disabled", exc)
+    _registration.run(_vllm_version, lambda version: unsupported_reason(version, _current_device()), _patch_vllm)
 
 
 def is_active() -> bool:
     """True once `register()` has patched this process."""
-    return bool(_state["active"])
+    return _registration.active

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from kvzip_plugin.settings import KVCompressionSettings, make_settings, settings_from_env
+from kvzip_plugin.settings import (
+    ENV_MIN_HITS,
+    ENV_MODE,
+    ENV_RATIO,
+    KVCompressionSettings,
+    make_settings,
+    settings_from_env,
+)
 
 
 def test_valid_settings_and_round_trip():
@@ -31,3 +38,10 @@ def test_environment():
         settings_from_env({"KVZIP_KV_COMPRESSION": "kvzip", "KVZIP_KV_COMPRESSION_MIN_HITS": "0"})
     with pytest.raises(ValueError, match="invalid choice"):
         settings_from_env({"KVZIP_KV_COMPRESSION": "zip"})
+    # (formerly in both engines' test_cli.py: the engines re-export these names)
+    s = settings_from_env({ENV_MODE: "KVZIP", ENV_RATIO: "0.4", ENV_MIN_HITS: "2"})
+    assert (s.ratio, s.min_prefix_tokens, s.min_hits) == (0.4, None, 2)
+    with pytest.raises(ValueError, match=ENV_RATIO):
+        settings_from_env({ENV_MODE: "kvzip", ENV_RATIO: "2"})
+    with pytest.raises(ValueError, match=ENV_MODE):
+        settings_from_env({ENV_MODE: "yes"})

@@ -170,14 +170,7 @@ def test_tree_core_selection_and_nodes():
 
 @pytest.fixture()
 def pools():
-    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
-
-    kv = MHATokenToKVPool(size=64, page_size=1, dtype=torch.bfloat16, head_num=2, head_dim=8, layer_num=2,
-                          device="cpu", enable_memory_saver=False)
-    alloc = TokenToKVPoolAllocator(64, torch.bfloat16, "cpu", kv, need_sort=False)
-    req_to_token = ReqToTokenPool(size=4, max_context_len=32, device="cpu", enable_memory_saver=False)
-    return kv, alloc, req_to_token
+    return harness.cpu_pools(torch.bfloat16, max_context_len=32)
 
 
 def test_kv_pool_layout(pools):

@@ -6,11 +6,11 @@ and start-up failures of the real launcher (`python -m sglang.launch_server`).""
 from __future__ import annotations
 
 import argparse
-import logging
 from importlib.metadata import entry_points
 
 import pytest
 
+from tests.helpers import ListHandler
 from tests.integrations.sglang import harness
 
 harness.require_sglang()
@@ -20,11 +20,13 @@ import msgspec  # noqa: E402
 from sglang.srt.mem_cache.registry import get_radix_cache_factory  # noqa: E402
 from sglang.srt.server_args import ServerArgs  # noqa: E402
 
+from kvzip_plugin.registration import Registration  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def parser() -> argparse.ArgumentParser:
     plugin.register()
-    assert plugin.is_active(), plugin._state
+    assert plugin.is_active(), plugin._registration.reason
     p = argparse.ArgumentParser(prog="sglang serve")
     ServerArgs.add_cli_args(p)  # SGLang's own builder, with the plugin's AFTER hook
     return p
@@ -153,17 +155,6 @@ def test_namespace_not_from_parser_is_validated(parser):
 # --------------------------------------------------------------------------- environment (Engine users)
 
 
-def test_settings_from_env():
-    assert plugin.settings_from_env({}) is None
-    assert plugin.settings_from_env({plugin.ENV_MODE: "none"}) is None
-    s = plugin.settings_from_env({plugin.ENV_MODE: "KVZIP", plugin.ENV_RATIO: "0.4", plugin.ENV_MIN_HITS: "2"})
-    assert (s.ratio, s.min_prefix_tokens, s.min_hits) == (0.4, None, 2)
-    with pytest.raises(ValueError, match=plugin.ENV_RATIO):
-        plugin.settings_from_env({plugin.ENV_MODE: "kvzip", plugin.ENV_RATIO: "2"})
-    with pytest.raises(ValueError, match=plugin.ENV_MODE):
-        plugin.settings_from_env({plugin.ENV_MODE: "yes"})
-
-
 def test_env_selects_kvzip_before_resolution(parser, monkeypatch):
     """The BEFORE hook on `ServerArgs.resolve_once` (what `Engine(...)` and the CLI both call), applied
     to a record as `Engine(model_path=...)` builds it."""
@@ -208,22 +199,13 @@ def test_unsupported_reason(version, ok):
     assert (plugin.unsupported_reason(version) is None) == ok
 
 
-class _ListHandler(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def test_unsupported_version_changes_nothing(monkeypatch):
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    monkeypatch.setattr(plugin, "_state", {"done": False, "active": False, "reason": None})
+    monkeypatch.setattr(plugin, "_registration", Registration("SGLang", plugin.logger))
     monkeypatch.setattr(plugin, "_sglang_version", lambda: "0.5.22")
     hooks_before = {k: list(v) for k, v in HookRegistry._hooks.items()}
-    handler = _ListHandler()
+    handler = ListHandler()
     plugin.logger.addHandler(handler)
     try:
         plugin.register()
@@ -235,14 +217,14 @@ def test_unsupported_version_changes_nothing(monkeypatch):
 
 
 def test_register_never_raises(monkeypatch):
-    monkeypatch.setattr(plugin, "_state", {"done": False, "active": False, "reason": None})
+    monkeypatch.setattr(plugin, "_registration", Registration("SGLang", plugin.logger))
 
     def boom():
         raise RuntimeError("boom")
 
     monkeypatch.setattr(plugin, "_sglang_version", boom)
     plugin.register()
-    assert not plugin.is_active() and "boom" in plugin._state["reason"]
+    assert not plugin.is_active() and "boom" in plugin._registration.reason
 
 
 def test_unsupported_cache_reason():

@@ -26,14 +26,7 @@ from kvzip_plugin.metrics import KVzipStats  # noqa: E402
 
 @pytest.fixture()
 def pools():
-    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
-
-    kv = MHATokenToKVPool(size=64, page_size=1, dtype=torch.float32, head_num=2, head_dim=8, layer_num=2,
-                          device="cpu", enable_memory_saver=False)
-    alloc = TokenToKVPoolAllocator(64, torch.float32, "cpu", kv, need_sort=False)
-    req_to_token = ReqToTokenPool(size=4, max_context_len=64, device="cpu", enable_memory_saver=False)
-    return kv, alloc, req_to_token
+    return harness.cpu_pools(torch.float32, max_context_len=64)
 
 
 def _cache(pools, server_args=None, core: str = "rust") -> rc.KVzipRadixCache:

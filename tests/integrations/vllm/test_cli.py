@@ -4,7 +4,6 @@ the environment variables for `LLM(...)` users, and the fail-closed version chec
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -13,10 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ListHandler
+
 vllm = pytest.importorskip("vllm")
 
 import kvzip_plugin.integrations.vllm as plugin  # noqa: E402
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
+
+from kvzip_plugin.registration import Registration  # noqa: E402
 
 try:  # `vllm serve`'s parser: .launchers.cli_args in 0.32, .common.cli_args in 0.33
     from vllm.entrypoints.launchers.cli_args import make_arg_parser  # noqa: E402
@@ -36,7 +39,7 @@ def _clean_env(monkeypatch):
 @pytest.fixture(scope="module")
 def parser():
     plugin.register()
-    assert plugin.is_active(), plugin._state
+    assert plugin.is_active(), plugin._registration.reason
     return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
 
 
@@ -53,7 +56,7 @@ def test_entry_point_declared():
 def test_register_is_idempotent(parser):
     add, from_cli, create = EngineArgs.add_cli_args, EngineArgs.from_cli_args, EngineArgs.create_engine_config
     plugin.register()
-    plugin._state["done"] = False  # even a forced second pass must not wrap twice
+    plugin._registration.done = False  # even a forced second pass must not wrap twice
     plugin.register()
     assert EngineArgs.add_cli_args is add
     assert EngineArgs.from_cli_args.__func__ is from_cli.__func__
@@ -155,17 +158,6 @@ def test_connector_class_resolves(parser):
 # --------------------------------------------------------------------------- environment (LLM users)
 
 
-def test_settings_from_env():
-    assert plugin.settings_from_env({}) is None
-    assert plugin.settings_from_env({plugin.ENV_MODE: "none"}) is None
-    s = plugin.settings_from_env({plugin.ENV_MODE: "KVZIP", plugin.ENV_RATIO: "0.4", plugin.ENV_MIN_HITS: "2"})
-    assert (s.ratio, s.min_prefix_tokens, s.min_hits) == (0.4, None, 2)
-    with pytest.raises(ValueError, match=plugin.ENV_RATIO):
-        plugin.settings_from_env({plugin.ENV_MODE: "kvzip", plugin.ENV_RATIO: "2"})
-    with pytest.raises(ValueError, match=plugin.ENV_MODE):
-        plugin.settings_from_env({plugin.ENV_MODE: "yes"})
-
-
 def _engine_args(model_dir: Path, **kw) -> EngineArgs:
     return EngineArgs(model=str(model_dir), max_model_len=256, block_size=32, enforce_eager=True, **kw)
 
@@ -216,15 +208,6 @@ def test_unsupported_reason(version, device, ok):
     assert (plugin.unsupported_reason(version, device) is None) == ok
 
 
-class _ListHandler(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def test_unsupported_version_changes_nothing(parser, monkeypatch):
     # start from vLLM's own (unwrapped) EngineArgs; monkeypatch restores everything afterwards
     for name in ("add_cli_args", "from_cli_args", "create_engine_config"):
@@ -233,9 +216,9 @@ def test_unsupported_version_changes_nothing(parser, monkeypatch):
         orig = type(static)(func.__wrapped__) if isinstance(static, (staticmethod, classmethod)) else func.__wrapped__
         monkeypatch.setattr(EngineArgs, name, orig)
     before = {n: EngineArgs.__dict__[n] for n in ("add_cli_args", "from_cli_args", "create_engine_config")}
-    monkeypatch.setattr(plugin, "_state", {"done": False, "active": False, "reason": None})
+    monkeypatch.setattr(plugin, "_registration", Registration("vLLM", plugin.logger))
     monkeypatch.setattr(vllm, "__version__", "0.31.0")
-    handler = _ListHandler()  # vLLM's "vllm" logger may not propagate to the root (caplog)
+    handler = ListHandler()  # vLLM's "vllm" logger may not propagate to the root (caplog)
     plugin.logger.addHandler(handler)
     try:
         plugin.register()
