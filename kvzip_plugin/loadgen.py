@@ -323,6 +323,8 @@ class EngineSeries:
     generation_tokens: str
     inter_token_latency: str  # histogram (seconds)
     time_to_first_token: str
+    preemptions_created_lazily: bool = False
+    """The preemption counter appears only at the first preemption: absent means none happened."""
 
 
 VLLM_SERIES = EngineSeries(
@@ -339,7 +341,7 @@ SGLANG_SERIES = EngineSeries(
     running="sglang:num_running_reqs", waiting="sglang:num_queue_reqs",
     preemptions="sglang:num_retracted_requests_total", prompt_tokens="sglang:prompt_tokens_total",
     generation_tokens="sglang:generation_tokens_total", inter_token_latency="sglang:inter_token_latency_seconds",
-    time_to_first_token="sglang:time_to_first_token_seconds",
+    time_to_first_token="sglang:time_to_first_token_seconds", preemptions_created_lazily=True,
 )
 
 
@@ -395,7 +397,7 @@ def summarize(before: MetricsSnapshot | None, after: MetricsSnapshot, peaks: dic
         "prefix_cache_hit_rate": hits / queries if hits is not None and queries else None,
         "num_requests_running_peak": _int(peaks.get(e.running)),
         "num_requests_waiting_peak": _int(peaks.get(e.waiting)),
-        "num_preemptions": _preemptions(before, after, e.preemptions),
+        "num_preemptions": _preemptions(before, after, e),
         "prompt_tokens": _int(_delta(before, after, e.prompt_tokens)),
         "generation_tokens": _int(_delta(before, after, e.generation_tokens)),
         "inter_token_latency_ms": _ms(_hist_mean(before, after, e.inter_token_latency)),
@@ -427,11 +429,11 @@ def summarize(before: MetricsSnapshot | None, after: MetricsSnapshot, peaks: dic
     return {"engine": engine, "kvzip": kvzip}
 
 
-def _preemptions(before: MetricsSnapshot | None, after: MetricsSnapshot, name: str) -> int | None:
-    """Preemptions over the load. SGLang creates its retraction counter at the first retraction: absent
-    from a server that exports the rest of its series means none happened."""
-    delta = _delta(before, after, name)
-    if delta is None and name.startswith("sglang:") and after.has_prefix("sglang:"):
+def _preemptions(before: MetricsSnapshot | None, after: MetricsSnapshot, e: EngineSeries) -> int | None:
+    """Preemptions over the load (0 when a lazily created counter is absent from a server that exports
+    the engine's other series)."""
+    delta = _delta(before, after, e.preemptions)
+    if delta is None and e.preemptions_created_lazily and after.has_prefix(e.prefix):
         return 0
     return _int(delta)
 
