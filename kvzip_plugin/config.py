@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Structure = Literal["pair", "head", "layer"]
+Structure = Literal["pair", "head", "layer", "layer_budget"]
 ScorerName = Literal["kvzip", "kvzip_head"]
 ScoreSoftmax = Literal["chunk", "full_cache"]
 
@@ -37,7 +37,8 @@ class KVzipConfig(BaseModel):
     """Eviction structure. `pair`: one global threshold over all layers, KV heads and positions
     (non-uniform budgets, the paper's default). `head`: the same count in every (layer, KV head),
     each head its own tokens (the layout a paged engine holds). `layer`: all KV heads of a layer
-    keep the same tokens (layer score = max over its heads)."""
+    keep the same tokens (layer score = max over its heads). `layer_budget`: each layer keeps the count
+    the `pair` threshold gives it, split evenly over its KV heads, each head its own best tokens."""
 
     scorer: ScorerName = "kvzip"
     """`kvzip`: context-dependent reconstruction scores. `kvzip_head`: the context-independent

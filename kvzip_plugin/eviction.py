@@ -5,7 +5,9 @@ Tie rule (deterministic): candidates are ranked by score, descending, with a *st
 their flat index in (layer, KV head, position) order, so among equal scores the pair with the lower
 layer, then head, then position is kept first. Budgets are exact: `floor(ratio * n)` pairs, at least
 one, where `n` is the number of candidates of the budget's scope (all compressible pairs for `pair`,
-one head's positions for `head`, one layer's positions for `layer`).
+one head's positions for `head`, one layer's positions for `layer`). `layer_budget` takes the
+`pair` plan's count in each layer and splits it evenly over the layer's KV heads (rounded up), each
+head keeping its own best tokens: budgets follow the layers, uniform across the heads of a layer.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from kvzip_plugin.types import EvictionPlan, ScoreMap
 
-STRUCTURES = ("pair", "head", "layer")
+STRUCTURES = ("pair", "head", "layer", "layer_budget")
 
 
 def budget(ratio: float, n: int) -> int:
@@ -35,6 +37,16 @@ def _top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
+def top_mask_variable(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool mask over the last dim of `scores` `[..., n]` marking, in each row, its top `counts[...]`
+    entries (stable tie rule: among equal scores the earlier position first)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    rank_kept = torch.arange(scores.shape[-1]) < counts.unsqueeze(-1)  # [..., n] in rank order
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask.scatter_(-1, order, rank_kept)
+    return mask
+
+
 def plan_eviction(score_map: ScoreMap, ratio: float, structure: str) -> EvictionPlan:
     """Choose the kept context pairs.
 
@@ -42,7 +54,8 @@ def plan_eviction(score_map: ScoreMap, ratio: float, structure: str) -> Eviction
         score_map: scores `[layers, kv_heads, n_context]`; only `scored_layers` are compressed.
         ratio: fraction of the compressible context pairs kept, in (0, 1].
         structure: `pair` (one global threshold), `head` (same count per layer and head),
-            `layer` (same tokens for all heads of a layer; layer score = max over heads).
+            `layer` (same tokens for all heads of a layer; layer score = max over heads),
+            `layer_budget` (the `pair` plan's count per layer, split evenly over its KV heads).
 
     Returns:
         The plan; `keep` is all True for unscored layers and at ratio 1.0.
@@ -63,6 +76,11 @@ def plan_eviction(score_map: ScoreMap, ratio: float, structure: str) -> Eviction
         sub_keep = _top_mask(flat, budget(ratio, flat.numel())).view_as(sub)
     elif structure == "head":
         sub_keep = _top_mask(sub, budget(ratio, n_ctx))
+    elif structure == "layer_budget":
+        flat = sub.reshape(-1)
+        per_layer = _top_mask(flat, budget(ratio, flat.numel())).view_as(sub).sum(dim=(1, 2))  # [l]
+        per_head = torch.clamp(-(-per_layer // n_heads), max=n_ctx)  # ceil(count / H)
+        sub_keep = top_mask_variable(sub, per_head.view(-1, 1).expand(-1, n_heads))
     else:  # "layer"
         layer_scores = sub.amax(dim=1)  # [l, n]
         sub_keep = _top_mask(layer_scores, budget(ratio, n_ctx)).unsqueeze(1).expand_as(sub)
