@@ -197,6 +197,18 @@ class CompactionTxn:
         self.state = "prepared"
         return self.dst_block_ids
 
+    def shrink(self, n_blocks: int) -> None:
+        """Keep only the first `n_blocks` prepared blocks (a reservation larger than what was used);
+        frees the rest. Only before commit."""
+        if self.state != "prepared":
+            raise RuntimeError(f"shrink() in state {self.state}")
+        if not 0 <= n_blocks <= len(self.dst_block_ids):
+            raise ValueError(f"cannot keep {n_blocks} of {len(self.dst_block_ids)} blocks")
+        extra, self.dst_block_ids = self.dst_block_ids[n_blocks:], self.dst_block_ids[:n_blocks]
+        self.n_blocks = n_blocks
+        if extra:
+            self.allocator.free(extra)
+
     def commit(self, publish: Callable[[list[int]], None]) -> None:
         if self.state != "prepared":
             raise RuntimeError(f"commit() in state {self.state}")

@@ -22,6 +22,12 @@ ENV_MODE = "KVZIP_KV_COMPRESSION"
 ENV_RATIO = "KVZIP_KV_COMPRESSION_RATIO"
 ENV_MIN_PREFIX = "KVZIP_KV_COMPRESSION_MIN_PREFIX_TOKENS"
 ENV_MIN_HITS = "KVZIP_KV_COMPRESSION_MIN_HITS"
+ENV_STRUCTURE = "KVZIP_KV_COMPRESSION_STRUCTURE"
+
+STRUCTURES = ("pair", "layer_budget", "head")
+"""What `--kv-compression-structure` accepts (`kvzip_plugin.store.SERVED_STRUCTURES`): `pair` (one
+global threshold: each (layer, KV head) keeps its own count; KVzip's default), `layer_budget` (each
+layer its own count, the same for its KV heads), `head` (the same count everywhere)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +40,8 @@ class KVCompressionSettings:
     """Shortest shared prefix that is compressed (`TriggerPolicy.min_prefix_tokens`); None = default."""
     min_hits: int | None = None
     """Requests that must hit a prefix before it is compressed (`TriggerPolicy.min_hits`); None = default."""
+    structure: str | None = None
+    """Eviction structure (`STRUCTURES`); None = the engine's default (vLLM `pair`, SGLang `head`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The values that were set (what an engine stores in its config and passes to its processes)."""
@@ -44,7 +52,8 @@ class KVCompressionSettings:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> KVCompressionSettings:
         data = dict(data or {})
-        return make_settings(data.get("ratio"), data.get("min_prefix_tokens"), data.get("min_hits"))
+        return make_settings(data.get("ratio"), data.get("min_prefix_tokens"), data.get("min_hits"),
+                             data.get("structure"))
 
 
 def _first_error(exc: Exception) -> str:
@@ -89,14 +98,23 @@ def validate_min_hits(value: Any) -> int:
     return int(_validated(TriggerPolicy, "min_hits", value))
 
 
+def validate_structure(value: Any) -> str:
+    """One of `STRUCTURES`; raises ValueError naming the field."""
+    text = str(value).strip().lower()
+    if text not in STRUCTURES:
+        raise ValueError(f"structure: invalid choice {value!r} (choose from {', '.join(STRUCTURES)})")
+    return text
+
+
 def make_settings(
-    ratio: Any = None, min_prefix_tokens: Any = None, min_hits: Any = None
+    ratio: Any = None, min_prefix_tokens: Any = None, min_hits: Any = None, structure: Any = None
 ) -> KVCompressionSettings:
     """Validated settings; raises ValueError naming the offending field."""
     return KVCompressionSettings(
         ratio=None if ratio is None else validate_ratio(ratio),
         min_prefix_tokens=None if min_prefix_tokens is None else validate_min_prefix_tokens(min_prefix_tokens),
         min_hits=None if min_hits is None else validate_min_hits(min_hits),
+        structure=None if structure is None else validate_structure(structure),
     )
 
 
@@ -114,6 +132,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> KVCompression
         (ENV_RATIO, "ratio", validate_ratio),
         (ENV_MIN_PREFIX, "min_prefix_tokens", validate_min_prefix_tokens),
         (ENV_MIN_HITS, "min_hits", validate_min_hits),
+        (ENV_STRUCTURE, "structure", validate_structure),
     ):
         raw = env.get(var, "").strip()
         if not raw:
@@ -133,6 +152,7 @@ FLAGS = {
     "ratio": "--kv-compression-ratio",
     "min_prefix_tokens": "--kv-compression-min-prefix-tokens",
     "min_hits": "--kv-compression-min-hits",
+    "structure": "--kv-compression-structure",
 }
 """Settings field -> its flag (the argparse destination is the flag without dashes)."""
 
@@ -149,7 +169,7 @@ def _argparse_type(check):
 
 
 def add_kv_compression_args(parser: argparse.ArgumentParser, *, mode_help: str,
-                            env_applies: str) -> argparse.ArgumentParser:
+                            env_applies: str, structure_default: str = "pair") -> argparse.ArgumentParser:
     """Add the `--kv-compression*` flags to `parser` (no-op if already there). `mode_help` is the
     engine's help of `--kv-compression`; `env_applies` says when the environment variables apply."""
     if any("--kv-compression" in a.option_strings for a in parser._actions):
@@ -157,7 +177,7 @@ def add_kv_compression_args(parser: argparse.ArgumentParser, *, mode_help: str,
     group = parser.add_argument_group(
         title="KVzip",
         description="KVzip compression of shared prefixes (kvzip-plugin). Environment variables "
-        f"{ENV_MODE}, {ENV_RATIO}, {ENV_MIN_PREFIX}, {ENV_MIN_HITS} apply {env_applies}.",
+        f"{ENV_MODE}, {ENV_RATIO}, {ENV_MIN_PREFIX}, {ENV_MIN_HITS}, {ENV_STRUCTURE} apply {env_applies}.",
     )
     group.add_argument("--kv-compression", choices=MODES, default=None, help=mode_help)
     group.add_argument(
@@ -180,6 +200,15 @@ def add_kv_compression_args(parser: argparse.ArgumentParser, *, mode_help: str,
         default=None,
         metavar="INT",
         help="Requests that must hit a prefix before it is compressed, >= 1 (default 2).",
+    )
+    group.add_argument(
+        FLAGS["structure"],
+        choices=STRUCTURES,
+        default=None,
+        help="How the kept pairs are budgeted: 'pair' (KVzip's default: one global score threshold, so every "
+        "layer and KV head keeps its own count; the most accurate), 'layer_budget' (each layer its own count, "
+        "the same for all its KV heads), 'head' (the same count in every layer and KV head; served by the "
+        f"engine's own attention kernel, least accurate). Default: {structure_default}.",
     )
     return parser
 

@@ -124,12 +124,25 @@ def add_kv_compression_args(parser: argparse.ArgumentParser) -> argparse.Argumen
     """Add the `--kv-compression*` flags to `parser` (no-op if already there)."""
     return shared_settings.add_kv_compression_args(
         parser, mode_help="Compress the KV cache of shared prefixes. 'kvzip' selects --radix-cache-backend kvzip; "
-        "'none' (default) leaves SGLang untouched.", env_applies="when --kv-compression is not given")
+        "'none' (default) leaves SGLang untouched.", env_applies="when --kv-compression is not given",
+        structure_default="head (the only structure SGLang serves in this version)")
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[Literal["unset", "none", "kvzip"], KVCompressionSettings]:
     """Read (and re-validate) the flags from `args` (`kvzip_plugin.settings.settings_from_args`)."""
     return shared_settings.settings_from_args(args, logger)
+
+
+SERVED_STRUCTURES = ("head",)
+"""Structures this SGLang glue serves: only `head` (its compacted prefixes live in the radix tree's own
+token slots, one count for every layer and KV head); `pair` and `layer_budget` are served by vLLM."""
+
+
+def _check_structure(settings: KVCompressionSettings, source: str) -> None:
+    if settings.structure is not None and settings.structure not in SERVED_STRUCTURES:
+        raise ValueError(
+            f"{source}: SGLang serves only --kv-compression-structure head in this version, got "
+            f"{settings.structure!r} (pair and layer_budget are served by vLLM)")
 
 
 def _check_backend(current: Any, source: str) -> None:
@@ -154,6 +167,7 @@ def _around_from_cli_args(original, cls, args: argparse.Namespace, *rest: Any, *
     """AROUND `ServerArgs.from_cli_args(cls, args)`: `--kv-compression kvzip` -> radix_cache_backend."""
     mode, settings = settings_from_args(args)
     if mode == "kvzip":
+        _check_structure(settings, "--kv-compression-structure")
         _check_backend(getattr(args, "radix_cache_backend", None), "--kv-compression kvzip")
         args = argparse.Namespace(**vars(args))  # never mutate the caller's namespace
         args.radix_cache_backend = BACKEND_NAME
@@ -181,6 +195,7 @@ def _before_resolve_once(server_args: Any, *args: Any, **kwargs: Any) -> None:
         return None
     settings = settings_from_env()  # ValueError naming the variable: fails at start
     if settings is not None:
+        _check_structure(settings, shared_settings.ENV_STRUCTURE)
         _check_backend(backend, f"{ENV_MODE}=kvzip")
         if backend is None:
             server_args.radix_cache_backend = BACKEND_NAME

@@ -56,6 +56,9 @@ logger = init_logger("vllm.kvzip_plugin.connector")
 
 _SCHEDULE_WRAPPED = "__kvzip_schedule__"
 WORKER_ONLY_REASONS = ("kv_layout", "attention_layer")
+DEFAULT_STRUCTURE = "pair"
+"""KVzip's own default, and what keeps the answers (benchmarks/README.md): every (layer, KV head) keeps
+its own count, served from head pages by the plugin's attention."""
 """Fallback reasons only a worker can see (its KV buffers, its layers): the worker half reports them."""
 
 
@@ -90,8 +93,9 @@ class KVzipConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.get_from_extra_config(EXTRA_CONFIG_KEY, None) or {}
         self.settings: KVCompressionSettings = make_settings(
-            extra.get("ratio"), extra.get("min_prefix_tokens"), extra.get("min_hits"))
-        config = KVzipConfig(structure="head", **({"ratio": self.settings.ratio} if self.settings.ratio else {}))
+            extra.get("ratio"), extra.get("min_prefix_tokens"), extra.get("min_hits"), extra.get("structure"))
+        config = KVzipConfig(structure=self.settings.structure or DEFAULT_STRUCTURE,
+                             **({"ratio": self.settings.ratio} if self.settings.ratio else {}))
         policy = TriggerPolicy(**{k: v for k, v in (("min_prefix_tokens", self.settings.min_prefix_tokens),
                                                     ("min_hits", self.settings.min_hits)) if v is not None})
         self.disabled = unsupported_reason(vllm_config, kv_cache_config)
@@ -110,7 +114,8 @@ class KVzipConnector(KVConnectorBase_V1):
             logger.warning("kvzip-plugin: KV compression disabled on this engine (%s); prefixes are served "
                            "uncompressed", self.disabled)
         else:
-            logger.info("KVzipConnector (%s): ratio=%s, %s", role.name, config.ratio, policy)
+            logger.info("KVzipConnector (%s): ratio=%s structure=%s, %s", role.name, config.ratio, config.structure,
+                        policy)
 
     @property
     def requires_kv_delivery(self) -> bool:

@@ -3,9 +3,10 @@
 
 Scheduler -> worker (`KVzipConnectorMetadata`, in `SchedulerOutput.kv_connector_metadata`):
 which scheduled requests are scoring passes (and what they score), which compactions to copy, the
-slot offset `L - P` of every scheduled request that reads a compacted prefix, and jobs whose
-scores can be dropped. Worker -> scheduler (`KVzipWorkerMetadata`, aggregated over ranks): the
-outcome of each compaction. Plain dataclasses of ints and lists: they cross process boundaries
+slot offset `L - P` of every scheduled request that reads a compacted prefix and the store (job id)
+it reads, jobs whose scores can be dropped, and stores forgotten. Worker -> scheduler
+(`KVzipWorkerMetadata`, aggregated over ranks): the outcome of each compaction and how many of the
+reserved blocks it used. Plain dataclasses of ints and lists: they cross process boundaries
 (msgpack/pickle) as they are.
 """
 
@@ -27,7 +28,10 @@ class CompactCommand:
     job_id: int
     src_block_ids: tuple[int, ...]
     dst_block_ids: tuple[int, ...]
+    """Blocks reserved for the store (`store.max_store_blocks`); the worker uses a leading part of them."""
     n_protected: int
+    structure: str = "head"
+    ratio: float = 1.0
 
 
 @dataclasses.dataclass
@@ -35,7 +39,11 @@ class KVzipConnectorMetadata(KVConnectorMetadata):
     scoring: dict[str, ScoringTarget] = dataclasses.field(default_factory=dict)
     compact: list[CompactCommand] = dataclasses.field(default_factory=list)
     offsets: dict[str, int] = dataclasses.field(default_factory=dict)
+    stores: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Scheduled request -> job id of the compacted prefix it reads (every request in `offsets`)."""
     drop_jobs: list[int] = dataclasses.field(default_factory=list)
+    drop_stores: list[int] = dataclasses.field(default_factory=list)
+    """Job ids of compacted prefixes the scheduler forgot (evicted, reset): their layouts can go."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +58,12 @@ class CompactionResult:
     """Worker time spent in the score kernel for this job."""
     prefill_seconds_estimate: float = 0.0
     """The job's scoring steps' forward time scaled to the prefix length (an estimate of its prefill)."""
+    n_blocks: int = 0
+    """Leading reserved blocks the store uses (max over ranks); the scheduler frees the rest."""
+    head_pages: bool = False
+    """True if a rank laid its runs out in head pages (served by the plugin's attention)."""
+    kept_pairs: int = 0
+    """KV pairs the store holds (sum over ranks' heads, before rounding up to whole blocks)."""
 
 
 @dataclasses.dataclass
@@ -68,5 +82,6 @@ class KVzipWorkerMetadata(KVConnectorWorkerMetadata):
                 merged[r.job_id] = CompactionResult(
                     r.job_id, mine.ok and r.ok, mine.error or r.error, max(mine.seconds, r.seconds),
                     max(mine.scoring_seconds, r.scoring_seconds),
-                    max(mine.prefill_seconds_estimate, r.prefill_seconds_estimate))
+                    max(mine.prefill_seconds_estimate, r.prefill_seconds_estimate),
+                    max(mine.n_blocks, r.n_blocks), mine.head_pages or r.head_pages, mine.kept_pairs + r.kept_pairs)
         return KVzipWorkerMetadata(results=list(merged.values()))

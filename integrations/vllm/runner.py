@@ -15,6 +15,10 @@ block-aligned) keeps logical positions and token ids, but its slots and `seq_len
   while offsets are pending (a new tensor; the runner's `positions` buffer, which feeds RoPE,
   is not touched).
 
+Requests on a compacted prefix in head pages (`store.py`) get their `seq_lens` lowered further, to
+their own tokens: vLLM's kernel then makes a short pass over their rows, whose output the plugin's
+attention (`attention.py`) overwrites; their slots stay as above (own tokens after the store's blocks).
+
 Both wrappers are no-ops (one attribute check) when no request of the step needs them. Only the
 V1 runner is adapted: the connector forces it (`VLLM_USE_V2_MODEL_RUNNER=0`) and refuses to run
 otherwise.
@@ -61,9 +65,10 @@ def _wrap_prepare_inputs(cls: type) -> None:
         num_reqs = self.input_batch.num_reqs
         req_ids = self.input_batch.req_ids[:num_reqs]
         rows = {rid: i for i, rid in enumerate(req_ids) if rid in ws.scoring}
-        ws.begin_step(rows, {rid: int(num_scheduled_tokens[i]) for i, rid in enumerate(req_ids)})
+        paged = {rid: (i, store) for i, rid in enumerate(req_ids) if (store := ws.paged_store(rid)) is not None}
+        ws.begin_step(rows, {rid: int(num_scheduled_tokens[i]) for i, rid in enumerate(req_ids)}, paged)
         offsets = np.array([ws.offsets.get(rid, 0) for rid in req_ids], dtype=np.int64)
-        if not offsets.any():
+        if not offsets.any() and not paged:
             return original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
         block_table = self.input_batch.block_table
         block_table._kvzip_token_offsets = torch.from_numpy(np.repeat(offsets, num_scheduled_tokens[:num_reqs]))
@@ -71,7 +76,10 @@ def _wrap_prepare_inputs(cls: type) -> None:
             out = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
         finally:
             block_table._kvzip_token_offsets = None
-        physical = torch.from_numpy(offsets).to(self.seq_lens.device, self.seq_lens.dtype)
+        cut = offsets.copy()
+        for row, store in paged.values():
+            cut[row] += store.n_slots  # own tokens only: the kernel's pass over these rows is discarded
+        physical = torch.from_numpy(cut).to(self.seq_lens.device, self.seq_lens.dtype)
         self.seq_lens[:num_reqs] -= physical
         return out
 

@@ -10,8 +10,10 @@ Life of a hot prefix (logical length L tokens = n blocks, block-aligned):
    prefix + the chunk's "repeat the previous context" input, max_tokens=1. Their prefix is a
    cache hit, so only the repeat input is computed; the worker scores it (`worker.py`). The
    frontend ignores outputs of request ids it does not know.
-3. Compaction: once every scoring request finished, `m = P / block_size` fresh blocks are taken
-   from the pool (`CompactionTxn.prepare`) and a `CompactCommand` goes to the workers.
+3. Compaction: once every scoring request finished, fresh blocks are taken from the pool
+   (`CompactionTxn.prepare`): `P / block_size` for `head`, the bound `store.max_store_blocks` for
+   `pair` / `layer_budget` (whose runs' lengths only the worker knows), and a `CompactCommand` goes to
+   the workers. They report the blocks they used; the rest of the reservation is freed before commit.
 4. Commit (all ranks acknowledged): the destination blocks are published in the prefix cache
    under their own salted hashes (derived from the prefix's last original hash, so tenants with
    different salts never share them) and released to the pool's LRU tail like any cached block;
@@ -43,6 +45,7 @@ from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.jobs import CompressionJob, JobStatus
 from kvzip_plugin.metrics import KVzipStats
 from kvzip_plugin.scoring.plan import Unservable, plan_scoring
+from kvzip_plugin.store import max_store_blocks
 
 logger = logging.getLogger("vllm.kvzip_plugin.scheduler")
 
@@ -64,6 +67,8 @@ class CompactedPrefix:
     physical_length: int
     blocks: list[Any]  # vLLM KVCacheBlock
     hashes: list[bytes]  # BlockHashWithGroupId of each block, as published
+    store_id: int = -1  # the job that built it (names its head-page layout on the workers)
+    head_pages: bool = False  # runs of different lengths in head pages (the plugin's attention)
 
     def alive(self) -> bool:
         """False once vLLM evicted any of the blocks (its hash was reset or replaced)."""
@@ -118,6 +123,9 @@ class SchedulerState:
         self.new_targets: dict[str, ScoringTarget] = {}
         self.commands: list[CompactCommand] = []
         self.drop: list[int] = []
+        self.drop_stores: list[int] = []
+        self.n_layers = 0
+        self.n_kv_heads = 0
         self.stats = KVzipStats()
         self.disabled: str | None = None
         self.covered: dict[Hashable, Hashable] = {}  # block hash in a compacted / in-flight prefix -> its key
@@ -133,6 +141,7 @@ class SchedulerState:
         spec = groups[0].kv_cache_spec
         self.block_size = spec.block_size
         self.block_bytes = spec.page_size_bytes * len(groups[0].layer_names)
+        self.n_layers, self.n_kv_heads = len(groups[0].layer_names), int(spec.num_kv_heads)
         if getattr(self.pool, "hash_block_size", self.block_size) != self.block_size:
             # request.block_hashes would not be one hash per block: the prefix keys below assume it
             self.disabled = "hash_block_size"
@@ -247,9 +256,13 @@ class SchedulerState:
             self._end(j, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
 
     def _prepare_compaction(self, j: _Job) -> None:
-        L = len(j.prefix_ids)
-        P = physical_budget(L, j.n_protected, self.config.ratio, self.block_size)
-        txn = CompactionTxn(_PoolAllocator(self.pool), P // self.block_size)
+        L, structure, ratio = len(j.prefix_ids), self.config.structure, self.config.ratio
+        if structure == "head":
+            n_blocks = physical_budget(L, j.n_protected, ratio, self.block_size) // self.block_size
+        else:
+            n_blocks = max_store_blocks(L, j.n_protected, ratio, self.block_size, self.n_layers, self.n_kv_heads,
+                                        structure)
+        txn = CompactionTxn(_PoolAllocator(self.pool), n_blocks)
         try:
             txn.prepare()
         except RuntimeError as exc:  # no room now; the job stays scoring-done and retries next step
@@ -258,16 +271,18 @@ class SchedulerState:
         j.txn = txn
         j.job.advance(JobStatus.COMPACTING)
         self.commands.append(CompactCommand(j.job.job_id, tuple(b.block_id for b in j.src_blocks),
-                                            tuple(txn.dst_block_ids), j.n_protected))
+                                            tuple(txn.dst_block_ids), j.n_protected, structure, ratio))
 
     def build_meta(self, scheduler_output: Any) -> KVzipConnectorMetadata:
-        meta = KVzipConnectorMetadata(scoring=self.new_targets, compact=self.commands, drop_jobs=self.drop)
-        self.new_targets, self.commands, self.drop = {}, [], []
+        meta = KVzipConnectorMetadata(scoring=self.new_targets, compact=self.commands, drop_jobs=self.drop,
+                                      drop_stores=self.drop_stores)
+        self.new_targets, self.commands, self.drop, self.drop_stores = {}, [], [], []
         scheduled = scheduler_output.num_scheduled_tokens
         for rid in scheduled:
             prefix = self.offsets.get(rid)
             if prefix is not None:
                 meta.offsets[rid] = prefix.logical_length - prefix.physical_length
+                meta.stores[rid] = prefix.store_id
         return meta
 
     # ------------------------------------------------------------ outcomes
@@ -298,7 +313,8 @@ class SchedulerState:
                 self._end(j, JobStatus.FAILED, r.error)
                 continue
             try:
-                j.txn.commit(functools.partial(self._publish, j))
+                j.txn.shrink(r.n_blocks)  # the reservation's unused tail goes back to the pool
+                j.txn.commit(functools.partial(self._publish, j, r.head_pages))
             except Exception as exc:
                 self._end(j, JobStatus.FAILED, f"publish: {exc}")
                 continue
@@ -310,10 +326,11 @@ class SchedulerState:
             if r.prefill_seconds_estimate > 0:
                 self.stats.scoring_to_prefill.append(r.scoring_seconds / r.prefill_seconds_estimate)
             self._end(j, JobStatus.COMMITTED)
-            logger.info("kvzip-plugin: job %d committed: %d -> %d tokens (%d blocks saved)",
-                        j.job.job_id, L, P, (L - P) // self.block_size)
+            logger.info("kvzip-plugin: job %d committed (%s): %d -> %d token slots (%d blocks saved, %s)",
+                        j.job.job_id, self.config.structure, L, P, (L - P) // self.block_size,
+                        "head pages" if r.head_pages else "vLLM's block table")
 
-    def _publish(self, j: _Job, dst_block_ids: list[int]) -> None:
+    def _publish(self, j: _Job, head_pages: bool, dst_block_ids: list[int]) -> None:
         from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
 
         key = j.job.candidate.key
@@ -326,7 +343,8 @@ class SchedulerState:
             block.set_block_hash(h, self.block_size)
             self.pool.cached_block_hash_to_block.insert(h, block)
             hashes.append(h)
-        self.compacted[key] = CompactedPrefix(key, L, len(blocks) * self.block_size, blocks, hashes)
+        self.compacted[key] = CompactedPrefix(key, L, len(blocks) * self.block_size, blocks, hashes,
+                                              store_id=j.job.job_id, head_pages=head_pages)
         self.pool.free_blocks(blocks)  # ref 0, hashed: LRU tail of the free queue, like any cached block
         self.pool.evict_blocks({b.block_id for b in j.src_blocks})
 
@@ -362,10 +380,14 @@ class SchedulerState:
                 continue
             if prefix.alive():
                 return prefix
-            del self.compacted[prefix.key]  # vLLM evicted it: the document may be compressed again
-            self._uncover(prefix.key)
-            self.tracker.reopen(prefix.key)
+            self._forget(prefix)  # vLLM evicted it: the document may be compressed again
         return None
+
+    def _forget(self, prefix: CompactedPrefix) -> None:
+        del self.compacted[prefix.key]
+        self._uncover(prefix.key)
+        self.tracker.reopen(prefix.key)
+        self.drop_stores.append(prefix.store_id)  # the workers drop its head-page layout
 
     def _get_computed_blocks(self, original, request, *args, **kwargs):
         self.offsets.pop(request.request_id, None)
@@ -413,6 +435,7 @@ class SchedulerState:
         """vLLM's prefix cache was reset: cancel every job and forget the compacted prefixes."""
         for j in list(self.jobs.values()):
             self._end(j, JobStatus.CANCELLED, "prefix cache reset")
+        self.drop_stores.extend(p.store_id for p in self.compacted.values())
         self.compacted.clear()
         self.covered.clear()
 

@@ -7,9 +7,12 @@
   cache and runs the engine-agnostic kernel `kvzip_plugin.scoring.kvzip.chunk_scores`, keeping the
   max per (layer, KV head, context token) over steps and chunks. Other requests cost one dict
   lookup per layer.
-* Compaction: on a `CompactCommand` the `head`-structure selection (`top_kept_tokens`) is laid out
-  by `plan_compaction` and copied with `apply_compaction` into the destination blocks, layer by
-  layer, keys and values. Source blocks are only read. Each rank selects its own heads' tokens.
+* Compaction: on a `CompactCommand` the runs each (layer, KV head) keeps are chosen for the
+  command's structure (`store.select_runs`). If every run has the same length P (always for `head`;
+  `pair` at ratio 1.0) they are laid out by `plan_compaction` (slot j of every head = its j-th kept
+  token) and served by vLLM's own kernel; otherwise they go to head pages (`store.py`) and are served
+  by the plugin's attention (`attention.py`). Source blocks are only read. Each rank selects its own
+  heads' tokens (under tensor parallelism `pair`'s threshold is per rank).
 * Offsets: `offsets[req_id] = L - P` for scheduled requests on a compacted prefix; the runner
   adapter (`runner.py`) turns them into physical slots and `seq_lens`.
 """
@@ -25,6 +28,8 @@ from typing import Any
 
 import torch
 from kvzip_plugin.integrations.vllm import layout
+from kvzip_plugin.integrations.vllm.attention import attend_paged
+from kvzip_plugin.integrations.vllm.store import PagedStore, StoreIndex, write_store
 from kvzip_plugin.integrations.vllm.protocol import (
     CompactCommand,
     CompactionResult,
@@ -34,6 +39,7 @@ from kvzip_plugin.integrations.vllm.protocol import (
 
 from kvzip_plugin import envs
 from kvzip_plugin.compaction import apply_compaction, plan_compaction, top_kept_tokens
+from kvzip_plugin.store import place_runs, select_runs
 from kvzip_plugin.metrics import KVzipStats, ScoringClock
 from kvzip_plugin.scoring.kvzip import chunk_scores
 
@@ -57,12 +63,17 @@ class WorkerState:
         self.query_block = query_block
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.layer_index: dict[str, int] = {}
+        self.layer_names: list[str] = []
         self.specs: dict[str, layout.LayoutSpec] = {}
         self.scales: dict[str, float] = {}
         self.num_heads: dict[str, int] = {}
         self.unsupported: str | None = None
         self.scoring: dict[str, ScoringTarget] = {}
         self.offsets: dict[str, int] = {}
+        self.store_of: dict[str, int] = {}  # scheduled request -> job id of the compacted prefix it reads
+        self.store_index = StoreIndex()  # head-page stores held by this worker
+        self.paged_rows: dict[str, tuple[int, PagedStore]] = {}  # this step: request -> (row, store)
+        self.plain_attention: dict[str, str | None] = {}  # layer -> what head-page attention cannot do
         self.batch_rows: dict[str, int] = {}  # scoring req -> row in this step's batch (runner.py)
         self.step_tokens: dict[str, int] = {}
         self.step_started: float | None = None
@@ -79,6 +90,7 @@ class WorkerState:
         `Attention` modules. Any layer we cannot address disables KVzip in this worker."""
         self.kv_caches = dict(kv_caches)
         self.layer_index = {name: i for i, name in enumerate(self.kv_caches)}
+        self.layer_names = list(self.kv_caches)
         for name, kv in self.kv_caches.items():
             layer = layers.get(name)
             if layer is None:
@@ -94,6 +106,7 @@ class WorkerState:
                 break
             self.scales[name] = float(layer.impl.scale)
             self.num_heads[name] = int(layer.impl.num_heads)
+            self.plain_attention[name] = _unplain(layer.impl)
             self._wrap(name, layer.impl)
         if self.unsupported:
             logger.warning("kvzip-plugin: KV layout not supported (%s); this worker will not score or compact",
@@ -107,8 +120,11 @@ class WorkerState:
 
         def forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
             out = original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
-            if state.batch_rows and attn_metadata is not None:
-                state.capture(name, query, kv_cache, attn_metadata)
+            if attn_metadata is not None:
+                if state.batch_rows:
+                    state.capture(name, query, kv_cache, attn_metadata)
+                if state.paged_rows:
+                    state.attend(name, query, out, kv_cache, attn_metadata)
             return out
 
         setattr(forward, _WRAPPED, True)
@@ -122,20 +138,28 @@ class WorkerState:
             return
         self.scoring.update(meta.scoring)
         self.offsets = dict(meta.offsets)
+        self.store_of = dict(meta.stores)
+        self.store_index.drop(meta.drop_stores)
         for job_id in meta.drop_jobs:
             self.jobs.pop(job_id, None)
             for rid in [r for r, t in self.scoring.items() if t.job_id == job_id]:
                 del self.scoring[rid]
 
-    def begin_step(self, req_rows: Mapping[str, int], tokens: Mapping[str, int]) -> None:
-        """Called by the runner adapter with this step's rows of scoring requests and the tokens
-        scheduled per request."""
+    def paged_store(self, rid: str) -> PagedStore | None:
+        """The head-page store request `rid` reads this step, if its prefix lies in head pages here."""
+        return self.store_index.get(self.store_of.get(rid))
+
+    def begin_step(self, req_rows: Mapping[str, int], tokens: Mapping[str, int],
+                   paged_rows: Mapping[str, tuple[int, PagedStore]] | None = None) -> None:
+        """Called by the runner adapter with this step's rows of scoring requests, the tokens
+        scheduled per request and the rows of requests on head-page stores."""
         self.batch_rows = dict(req_rows)
+        self.paged_rows = dict(paged_rows or {})
         self.step_tokens = dict(tokens)
         self.step_started = time.perf_counter()
         self._kernel_at_start = {job_id: job.kernel_seconds for job_id, job in self.jobs.items()}
         pure_decode = bool(tokens) and not req_rows and all(n == 1 for n in tokens.values())
-        compressed = sum(1 for rid in tokens if self.offsets.get(rid))
+        compressed = sum(1 for rid in tokens if rid in self.store_of or self.offsets.get(rid))
         self._decode_step = (compressed, len(tokens) - compressed) if pure_decode else None
 
     def end_step(self) -> None:
@@ -161,6 +185,7 @@ class WorkerState:
                     capture = job.kernel_seconds - self._kernel_at_start.get(job_id, 0.0)
                     job.clock.add_step(elapsed, capture, n, total)
         self.batch_rows = {}
+        self.paged_rows = {}
         self.step_started = None
 
     def take_stats(self) -> KVzipStats:
@@ -199,6 +224,19 @@ class WorkerState:
             job.kernel_seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
 
+    def views(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-major (keys, values) views of layer `idx`'s buffer."""
+        name = self.layer_names[idx]
+        return layout.token_major(self.kv_caches[name], self.specs[name])
+
+    def attend(self, name: str, query: torch.Tensor, output: torch.Tensor, kv_cache: torch.Tensor, meta: Any) -> None:
+        """Overwrite this layer's output rows of the requests on head-page stores (`attention.py`)."""
+        spec = self.specs.get(name)
+        if spec is None:
+            return
+        attend_paged(self.layer_index[name], query, output, self.paged_rows, self.views,
+                     layout.token_major(kv_cache, spec), meta, self.num_heads[name], spec.head_size, self.scales[name])
+
     def _job(self, tgt: ScoringTarget, n_kv_heads: int) -> _JobScores:
         job = self.jobs.get(tgt.job_id)
         if job is None:
@@ -222,28 +260,69 @@ class WorkerState:
                 raise RuntimeError("no scores were captured for this job")
             if envs.fault_injection() == "compaction":
                 raise RuntimeError("fault injected (KVZIP_FAULT_INJECTION=compaction)")
-            spec = next(iter(self.specs.values()))
-            n_phys = len(cmd.dst_block_ids) * spec.block_size
-            tokens = top_kept_tokens(job.scores, n_phys - cmd.n_protected, cmd.n_protected)
-            plan = plan_compaction(tokens, cmd.src_block_ids, cmd.dst_block_ids, spec.block_size)
-            for name, kv in self.kv_caches.items():
-                idx = self.layer_index[name]
-                for view in layout.token_major(kv, self.specs[name]):
-                    apply_compaction(view, plan.src_slots[idx], plan.dst_slots)
-            self._dump(cmd, tokens, job)
+            n_blocks, head_pages, keep = self._compact(cmd, job)
+            self._dump(cmd, keep, job)
             return CompactionResult(cmd.job_id, True, None, time.perf_counter() - t0,
-                                    job.clock.seconds, job.clock.prefill_estimate(job.prefix_len))
+                                    job.clock.seconds, job.clock.prefill_estimate(job.prefix_len),
+                                    n_blocks=n_blocks, head_pages=head_pages, kept_pairs=int(keep.sum()))
         except Exception as exc:  # reported to the scheduler, which rolls the job back
             logger.warning("kvzip-plugin: compaction of job %d failed: %s", cmd.job_id, exc)
             return CompactionResult(cmd.job_id, False, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
 
+    def _compact(self, cmd: CompactCommand, job: _JobScores) -> tuple[int, bool, torch.Tensor]:
+        """Choose the runs and copy them. Returns (blocks used, head pages?, keep `[layers, H_kv, L]`)."""
+        bs = next(iter(self.specs.values())).block_size
+        L = len(cmd.src_block_ids) * bs
+        if cmd.structure == "head":  # the scheduler reserved exactly P / bs blocks
+            n_phys = len(cmd.dst_block_ids) * bs
+            keep = torch.zeros(job.scores.shape[0], job.scores.shape[1], L, dtype=torch.bool)
+            keep.scatter_(-1, top_kept_tokens(job.scores, n_phys - cmd.n_protected, cmd.n_protected), True)
+        else:
+            keep = select_runs(job.scores, cmd.n_protected, cmd.ratio, cmd.structure, bs)
+        lengths = keep.sum(-1)
+        if bool((lengths == lengths.flatten()[0]).all()):  # uniform: vLLM's own block table and kernel
+            n_phys = int(lengths.flatten()[0])
+            tokens = keep.nonzero()[:, 2].view(keep.shape[0], keep.shape[1], n_phys)
+            dst = cmd.dst_block_ids[:n_phys // bs]
+            plan = plan_compaction(tokens, cmd.src_block_ids, dst, bs)
+            for name, kv in self.kv_caches.items():
+                idx = self.layer_index[name]
+                for view in layout.token_major(kv, self.specs[name]):
+                    apply_compaction(view, plan.src_slots[idx], plan.dst_slots)
+            return len(dst), False, keep
+        unplain = next((why for why in self.plain_attention.values() if why), None)
+        if unplain:
+            raise RuntimeError(f"the {cmd.structure} structure needs the plugin's attention, which does not "
+                               f"support {unplain}; use --kv-compression-structure head")
+        store_layout = place_runs(lengths, bs)
+        if store_layout.n_blocks > len(cmd.dst_block_ids):
+            raise RuntimeError(f"the store needs {store_layout.n_blocks} blocks, {len(cmd.dst_block_ids)} reserved")
+        dst = cmd.dst_block_ids[:store_layout.n_blocks]
+        write_store(keep, store_layout, cmd.src_block_ids, dst, self.views)
+        self.store_index.add(cmd.job_id, PagedStore.build(store_layout, dst))
+        return len(dst), True, keep
+
     @staticmethod
-    def _dump(cmd: CompactCommand, tokens: torch.Tensor, job: _JobScores) -> None:
+    def _dump(cmd: CompactCommand, keep: torch.Tensor, job: _JobScores) -> None:
         out = envs.dump_dir()
         if out is None:
             return
         Path(out).mkdir(parents=True, exist_ok=True)
-        torch.save({"job_id": cmd.job_id, "kept_tokens": tokens, "scores": job.scores,
+        torch.save({"job_id": cmd.job_id, "keep": keep, "scores": job.scores, "structure": cmd.structure,
                     "src_block_ids": cmd.src_block_ids, "dst_block_ids": cmd.dst_block_ids,
                     "n_protected": cmd.n_protected, "prefix_len": job.prefix_len},
                    Path(out) / f"job-{cmd.job_id}.pt")
+
+
+def _unplain(impl: Any) -> str | None:
+    """What an attention impl does beyond plain scaled softmax attention (the plugin's head-page
+    attention computes only that), or None."""
+    if getattr(impl, "alibi_slopes", None) is not None:
+        return "ALiBi"
+    if getattr(impl, "sliding_window", None) not in (None, -1, (-1, -1)):
+        return "sliding-window attention"
+    if getattr(impl, "logits_soft_cap", None):
+        return "logits soft-capping"
+    if getattr(impl, "sinks", None) is not None:
+        return "attention sinks"
+    return None

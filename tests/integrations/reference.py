@@ -13,7 +13,9 @@ from kvzip_plugin.types import EvictionPlan
 def reference_logprobs(model, prefix: list[int], n_protected: int, kept: torch.Tensor | None, rest: list[int],
                        generated: list[int]) -> tuple[list[float], list[int]]:
     """Teacher-forced run of `model` on the L tokens of `prefix` (compacted to `kept` when given:
-    `[layers, H_kv, P]` positions kept per KV head, the first `n_protected` always), then `rest +
+    `[layers, H_kv, P]` positions kept per KV head (the same count everywhere), or a bool mask
+    `[layers, H_kv, L]` of the kept positions (any count per head); the first `n_protected` are
+    always kept), then `rest +
     generated`; returns the logprob of each generated token and the argmax at each step. The model
     needs KVzip's attention wrapper (`kvzip_plugin.hf.attention.install`)."""
     L = len(prefix)
@@ -22,12 +24,18 @@ def reference_logprobs(model, prefix: list[int], n_protected: int, kept: torch.T
         cache = KVzipCache.from_dynamic(out.past_key_values)
         if kept is not None:
             n_layers, n_heads, _ = kept.shape
-            keep = torch.zeros(n_layers, n_heads, L - n_protected, dtype=torch.bool)
-            for layer in range(n_layers):
-                for head in range(n_heads):
-                    ctx = kept[layer, head]
-                    keep[layer, head, ctx[ctx >= n_protected] - n_protected] = True
-            cache = compact(cache, EvictionPlan(keep, "head", tuple(range(n_layers))), n_protected)
+            if kept.dtype == torch.bool:
+                if not bool(kept[..., :n_protected].all()):
+                    raise ValueError("the protected tokens must all be kept")
+                keep = kept[..., n_protected:].clone()
+            else:
+                keep = torch.zeros(n_layers, n_heads, L - n_protected, dtype=torch.bool)
+                for layer in range(n_layers):
+                    for head in range(n_heads):
+                        ctx = kept[layer, head]
+                        keep[layer, head, ctx[ctx >= n_protected] - n_protected] = True
+            structure = "head" if len(set(keep.sum(-1).flatten().tolist())) == 1 else "pair"
+            cache = compact(cache, EvictionPlan(keep, structure, tuple(range(n_layers))), n_protected)
         ids = rest + generated[:-1]
         logits = model(torch.tensor([ids]), past_key_values=cache.view(), use_cache=True).logits[0].float()
     logp = torch.log_softmax(logits[len(rest) - 1:], dim=-1)

@@ -7,7 +7,8 @@ inspected between steps. Prints `RESULT <json>` on the last line. Not a test mod
 
     python -m tests.integrations.vllm.run_kvzip MODEL_DIR SCENARIO [RATIO]
 
-Scenarios: `sequential` (one request at a time on a shared prefix), `salts` (two tenants, same
+Scenarios: `sequential` (one request at a time on a shared prefix), `mixed` (one batch of requests
+on a compacted prefix, on a prefix being scored, and plain), `salts` (two tenants, same
 prefix, different cache salts), `churn` (random admissions and aborts while prefixes compress),
 `cancel` (the prefix cache is reset while a job scores). `KVZIP_TEST_PREFIX_CACHING=0` turns vLLM's
 prefix caching off.
@@ -56,13 +57,14 @@ class Harness:
         manager = self.kvcm.coordinator.single_type_managers[0]
         return len(manager.req_to_blocks.get(rid, []))
 
-    def add(self, rid: str, ids: list[int], salt: str | None = None, logprobs: int | None = 1) -> None:
+    def add(self, rid: str, ids: list[int], salt: str | None = None, logprobs: int | None = 1,
+            max_tokens: int = MAX_TOKENS) -> None:
         from vllm import SamplingParams
 
         prompt = {"prompt_token_ids": ids}
         if salt is not None:
             prompt["cache_salt"] = salt
-        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=logprobs)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs)
         self.engine.add_request(rid, prompt, params)
 
     def step(self) -> list:
@@ -119,7 +121,9 @@ class Harness:
         sched = self.connector.sched
         return {
             "compacted": [{"L": p.logical_length, "P": p.physical_length, "blocks": [b.block_id for b in p.blocks],
-                           "alive": p.alive()} for p in sched.compacted.values()],
+                           "alive": p.alive(), "head_pages": p.head_pages, "store_id": p.store_id}
+                          for p in sched.compacted.values()],
+            "structure": sched.config.structure,
             "jobs_live": len(sched.jobs),
             "finished": {s.value: n for s, n in sched.queue.finished.items()},
             "offsets": {rid: p.logical_length - p.physical_length for rid, p in sched.offsets.items()},
@@ -201,7 +205,39 @@ def cancel(h: Harness) -> dict:
             "kvzip": h.kvzip_state(), "pool": h.pool_state()}
 
 
-SCENARIOS = {"sequential": sequential, "salts": salts, "churn": churn, "cancel": cancel}
+def mixed(h: Harness) -> dict:
+    """One batch mixing requests on a compacted prefix (A), a request on another prefix (B) whose
+    scoring requests run in the same steps, and a plain request."""
+    a, b = prefix_ids(0), prefix_ids(1)
+    warm = [h.run("w0", a + list(SUFFIXES[0])), h.run("w1", a + list(SUFFIXES[1]))]
+    h.drain()  # A compacted
+    warm.append(h.run("v0", b + list(SUFFIXES[0])))
+    # max_num_seqs is 4: p1 stops early so the scoring request of B's job joins a1, a2 and b1's steps
+    batch = {"a1": a + list(SUFFIXES[2]), "a2": a + list(SUFFIXES[3]), "b1": b + list(SUFFIXES[4]),
+             "p1": prefix_ids(7)[:40]}
+    for rid, ids in batch.items():
+        h.add(rid, ids, max_tokens=2 if rid == "p1" else 3 * MAX_TOKENS)
+    done: dict = {}
+    scoring_steps_with_a = 0
+    while len(done) < len(batch):
+        sched = h.connector.sched if h.connector is not None else None
+        running = {r.request_id.split("-")[0] for r in h.scheduler.running}
+        if sched is not None and any(j.pending for j in sched.jobs.values()) and running & {"a1", "a2"}:
+            scoring_steps_with_a += 1
+        for out in h.step():
+            rid = out.request_id.split("-")[0]
+            if out.finished and rid in batch:
+                comp = out.outputs[0]
+                done[rid] = {"id": rid, "tokens": list(comp.token_ids),
+                             "logprobs": [lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids, strict=True)],
+                             "offset": h._lookup(h.offsets, rid, None)}
+    h.drain()
+    return {"prefixes": {"a": a, "b": b}, "suffixes": [list(s) for s in SUFFIXES], "batch": batch,
+            "warm": warm, "requests": [done[r] for r in batch], "scoring_steps_with_a": scoring_steps_with_a,
+            "kvzip": h.kvzip_state(), "pool": h.pool_state()}
+
+
+SCENARIOS = {"mixed": mixed, "sequential": sequential, "salts": salts, "churn": churn, "cancel": cancel}
 
 
 def main(model_dir: str, scenario: str) -> dict:

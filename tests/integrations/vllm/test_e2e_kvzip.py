@@ -4,7 +4,8 @@
 Scenarios run in fresh processes (run_kvzip.py); the shared prefix is 6 full blocks (192 tokens)
 and the trigger is lowered to 64 tokens / 2 hits, so the second request queues a job, the
 scoring requests and the compaction run while it decodes, and later requests adopt the
-compacted prefix.
+compacted prefix. Structures: `head` (vLLM's own block table and kernel) and `pair` /
+`layer_budget` (head pages and the plugin's attention; `pair` is the default).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 pytest.importorskip("vllm")
 
 from kvzip_plugin.hf.attention import install  # noqa: E402
+from kvzip_plugin.store import place_runs  # noqa: E402
 from tests.integrations.reference import reference_logprobs  # noqa: E402
 from tests.integrations.vllm.run_kvzip import BLOCK_SIZE  # noqa: E402
 from tests.integrations.vllm.spawn import spawn  # noqa: E402
@@ -44,7 +46,42 @@ def dump_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def kvzip_seq(tiny_model_dir, dump_dir):
-    return scenario(tiny_model_dir, "sequential", "kvzip", 0.5, KVZIP_DUMP_DIR=str(dump_dir))
+    return scenario(tiny_model_dir, "sequential", "kvzip", 0.5, KVZIP_DUMP_DIR=str(dump_dir),
+                    KVZIP_KV_COMPRESSION_STRUCTURE="head")
+
+
+@pytest.fixture(scope="module", params=[("pair", 0.5), ("layer_budget", 0.5)], ids=["pair", "layer_budget"])
+def kvzip_nonuniform(request, tiny_model_dir, tmp_path_factory):
+    structure, ratio = request.param
+    dump = tmp_path_factory.mktemp(f"kvzip_dump_{structure}")
+    res = scenario(tiny_model_dir, "sequential", "kvzip", ratio, KVZIP_DUMP_DIR=str(dump),
+                   KVZIP_KV_COMPRESSION_STRUCTURE=structure)
+    return structure, res, torch.load(next(iter(sorted(dump.glob("job-*.pt")))))
+
+
+@pytest.fixture(scope="module")
+def reference_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    install(model.eval())  # KVzipCache's per-head physical slots need KVzip's attention wrapper
+    return model
+
+
+def _check_against_reference(model, prefix, keep, n_protected, requests, suffixes) -> list[float]:
+    """Every adopted request's greedy tokens equal a transformers run of the same kept pairs at their
+    original positions, logprobs within 2e-3; returns each one's gap to the full cache."""
+    gaps = []
+    for r, sfx in zip(requests, suffixes, strict=True):
+        if r["offset"] is None:
+            continue
+        rest = prefix[L:] + sfx  # the partial block and the suffix, at logical positions L, L+1, ...
+        ref_lp, ref_argmax = reference_logprobs(model, prefix[:L], n_protected, keep, rest, r["tokens"])
+        assert ref_argmax == r["tokens"], r["id"]
+        assert max(abs(a - b) for a, b in zip(ref_lp, r["logprobs"], strict=True)) < 2e-3, r["id"]
+        full_lp, _ = reference_logprobs(model, prefix[:L], n_protected, None, rest, r["tokens"])
+        gaps.append(max(abs(a - b) for a, b in zip(full_lp, r["logprobs"], strict=True)))
+    return gaps
 
 
 def _adopted(result: dict) -> list[dict]:
@@ -85,28 +122,67 @@ def test_compacted_prefix_is_hit_with_fewer_blocks(kvzip_seq, none_seq):
     assert kvzip_seq["pool"]["referenced"] == [] and kvzip_seq["pool"]["cached"] == L // 2 // BLOCK_SIZE
 
 
-def test_outputs_on_compacted_prefix_equal_transformers_reference(kvzip_seq, dump_dir, tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
+def test_outputs_on_compacted_prefix_equal_transformers_reference(kvzip_seq, dump_dir, reference_model):
     (dump_file,) = sorted(Path(dump_dir).glob("job-*.pt"))
     dump = torch.load(dump_file)
-    kept = dump["kept_tokens"]  # [layers, H_kv, P]
-    assert dump["prefix_len"] == L and kept.shape[-1] == L // 2
-    assert len({tuple(kept[0, h].tolist()) for h in range(kept.shape[1])}) > 1  # heads keep different tokens
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    install(model.eval())  # KVzipCache's per-head physical slots need KVzip's attention wrapper
-    prefix = kvzip_seq["prefix"]
-    gaps = []
-    for r, sfx in zip(kvzip_seq["requests"], kvzip_seq["suffixes"], strict=True):
-        if r["offset"] is None:
-            continue
-        rest = prefix[L:] + sfx  # the partial block and the suffix, at logical positions L, L+1, ...
-        ref_lp, ref_argmax = reference_logprobs(model, prefix[:L], dump["n_protected"], kept, rest, r["tokens"])
-        assert ref_argmax == r["tokens"], r["id"]
-        assert max(abs(a - b) for a, b in zip(ref_lp, r["logprobs"], strict=True)) < 2e-3, r["id"]
-        full_lp, _ = reference_logprobs(model, prefix[:L], dump["n_protected"], None, rest, r["tokens"])
-        gaps.append(max(abs(a - b) for a, b in zip(full_lp, r["logprobs"], strict=True)))
+    keep = dump["keep"]  # [layers, H_kv, L]
+    assert dump["prefix_len"] == L and dump["structure"] == "head"
+    assert set(keep.sum(-1).flatten().tolist()) == {L // 2}
+    assert len({tuple(keep[0, h].tolist()) for h in range(keep.shape[1])}) > 1  # heads keep different tokens
+    gaps = _check_against_reference(reference_model, kvzip_seq["prefix"], keep, dump["n_protected"],
+                                     kvzip_seq["requests"], kvzip_seq["suffixes"])
     assert gaps and max(gaps) > 1e-2  # the comparison can fail: the full cache gives other logprobs
+
+
+def test_nonuniform_prefix_holds_exactly_its_head_pages(kvzip_nonuniform, none_seq):
+    structure, res, dump = kvzip_nonuniform
+    state = res["kvzip"]
+    assert state["structure"] == structure and state["finished"] == {"committed": 1, "failed": 0, "cancelled": 0}
+    (prefix,) = state["compacted"]
+    keep = dump["keep"]
+    lengths = keep.sum(-1)
+    assert dump["structure"] == structure and len(set(lengths.flatten().tolist())) > 1  # runs differ in length
+    if structure == "layer_budget":
+        assert all(len(set(row.tolist())) == 1 for row in lengths)  # one count per layer
+    n_blocks = place_runs(lengths, BLOCK_SIZE).n_blocks
+    assert prefix["head_pages"] and prefix["P"] == n_blocks * BLOCK_SIZE < L and len(prefix["blocks"]) == n_blocks
+    adopted = _adopted(res)
+    assert [r["id"] for r in adopted] == ["r2", "r3", "r4", "r5"]
+    for r, base in zip(res["requests"], none_seq["requests"], strict=True):
+        assert r["num_cached_tokens"] == base["num_cached_tokens"]
+        if r["offset"] is not None:  # the store's blocks, then its own: fewer than the full prefix's
+            assert r["offset"] == L - n_blocks * BLOCK_SIZE
+            assert r["blocks"] == base["blocks"] - (L - n_blocks * BLOCK_SIZE) // BLOCK_SIZE
+    # nothing referenced once idle; the only cached blocks are the store's (originals evicted, reservation trimmed)
+    assert res["pool"]["referenced"] == [] and res["pool"]["cached"] == n_blocks
+    assert res["pool"]["free"] == none_seq["pool"]["free"]
+
+
+def test_nonuniform_outputs_equal_transformers_reference(kvzip_nonuniform, reference_model):
+    structure, res, dump = kvzip_nonuniform
+    gaps = _check_against_reference(reference_model, res["prefix"], dump["keep"], dump["n_protected"],
+                                    res["requests"], res["suffixes"])
+    assert len(gaps) == 4 and max(gaps) > 1e-2  # the comparison can fail: the full cache gives other logprobs
+
+
+def test_mixed_steps_stay_correct(tiny_model_dir, tmp_path_factory, reference_model):
+    """Requests on a compacted `pair` prefix, a request on a prefix whose scoring requests share its
+    steps, and a plain request, in the same batches."""
+    dump = tmp_path_factory.mktemp("kvzip_dump_mixed")
+    res = scenario(tiny_model_dir, "mixed", "kvzip", 0.5, KVZIP_DUMP_DIR=str(dump))
+    base = scenario(tiny_model_dir, "mixed", "none")
+    assert res["kvzip"]["finished"]["committed"] == 2 and res["scoring_steps_with_a"] >= 1
+    by_id = {r["id"]: r for r in res["requests"]}
+    assert by_id["a1"]["offset"] is not None and by_id["a2"]["offset"] is not None
+    job_a = torch.load(dump / "job-0.pt")
+    a = res["prefixes"]["a"]
+    sfx = {"a1": res["suffixes"][2], "a2": res["suffixes"][3]}
+    for rid in ("a1", "a2"):
+        _check_against_reference(reference_model, a, job_a["keep"], job_a["n_protected"], [by_id[rid]], [sfx[rid]])
+    for r, b in zip(res["requests"], base["requests"], strict=True):
+        if r["id"] in ("b1", "p1"):  # not on a compacted prefix: what vLLM alone gives (batch effects ~1e-6)
+            assert r["offset"] is None and r["tokens"] == b["tokens"]
+            assert max(abs(x - y) for x, y in zip(r["logprobs"], b["logprobs"], strict=True)) < 1e-4
 
 
 def test_failed_job_leaves_the_cache_as_it_was(tiny_model_dir, none_seq):
