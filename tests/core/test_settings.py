@@ -30,6 +30,18 @@ def test_invalid_values_name_the_field(kwargs, field):
         make_settings(**kwargs)
 
 
+def test_structure():
+    assert make_settings(structure="Layer_Budget").structure == "layer_budget"
+    s = make_settings(0.3, structure="pair")
+    assert KVCompressionSettings.from_dict(s.to_dict()) == s and s.to_dict() == {"ratio": 0.3, "structure": "pair"}
+    with pytest.raises(ValueError, match="structure: invalid choice 'layer'"):
+        make_settings(structure="layer")  # the core's 'layer' (same tokens per layer) is not served
+    env = {"KVZIP_KV_COMPRESSION": "kvzip", "KVZIP_KV_COMPRESSION_STRUCTURE": "head"}
+    assert settings_from_env(env) == KVCompressionSettings(structure="head")
+    with pytest.raises(ValueError, match="KVZIP_KV_COMPRESSION_STRUCTURE: structure: invalid choice"):
+        settings_from_env({**env, "KVZIP_KV_COMPRESSION_STRUCTURE": "pairs"})
+
+
 def test_environment():
     assert settings_from_env({}) is None and settings_from_env({"KVZIP_KV_COMPRESSION": "none"}) is None
     s = settings_from_env({"KVZIP_KV_COMPRESSION": "KVzip", "KVZIP_KV_COMPRESSION_RATIO": "0.5"})

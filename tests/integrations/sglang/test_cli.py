@@ -138,6 +138,18 @@ def test_invalid_values_fail_at_parse(parser, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_structures_sglang_does_not_serve_are_refused(parser, monkeypatch):
+    record = server_args(parser, "--kv-compression", "kvzip", "--kv-compression-structure", "head")
+    assert getattr(record, plugin.SETTINGS_ATTR) == {"structure": "head"}
+    for structure in ("pair", "layer_budget"):
+        with pytest.raises(ValueError, match=f"SGLang serves only --kv-compression-structure head .*'{structure}'"):
+            server_args(parser, "--kv-compression", "kvzip", "--kv-compression-structure", structure)
+    monkeypatch.setenv("KVZIP_KV_COMPRESSION", "kvzip")
+    monkeypatch.setenv("KVZIP_KV_COMPRESSION_STRUCTURE", "pair")
+    with pytest.raises(ValueError, match="KVZIP_KV_COMPRESSION_STRUCTURE: SGLang serves only"):
+        plugin._before_resolve_once(ServerArgs(model_path="dummy"))
+
+
 def test_conflicting_backend_is_refused(parser):
     with pytest.raises(ValueError, match="cannot be combined with --radix-cache-backend 'other'"):
         server_args(parser, "--kv-compression", "kvzip", "--radix-cache-backend", "other")

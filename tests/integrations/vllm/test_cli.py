@@ -94,6 +94,7 @@ def test_parser_has_flags(parser):
         (["--kv-compression-min-hits", "0"], "--kv-compression-min-hits", "greater than or equal to 1"),
         (["--kv-compression-min-hits", "2.5"], "--kv-compression-min-hits", "integer"),
         (["--kv-compression", "zip"], "--kv-compression", "invalid choice"),
+        (["--kv-compression-structure", "layer"], "--kv-compression-structure", "invalid choice"),
     ],
 )
 def test_invalid_values_fail_naming_the_flag(parser, capsys, argv, flag, words):
@@ -128,6 +129,14 @@ def test_kvzip_maps_onto_kv_transfer_config(parser):
     plain = AsyncEngineArgs.from_cli_args(parse(parser))
     plain.kv_transfer_config = cfg
     assert plain == engine_args
+
+
+def test_structure_flag_reaches_the_connector(parser):
+    args = parse(parser, "--kv-compression", "kvzip", "--kv-compression-structure", "layer_budget")
+    cfg = AsyncEngineArgs.from_cli_args(args).kv_transfer_config
+    assert cfg.kv_connector_extra_config == {"kvzip": {"structure": "layer_budget"}}
+    help_text = " ".join(parser.format_help().split())
+    assert "--kv-compression-structure {pair,layer_budget,head}" in help_text, help_text[-3000:]
 
 
 def test_kvzip_with_another_connector_is_refused(parser):

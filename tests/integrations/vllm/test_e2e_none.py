@@ -77,6 +77,6 @@ def test_kvzip_ratio_one_multiprocess_is_token_identical(baseline, plugin_kvzip)
     # one connector per role, each in its own process; the plugin registered in EngineCore and worker
     assert "KVzipConnector (SCHEDULER)" in log and "KVzipConnector (WORKER)" in log
     assert log.count("kvzip-plugin: registered for vLLM") >= 2
-    assert "kvzip-plugin: job 0 committed: 96 -> 96 tokens" in log
+    assert "kvzip-plugin: job 0 committed (pair): 96 -> 96 token slots (0 blocks saved, vLLM's block table)" in log
     assert plugin_kvzip["tokens"] == baseline["tokens"]
     assert plugin_kvzip["num_cached_tokens"] == baseline["num_cached_tokens"]

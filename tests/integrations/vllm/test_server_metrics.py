@@ -15,10 +15,12 @@ import time
 import urllib.request
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
 from kvzip_plugin import loadgen  # noqa: E402
+from kvzip_plugin.store import place_runs  # noqa: E402
 from tests.integrations.vllm.run_kvzip import BLOCK_SIZE, prefix_ids  # noqa: E402
 from tests.integrations.vllm.spawn import REPO  # noqa: E402
 
@@ -34,11 +36,13 @@ def server(tiny_model_dir, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "vllm.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVZIP_")}
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
+               KVZIP_DUMP_DIR=str(log.parent / "dump"))  # the kept runs, to compute the exact block count
     cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(tiny_model_dir),
            "--served-model-name", "tiny", "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "1024", "--block-size", str(BLOCK_SIZE), "--enable-prefix-caching",
-           "--kv-compression", "kvzip", "--kv-compression-ratio", "0.5", "--kv-compression-min-prefix-tokens", "64"]
+           "--kv-compression", "kvzip", "--kv-compression-ratio", "0.5", "--kv-compression-min-prefix-tokens", "64",
+           "--kv-compression-structure", "pair"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -77,15 +81,20 @@ def test_kvzip_metrics_on_vllm_metrics_endpoint(server):
     assert after.get("vllm:kvzip_prefixes_compressed_total", **labels) == 1.0
     assert after.get("vllm:kvzip_jobs_total", outcome="committed", **labels) == 1.0
     assert after.get("vllm:kvzip_jobs_total", outcome="failed", **labels) == 0.0
-    assert after.get("vllm:kvzip_blocks_saved", **labels) == 3.0  # 192 -> 96 tokens, 32-token blocks
+    (dump,) = (log.parent / "dump").glob("job-*.pt")
+    n_blocks = place_runs(torch.load(dump)["keep"].sum(-1), BLOCK_SIZE).n_blocks  # the store's head pages
+    saved = 6 - n_blocks  # 192 tokens = 6 blocks of 32
+    assert 0 < saved < 6
+    assert after.get("vllm:kvzip_blocks_saved", **labels) == saved
     block_bytes = 2 * 2 * 2 * BLOCK_SIZE * 64 * 4  # K+V, 2 layers, 2 KV heads, 32 tokens, head_dim 64, fp32
-    assert after.get("vllm:kvzip_bytes_saved", **labels) == 3.0 * block_bytes
+    assert after.get("vllm:kvzip_bytes_saved", **labels) == saved * block_bytes
     assert after.get("vllm:kvzip_achieved_ratio_count", **labels) == 1.0
-    assert after.get("vllm:kvzip_achieved_ratio_sum", **labels) == 0.5
+    assert after.get("vllm:kvzip_achieved_ratio_sum", **labels) == n_blocks / 6
     assert after.get("vllm:kvzip_compressed_prefix_hits_total", **labels) >= 5
     assert after.get("vllm:kvzip_decode_step_seconds_count", prefix="compressed", **labels) > 0
     assert after.get("vllm:kvzip_scoring_seconds_count", **labels) == 1.0
     assert after.get("vllm:kvzip_scoring_to_prefill_ratio_count", **labels) == 1.0
     assert after.get("vllm:kvzip_scoring_to_prefill_ratio_sum", **labels) > 0.8  # ~ repeat tokens / prefix tokens
     assert after.get("vllm:kvzip_jobs_queued", **labels) == 0.0 and after.get("vllm:kvzip_jobs_running", **labels) == 0
-    assert "kvzip-plugin: job 0 committed: 192 -> 96 tokens" in log.read_text()
+    assert (f"kvzip-plugin: job 0 committed (pair): 192 -> {n_blocks * BLOCK_SIZE} token slots "
+            f"({saved} blocks saved, head pages)") in log.read_text()
