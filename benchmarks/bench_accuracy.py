@@ -85,6 +85,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("kvzip-pair", "kvzip", "pair"),
     Method("kvzip-head", "kvzip", "head"),
     Method("kvzip-layer", "kvzip", "layer"),
+    Method("kvzip-layer_budget", "kvzip", "layer_budget"),
     Method("kvzip-headlevel", "kvzip_head", "head_level"),
     # baselines with a uniform per-head budget, as kvpress' presses (and paged engines) hold them
     Method("snapkv", "snapkv", "head"),

@@ -74,9 +74,11 @@ class Admission:
         covered by a compacted or in-flight one."""
         if not self.eligible(key) or num_tokens < self.policy.min_prefix_tokens:
             return Offer()
+        candidate = None
         if self.tracker.hits(key) == 0 and key not in self.failed:  # the request that cached it
-            self.tracker.observe(key, num_tokens, (), salt)
-        candidate = self.tracker.observe(key, num_tokens, (), salt)
+            candidate = self.tracker.observe(key, num_tokens, (), salt)  # qualifies already with min_hits=1
+        if candidate is None:
+            candidate = self.tracker.observe(key, num_tokens, (), salt)
         if candidate is None:
             return Offer()
         return Offer(candidate, self.queue.submit(candidate))

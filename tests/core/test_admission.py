@@ -37,6 +37,15 @@ def test_the_caching_request_counts_as_the_first_hit():
     assert adm.offer("p", 128).candidate is None  # proposed once
 
 
+def test_min_hits_one_submits_on_the_first_hit():
+    """The request that cached the prefix already makes one hit: the first request that hits it
+    submits the job (it used to be swallowed: the caching request's observation made the candidate)."""
+    adm = _admission(min_hits=1)
+    offer = adm.offer("p", 128)
+    assert offer.job is not None and offer.candidate.hits == 1
+    assert adm.queue.queued == 1 and adm.offer("p", 128).candidate is None
+
+
 def test_min_hits_three_needs_two_hits():
     adm = _admission(min_hits=3)
     assert adm.offer("p", 128).candidate is None
