@@ -62,8 +62,15 @@ its own count, served from head pages by the plugin's attention."""
 """Fallback reasons only a worker can see (its KV buffers, its layers): the worker half reports them."""
 
 
-def unsupported_reason(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> str | None:
-    """Why KVzip cannot run on this engine, or None. Short snake_case reasons (metric labels)."""
+def unsupported_reason(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None,
+                       structure: str = "head") -> str | None:
+    """Why KVzip cannot run on this engine, or None. Short snake_case reasons (metric labels).
+
+    `pair` and `layer_budget` prefixes are served by the plugin's attention, which runs in the
+    worker's wrapper of each attention layer's `impl.forward`: a CUDA graph that captured the
+    attention (`cudagraph_mode` FULL, FULL_DECODE_ONLY, FULL_AND_PIECEWISE) would replay vLLM's kernel
+    for those requests without it, so they need PIECEWISE graphs (attention runs eagerly between the
+    graph pieces) or none (`full_cuda_graphs`)."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     if vllm_config.speculative_config is not None:
@@ -76,6 +83,10 @@ def unsupported_reason(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig |
         return "pipeline_parallel"
     if vllm_config.use_v2_model_runner:
         return "model_runner_v2"
+    if structure != "head":
+        mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+        if mode is not None and mode.has_full_cudagraphs():
+            return "full_cuda_graphs"
     if kv_cache_config is not None:
         groups = kv_cache_config.kv_cache_groups
         if len(groups) != 1:
@@ -98,7 +109,7 @@ class KVzipConnector(KVConnectorBase_V1):
                              **({"ratio": self.settings.ratio} if self.settings.ratio else {}))
         policy = TriggerPolicy(**{k: v for k, v in (("min_prefix_tokens", self.settings.min_prefix_tokens),
                                                     ("min_hits", self.settings.min_hits)) if v is not None})
-        self.disabled = unsupported_reason(vllm_config, kv_cache_config)
+        self.disabled = unsupported_reason(vllm_config, kv_cache_config, config.structure)
         self._fallback_reported = False
         self.sched: SchedulerState | None = None
         self.worker: WorkerState | None = None
@@ -110,7 +121,12 @@ class KVzipConnector(KVConnectorBase_V1):
             self.worker = WorkerState(config.score_query_block)
             if not self.disabled:
                 runner.install(self.worker)
-        if self.disabled:
+        if self.disabled == "full_cuda_graphs":
+            logger.warning("kvzip-plugin: KV compression disabled on this engine (full_cuda_graphs): the %s "
+                           "structure is served by the plugin's attention, which a full CUDA graph would skip; "
+                           "use --compilation-config '{\"cudagraph_mode\": \"PIECEWISE\"}' or "
+                           "--kv-compression-structure head", config.structure)
+        elif self.disabled:
             logger.warning("kvzip-plugin: KV compression disabled on this engine (%s); prefixes are served "
                            "uncompressed", self.disabled)
         else:

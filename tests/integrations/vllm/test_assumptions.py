@@ -521,3 +521,17 @@ def test_attention_layer_and_cpu_impl():
     from vllm.config import get_layers_from_vllm_config
 
     assert params(get_layers_from_vllm_config)[:3] == ["vllm_config", "layer_type", "layer_names"]
+
+
+def test_cpu_impl_output_and_features_read_by_head_page_attention():
+    """integrations/vllm/attention.py overwrites rows of the `output` the impl filled and returned, after
+    the KV of the step was written (outside `forward`); worker._unplain reads these impl attributes."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    assert "output" in params(CPUAttentionBackendImpl.forward)
+    src = inspect.getsource(CPUAttentionBackendImpl.forward)
+    assert "return output" in src and "output=output[:num_actual_tokens]" in src
+    assert "cpu_attn_reshape_and_cache" in src.split("if is_encoder_attention:")[2]  # only encoders write here
+    init = inspect.getsource(CPUAttentionBackendImpl.__init__)
+    for attr in ("self.alibi_slopes =", "self.sliding_window =", "self.logits_soft_cap =", "self.sinks ="):
+        assert attr in init, attr

@@ -61,9 +61,51 @@ def test_worker_results_aggregate_over_ranks():
     assert merged[1].scoring_seconds == 1.0 and merged[2].ok
 
 
+def test_store_results_aggregate_over_ranks():
+    """The store must hold what the largest rank needs; head pages on any rank mean the plugin's attention."""
+    a = KVzipWorkerMetadata([CompactionResult(1, True, n_blocks=3, head_pages=False, kept_pairs=100)])
+    b = KVzipWorkerMetadata([CompactionResult(1, True, n_blocks=4, head_pages=True, kept_pairs=120)])
+    (merged,) = a.aggregate(b).results
+    assert (merged.n_blocks, merged.head_pages, merged.kept_pairs) == (4, True, 220)
+
+
+def _config(mode, **over):
+    from types import SimpleNamespace as NS
+
+    cfg = NS(speculative_config=None, model_config=NS(use_mla=False), cache_config=NS(enable_prefix_caching=True),
+             parallel_config=NS(pipeline_parallel_size=1), use_v2_model_runner=False,
+             compilation_config=NS(cudagraph_mode=mode))
+    cfg.__dict__.update(over)
+    return cfg
+
+
+def test_full_cuda_graphs_refuse_the_structures_served_by_the_plugins_attention():
+    """A full CUDA graph replays vLLM's kernel without the plugin's attention: `pair` / `layer_budget`
+    fail closed under it; `head` (vLLM's own kernel) does not care; PIECEWISE keeps attention eager."""
+    from vllm.config import CUDAGraphMode
+
+    from kvzip_plugin.integrations.vllm.connector import unsupported_reason
+
+    for mode in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_DECODE_ONLY, CUDAGraphMode.FULL_AND_PIECEWISE):
+        assert unsupported_reason(_config(mode), None, "pair") == "full_cuda_graphs"
+        assert unsupported_reason(_config(mode), None, "layer_budget") == "full_cuda_graphs"
+        assert unsupported_reason(_config(mode), None, "head") is None
+    for mode in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
+        assert unsupported_reason(_config(mode), None, "pair") is None
+
+
+def test_compilation_config_exposes_the_cuda_graph_mode():
+    from vllm.config import CompilationConfig, CUDAGraphMode
+
+    assert CompilationConfig(cudagraph_mode="FULL_AND_PIECEWISE").cudagraph_mode.has_full_cudagraphs()
+    assert not CompilationConfig(cudagraph_mode="PIECEWISE").cudagraph_mode.has_full_cudagraphs()
+    assert not CUDAGraphMode.NONE.has_full_cudagraphs()
+
+
 def test_messages_survive_pickling():
     meta = KVzipConnectorMetadata(scoring={"kvzip-score-0-0": ScoringTarget(0, 192, 3, 0, 189)},
-                                  compact=[CompactCommand(0, (1, 2), (9,), 3)], offsets={"r": 96}, drop_jobs=[4])
+                                  compact=[CompactCommand(0, (1, 2), (9,), 3, "pair", 0.3)], offsets={"r": 96},
+                                  stores={"r": 0}, drop_jobs=[4], drop_stores=[2])
     assert pickle.loads(pickle.dumps(meta)) == meta
     res = KVzipWorkerMetadata([CompactionResult(0, True)])
     assert pickle.loads(pickle.dumps(res)) == res
