@@ -77,9 +77,8 @@ def engine_child(model_dir: str, structure: str, ratio: float, contexts_file: st
     """Run every context through one vLLM engine; return per-question results."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler in this process: drain jobs
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from vllm import LLM, SamplingParams
-
     from kvzip_plugin.integrations.vllm import kv_transfer_config
+    from vllm import LLM, SamplingParams
 
     kwargs: dict[str, Any] = {}
     if structure != "none":
@@ -138,8 +137,8 @@ def run_engine(model_dir: str, structure: str, ratio: float, contexts_file: Path
 def transformers_path(structures: list[str], ratios: list[float], datasets: list[str]) -> list[dict[str, Any]]:
     """Same questions on the transformers reference path (one scoring pass per context)."""
     import torch
-    from bench_accuracy import greedy_exact_match, prefill
     from bench_accuracy import compressed_context as hf_context
+    from bench_accuracy import greedy_exact_match, prefill
 
     from kvzip_plugin import KVzipConfig
     from kvzip_plugin import datasets as data_sets
@@ -187,7 +186,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             pairs = [(v, by_q.get(("transformers", ds, structure, ratio, k[4], k[5])))
                      for k, v in by_q.items() if k[:4] == (path, ds, structure, ratio)]
             pairs = [(a, b) for a, b in pairs if b is not None]
-            rec["vs_transformers"] = {"both": sum(a and b for a, b in pairs), "engine_only": sum(a and not b for a, b in pairs),
+            rec["vs_transformers"] = {"both": sum(a and b for a, b in pairs),
+                                      "engine_only": sum(a and not b for a, b in pairs),
                                       "transformers_only": sum(b and not a for a, b in pairs),
                                       "neither": sum(not a and not b for a, b in pairs)}
         out.append(rec)

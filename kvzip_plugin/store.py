@@ -203,7 +203,8 @@ def copy_plan(keep: torch.Tensor, layout: HeadPageLayout, layer: int) -> CopyPla
     for h in range(layout.n_heads):
         idx = keep[layer, h].nonzero().flatten()
         if idx.numel() != int(layout.lengths[layer, h]):
-            raise ValueError(f"run ({layer}, {h}) keeps {idx.numel()} tokens, layout says {int(layout.lengths[layer, h])}")
+            raise ValueError(f"run ({layer}, {h}) keeps {idx.numel()} tokens, "
+                             f"layout says {int(layout.lengths[layer, h])}")
         tokens.append(idx)
         heads.append(torch.full_like(idx, h))
     src_tokens, src_heads = torch.cat(tokens), torch.cat(heads)
@@ -213,7 +214,8 @@ def copy_plan(keep: torch.Tensor, layout: HeadPageLayout, layer: int) -> CopyPla
     return CopyPlan(src_tokens, src_heads, blocks, buffers, slots, rank % ps)
 
 
-def run_gather_index(layout: HeadPageLayout, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def run_gather_index(layout: HeadPageLayout,
+                     layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where `layer`'s runs are, page by page, to read them as a padded `[H_kv, max_pages * page_size, D]`.
 
     Returns:

