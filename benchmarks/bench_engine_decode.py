@@ -66,7 +66,8 @@ def child(model_dir: str, structure: str, ratio: float, lengths: list[int], batc
         kwargs["kv_transfer_config"] = kv_transfer_config(ratio=ratio, min_prefix_tokens=64, min_hits=1,
                                                           structure=structure)
     llm = LLM(model=model_dir, dtype="float32", enable_prefix_caching=True, block_size=BLOCK_SIZE,
-              max_model_len=max(lengths) + 256, max_num_seqs=max(batches), max_num_batched_tokens=max(lengths) + 256,
+              max_model_len=min(8192, max(lengths) + 256), max_num_seqs=max(batches),
+              max_num_batched_tokens=max(lengths) + 256,
               enforce_eager=True, seed=0, **kwargs)
     engine = llm.llm_engine
     core = engine.engine_core.engine_core
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--structures", nargs="+", default=["head", "layer_budget", "pair"])
     p.add_argument("--ratio", type=float, default=0.3)
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 7680])  # SmolLM2: 8192 positions
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--steps", type=int, default=16)
     args = p.parse_args(argv)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvzip_plugin.prefix_attention import causal_attention, merge, run_attention  # noqa: E402
+from kvzip_plugin.prefix_attention import decode_attention, merge, run_attention  # noqa: E402
 from kvzip_plugin.store import place_runs, run_gather_index, select_runs  # noqa: E402
 
 
@@ -111,17 +111,16 @@ def main() -> None:
             vh = torch.cat([v_full[:, :kept_head].expand(b, -1, -1, -1), own_v], 2).contiguous()
             t_head = time_it(lambda: per_request(qf, kh, vh), dev, args.repeats)
 
-            def shared() -> torch.Tensor:
-                rk = pages_k.new_zeros(h_kv * max_pages, args.page, d)
-                rv = pages_v.new_zeros(h_kv * max_pages, args.page, d)
+            own_lens = torch.full((b,), args.own, dtype=torch.long)
+
+            def shared() -> torch.Tensor:  # what integrations/vllm/attention.py does for decode rows
+                rk = pages_k.new_empty(h_kv * max_pages, args.page, d)
+                rv = pages_v.new_empty(h_kv * max_pages, args.page, d)
                 rk[grid_d] = pages_k[blocks_d, :, slots_d]
                 rv[grid_d] = pages_v[blocks_d, :, slots_d]
                 out_p, lse_p = run_attention(q, rk.view(h_kv, -1, d), rv.view(h_kv, -1, d), lengths, scale)
-                outs = []
-                for i in range(b):
-                    out_o, lse_o = causal_attention(q[i:i + 1], own_k[i], own_v[i], scale)
-                    outs.append(merge(out_p[i:i + 1], lse_p[i:i + 1], out_o, lse_o))
-                return torch.cat(outs)
+                out_o, lse_o = decode_attention(q, own_k, own_v, own_lens, scale)
+                return merge(out_p, lse_p, out_o, lse_o)
 
             t_runs = time_it(shared, dev, args.repeats)
             row = {"L": L, "batch": b, "ratio": args.ratio, "kept_fraction": float(keep.float().mean()),

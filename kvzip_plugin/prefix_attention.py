@@ -54,17 +54,57 @@ def run_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, len
 
     Args:
         q: `[n, H_q, D]` queries (all requests of the step on this prefix, stacked).
-        keys, values: `[H_kv, T, D]` runs, head `h` valid in `[:lengths[h]]` (padding ignored).
+        keys, values: `[H_kv, T, D]` runs, head `h` valid in `[:lengths[h]]` (the rest is never read).
         lengths: `[H_kv]` int64.
         scale: softmax scale.
 
     Returns:
         out `[n, H_q, D]` float32, lse `[n, H_q]` float32 (-inf for a head whose run is empty).
+
+    One matmul pair per KV head over exactly its run (no padding: `pair` runs are very uneven, the
+    longest can be the whole prefix while most are short).
     """
-    n, h_kv, t = q.shape[0], keys.shape[0], keys.shape[1]
-    mask = (torch.arange(t, device=keys.device) < lengths.to(keys.device).view(-1, 1)).unsqueeze(1)  # [H,1,T]
-    out, lse = _masked_attention(_group(q, h_kv), keys, values, mask, scale)
-    return _ungroup(out, n), _ungroup(lse, n)
+    n, h_q, d = q.shape
+    h_kv = keys.shape[0]
+    g = h_q // h_kv
+    out = q.new_zeros((n, h_q, d), dtype=torch.float32)
+    lse = torch.full((n, h_q), float("-inf"), dtype=torch.float32, device=q.device)
+    lens = lengths.tolist()
+    for h in range(h_kv):
+        t = int(lens[h])
+        if t == 0:
+            continue
+        qh = q[:, h * g:(h + 1) * g].float().reshape(n * g, d)
+        s = torch.matmul(qh, keys[h, :t].float().T) * scale  # [n*G, t]
+        m = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - m.unsqueeze(-1))
+        out[:, h * g:(h + 1) * g] = torch.matmul(p, values[h, :t].float()).view(n, g, d)
+        lse[:, h * g:(h + 1) * g] = m.view(n, g)
+    return out, lse
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per request over its own tokens, batched: request `r` attends to `keys[r, :, :lengths[r]]`
+    (all of them: its query is its newest token).
+
+    Args:
+        q: `[R, H_q, D]`; keys, values: `[R, H_kv, T, D]` (padded; padding masked); lengths: `[R]` (>= 1).
+
+    Returns:
+        out `[R, H_q, D]`, lse `[R, H_q]` (float32).
+    """
+    r, h_q, d = q.shape
+    h_kv, t = keys.shape[1], keys.shape[2]
+    g = h_q // h_kv
+    s = torch.matmul(q.float().view(r, h_kv, g, d), keys.float().transpose(-1, -2)) * scale  # [R, H, G, T]
+    mask = torch.arange(t, device=keys.device).view(1, 1, 1, t) < lengths.to(keys.device).view(r, 1, 1, 1)
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [R, H, G]
+    p = torch.exp(s - lse.unsqueeze(-1))
+    valid = mask.view(r, 1, t, 1)  # padding may hold anything (other requests' tokens, uninitialised memory)
+    out = torch.matmul(p, torch.where(valid, values.float(), 0.0))  # [R, H, G, D]
+    return out.reshape(r, h_q, d), lse.reshape(r, h_q)
 
 
 def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> tuple[

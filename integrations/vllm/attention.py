@@ -20,16 +20,60 @@ start at slot `n_blocks * block_size` (the slot offset `L - n_blocks * block_siz
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from kvzip_plugin.integrations.vllm import layout
 from kvzip_plugin.integrations.vllm.store import PagedStore, Views
 
-from kvzip_plugin.prefix_attention import causal_attention, merge, run_attention
+from kvzip_plugin.prefix_attention import causal_attention, decode_attention, merge, run_attention
 
 
-def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, rows: Mapping[str, tuple[int, PagedStore]],
-                 views: Views, own_views: tuple[torch.Tensor, torch.Tensor], meta, num_heads: int, head_size: int,
+@dataclass(frozen=True)
+class _Group:
+    """The step's requests on one store: their rows, query spans, and the batched decode rows."""
+
+    store: PagedStore
+    rows: list[int]
+    spans: list[tuple[int, int]]
+    starts: list[int]  # where each row's queries start in the stacked queries
+    q_index: torch.Tensor  # [n] token index of every stacked query in the batch
+    decode: list[int]  # positions in `rows` of rows with one query
+    decode_q: torch.Tensor  # [R] their query's token index
+    decode_lens: torch.Tensor  # [R] their own tokens
+    decode_table: torch.Tensor  # [R, blocks] their own blocks (after the store's)
+
+
+def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta) -> list[_Group]:
+    """Group this step's rows by store (once per step: the same for every layer)."""
+    qsl = meta.query_start_loc.tolist()
+    seq_lens = meta.seq_lens.tolist()
+    by_store: dict[int, list[tuple[int, PagedStore]]] = {}
+    for row, store in rows.values():
+        by_store.setdefault(id(store), []).append((row, store))
+    groups = []
+    for members in by_store.values():
+        store = members[0][1]
+        rws = [row for row, _ in members]
+        spans = [(int(qsl[row]), int(qsl[row + 1])) for row in rws]
+        starts = [0]
+        for qs, qe in spans:
+            starts.append(starts[-1] + qe - qs)
+        q_index = torch.cat([torch.arange(qs, qe) for qs, qe in spans])
+        decode = [i for i, (qs, qe) in enumerate(spans) if qe - qs == 1]
+        lens = torch.tensor([int(seq_lens[rws[i]]) for i in decode], dtype=torch.long)
+        first, bs = store.layout.n_blocks, store.layout.page_size
+        n_blocks = -(-int(lens.max()) // bs) if decode else 0
+        dev = meta.block_table.device
+        table = meta.block_table[torch.tensor([rws[i] for i in decode], dtype=torch.long, device=dev)][
+            :, first:first + n_blocks].long()
+        groups.append(_Group(store, rws, spans, starts, q_index, decode,
+                             torch.tensor([spans[i][0] for i in decode], dtype=torch.long), lens, table))
+    return groups
+
+
+def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, groups: list[_Group], views: Views,
+                 own_views: tuple[torch.Tensor, torch.Tensor], meta, num_heads: int, head_size: int,
                  scale: float) -> None:
     """Overwrite the output rows of requests on head-page stores, for one layer.
 
@@ -37,31 +81,43 @@ def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, rows: Ma
         layer: index of the layer (row of each store's layout).
         query: `[num_tokens, H_q, D]` (or flat) post-RoPE queries of the step.
         output: the attention output vLLM's forward filled, `[num_tokens, H_q * D]` (or 3-D); written in place.
-        rows: request id -> (row in the batch, its store).
+        groups: `plan_step` of this step.
         views: token-major views of every layer's buffer (the store's pages may lie in any of them).
         own_views: this layer's (keys, values) token-major views (the requests' own tokens).
-        meta: vLLM's attention metadata (`query_start_loc`, `seq_lens` = own tokens, `block_table`).
+        meta: vLLM's attention metadata (`seq_lens` = own tokens, `block_table`).
     """
     q_all = query.view(query.shape[0], num_heads, head_size)
     out_all = output.view(output.shape[0], num_heads, head_size)
-    by_store: dict[int, list[tuple[int, PagedStore]]] = {}
-    for row, store in rows.values():
-        by_store.setdefault(id(store), []).append((row, store))
-    for group in by_store.values():
-        store = group[0][1]
-        keys, values, lengths = store.read_runs(layer, views)
-        spans = [(int(meta.query_start_loc[row]), int(meta.query_start_loc[row + 1])) for row, _ in group]
-        q = torch.cat([q_all[qs:qe] for qs, qe in spans])  # every request of the step on this prefix
+    for grp in groups:
+        keys, values, lengths = grp.store.read_runs(layer, views)
+        dev = q_all.device
+        q = q_all[grp.q_index.to(dev)]  # every request of the step on this prefix: one pass over the runs
         out_p, lse_p = run_attention(q, keys, values, lengths, scale)
-        start = 0
-        for (row, _), (qs, qe) in zip(group, spans, strict=True):
-            n = qe - qs
+        if grp.decode:  # one query each: the requests' own tokens in one batched pass
+            own_k, own_v = _own_tokens(own_views, grp.decode_table, int(grp.decode_lens.max()))
+            q_idx = grp.decode_q.to(dev)
+            out_o, lse_o = decode_attention(q_all[q_idx], own_k, own_v, grp.decode_lens, scale)
+            at = torch.tensor([grp.starts[i] for i in grp.decode], device=dev)
+            out_all[q_idx] = merge(out_p[at], lse_p[at], out_o, lse_o).to(out_all.dtype)
+        first = grp.store.layout.n_blocks  # the store's blocks head every row; own tokens follow
+        for i, (row, (qs, qe)) in enumerate(zip(grp.rows, grp.spans, strict=True)):
+            if qe - qs == 1:
+                continue
             n_own = int(meta.seq_lens[row])
-            first = store.layout.n_blocks
             table = meta.block_table[row][first:]
             own_k = layout.read_tokens(own_views[0], table, n_own)  # [H_kv, n_own, D]
             own_v = layout.read_tokens(own_views[1], table, n_own)
             out_o, lse_o = causal_attention(q_all[qs:qe], own_k, own_v, scale)
-            merged = merge(out_p[start:start + n], lse_p[start:start + n], out_o, lse_o)
+            merged = merge(out_p[grp.starts[i]:grp.starts[i + 1]], lse_p[grp.starts[i]:grp.starts[i + 1]], out_o, lse_o)
             out_all[qs:qe] = merged.to(out_all.dtype)
-            start += n
+
+
+def _own_tokens(views: tuple[torch.Tensor, torch.Tensor], table: torch.Tensor,
+                n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `n_tokens` own tokens of each row of `table` (`[R, blocks]`, its own blocks) as
+    `[R, H_kv, n_tokens, D]` keys and values, one gather each (rows with fewer own tokens read padding
+    that the caller masks)."""
+    bs = views[0].shape[1]
+    t = torch.arange(n_tokens, device=table.device)
+    blk, off = table[:, t // bs], (t % bs).expand(table.shape[0], n_tokens)  # [R, n_tokens]
+    return views[0][blk, off].transpose(1, 2), views[1][blk, off].transpose(1, 2)

@@ -66,16 +66,17 @@ class PagedStore:
         return cls(layout, ids, tuple(gathers))
 
     def read_runs(self, layer: int, views: Views) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`layer`'s runs as padded `[H_kv, max_pages * page_size, D]` keys and values, and `[H_kv]` lengths
-        (a gather from the engine's buffers, once per layer and step, shared by every request on the prefix)."""
+        """`layer`'s runs as `[H_kv, max_pages * page_size, D]` keys and values (head `h` valid in its first
+        `lengths[h]` rows; the rest is uninitialised) and `[H_kv]` lengths: a gather from the engine's
+        buffers, once per layer and step, shared by every request on the prefix."""
         h, max_pages, ps = self.layout.n_heads, self.layout.pages.shape[-1], self.layout.page_size
         out_k = out_v = None
         for g in self.gathers[layer]:
             k_view, v_view = views(g.buffer)
             if out_k is None:
                 shape = (h * max_pages, ps, k_view.shape[-1])
-                out_k = k_view.new_zeros(shape)
-                out_v = v_view.new_zeros(shape)
+                out_k = k_view.new_empty(shape)  # pages past a run's length are never read
+                out_v = v_view.new_empty(shape)
             dev = k_view.device
             blocks, slots, grid = g.blocks.to(dev), g.slots.to(dev), g.grid.to(dev)
             out_k[grid] = k_view[blocks, :, slots]  # [n, page, D]

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from kvzip_plugin.integrations.vllm import layout
-from kvzip_plugin.integrations.vllm.attention import attend_paged
+from kvzip_plugin.integrations.vllm.attention import attend_paged, plan_step
 from kvzip_plugin.integrations.vllm.protocol import (
     CompactCommand,
     CompactionResult,
@@ -73,6 +73,7 @@ class WorkerState:
         self.store_of: dict[str, int] = {}  # scheduled request -> job id of the compacted prefix it reads
         self.store_index = StoreIndex()  # head-page stores held by this worker
         self.paged_rows: dict[str, tuple[int, PagedStore]] = {}  # this step: request -> (row, store)
+        self._paged_plan: tuple[Any, list] | None = None  # (attention metadata, its plan_step groups)
         self.plain_attention: dict[str, str | None] = {}  # layer -> what head-page attention cannot do
         self.batch_rows: dict[str, int] = {}  # scoring req -> row in this step's batch (runner.py)
         self.step_tokens: dict[str, int] = {}
@@ -155,6 +156,7 @@ class WorkerState:
         scheduled per request and the rows of requests on head-page stores."""
         self.batch_rows = dict(req_rows)
         self.paged_rows = dict(paged_rows or {})
+        self._paged_plan = None
         self.step_tokens = dict(tokens)
         self.step_started = time.perf_counter()
         self._kernel_at_start = {job_id: job.kernel_seconds for job_id, job in self.jobs.items()}
@@ -234,7 +236,9 @@ class WorkerState:
         spec = self.specs.get(name)
         if spec is None:
             return
-        attend_paged(self.layer_index[name], query, output, self.paged_rows, self.views,
+        if self._paged_plan is None or self._paged_plan[0] is not meta:  # once per step (same metadata)
+            self._paged_plan = (meta, plan_step(self.paged_rows, meta))
+        attend_paged(self.layer_index[name], query, output, self._paged_plan[1], self.views,
                      layout.token_major(kv_cache, spec), meta, self.num_heads[name], spec.head_size, self.scales[name])
 
     def _job(self, tgt: ScoringTarget, n_kv_heads: int) -> _JobScores:

@@ -62,3 +62,23 @@ def test_batched_queries_of_several_requests_share_one_pass():
     out_a, lse_a = run_attention(qa, run_k, run_v, lengths, 0.3)
     torch.testing.assert_close(out[:3], out_a)
     torch.testing.assert_close(lse[:3], lse_a)
+
+
+def test_batched_decode_rows_equal_one_by_one():
+    """`decode_attention` (one query per request, own tokens padded to the longest) equals each request's
+    `causal_attention` over exactly its own tokens; the padding (garbage here) is never attended."""
+    from kvzip_plugin.prefix_attention import decode_attention
+
+    g = torch.Generator().manual_seed(3)
+    lens = torch.tensor([5, 1, 9])
+    keys = torch.randn(3, 2, 9, 8, generator=g)
+    values = torch.randn(3, 2, 9, 8, generator=g)
+    for r, n in enumerate(lens.tolist()):
+        keys[r, :, n:] = 1e4  # padding
+        values[r, :, n:] = float("nan")
+    q = torch.randn(3, 4, 8, generator=g)
+    out, lse = decode_attention(q, keys, values, lens, 0.5)
+    for r, n in enumerate(lens.tolist()):
+        want_out, want_lse = causal_attention(q[r:r + 1], keys[r, :, :n], values[r, :, :n], 0.5)
+        torch.testing.assert_close(out[r:r + 1], want_out)
+        torch.testing.assert_close(lse[r:r + 1], want_lse)
