@@ -125,7 +125,7 @@ def add_kv_compression_args(parser: argparse.ArgumentParser) -> argparse.Argumen
     return shared_settings.add_kv_compression_args(
         parser, mode_help="Compress the KV cache of shared prefixes. 'kvzip' selects --radix-cache-backend kvzip; "
         "'none' (default) leaves SGLang untouched.", env_applies="when --kv-compression is not given",
-        structure_default="head (the only structure SGLang serves in this version)")
+        structure_default="head")
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[Literal["unset", "none", "kvzip"], KVCompressionSettings]:
@@ -133,16 +133,15 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Literal["unset", "none
     return shared_settings.settings_from_args(args, logger)
 
 
-SERVED_STRUCTURES = ("head",)
-"""Structures this SGLang glue serves: only `head` (its compacted prefixes live in the radix tree's own
-token slots, one count for every layer and KV head); `pair` and `layer_budget` are served by vLLM."""
+SERVED_STRUCTURES = ("pair", "layer_budget", "head")
+"""Structures this SGLang glue serves: `head` through SGLang's own attention kernel, `pair` and
+`layer_budget` through head pages and the plugin's attention (`attention.py`)."""
 
 
 def _check_structure(settings: KVCompressionSettings, source: str) -> None:
     if settings.structure is not None and settings.structure not in SERVED_STRUCTURES:
-        raise ValueError(
-            f"{source}: SGLang serves only --kv-compression-structure head in this version, got "
-            f"{settings.structure!r} (pair and layer_budget are served by vLLM)")
+        raise ValueError(f"{source}: structure {settings.structure!r} is not served by SGLang "
+                         f"(choose from {', '.join(SERVED_STRUCTURES)})")
 
 
 def _check_backend(current: Any, source: str) -> None:

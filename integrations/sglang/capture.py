@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Score capture of KVzip's scoring requests inside SGLang's forward pass (DESIGN.md §3).
 
-Every `RadixAttention` module of the model is wrapped on its instance (`layer.forward`). After the real
+Every `RadixAttention` module of the model is wrapped on its instance (`layer.forward`); the same wrapper
+runs the head-page attention of `attention.PagedAttention` (requests on `pair` / `layer_budget` entries). After the real
 forward (which has written this step's keys into the KV pool), the wrapper looks at the batch's capture
 plan (`ScoreCapture.arm`, set by the `ForwardBatch.init_new` hook for extend batches that hold
 scoring requests, matched by `ForwardBatch.extend_seq_lens_cpu`; other batches cost one attribute lookup
@@ -61,6 +62,7 @@ class ScoreCapture:
         self.jobs: dict[int, _JobScores] = {}
         self.errors: list[str] = []
         self.armed: tuple[list, list[PlanRow]] | None = None
+        self.paged: Any = None  # attention.PagedAttention: rows on head-page entries, after the forward
 
     def arm(self, marker: list | None, plan: list[PlanRow] | None) -> None:
         """The plan of the next forward. SGLang's runners run the model on a `dataclasses.replace` copy of
@@ -90,6 +92,10 @@ class ScoreCapture:
                 armed = capture.armed
                 if armed is not None and getattr(forward_batch, "extend_seq_lens_cpu", None) is armed[0]:
                     capture.capture(__layer, q, armed[1])
+                if capture.paged is not None and capture.paged.armed is not None:
+                    if not isinstance(out, torch.Tensor):  # (output, lse) forms: not produced on this path
+                        raise RuntimeError("kvzip-plugin: head-page attention needs a tensor attention output")
+                    capture.paged.apply(__layer, q, out, forward_batch)
                 return out
 
             setattr(forward, _WRAPPED, True)

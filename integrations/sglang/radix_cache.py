@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 from kvzip_plugin.integrations.sglang import KVCompressionSettings
+from kvzip_plugin.integrations.sglang.attention import PagedAttention, PagedRow
 from kvzip_plugin.integrations.sglang.capture import ScoreCapture
 from sglang.srt.mem_cache.base_prefix_cache import (
     DecLockRefParams,
@@ -68,7 +69,9 @@ from kvzip_plugin.config import KVzipConfig
 from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.jobs import CompressionJob, JobStatus
 from kvzip_plugin.metrics import KVzipStats, ScoringClock
+from kvzip_plugin.paged_store import PagedStore, write_store
 from kvzip_plugin.scoring.plan import SCORING_OVERHEAD, Unservable, plan_scoring
+from kvzip_plugin.store import place_runs, select_runs
 
 logger = logging.getLogger("sglang.kvzip_plugin")
 
@@ -120,6 +123,7 @@ class CompactedPrefix:
     refs: int = 0
     last_access: float = field(default_factory=time.monotonic)
     alive: bool = True
+    store: PagedStore | None = None  # runs of different lengths in head pages (`pair`, `layer_budget`)
     handle: CompactedNode = field(init=False)
 
     def __post_init__(self) -> None:
@@ -158,6 +162,10 @@ class _Job:
     clock: ScoringClock = field(default_factory=ScoringClock)  # forward time of its scoring requests
     txn: CompactionTxn | None = None
     waits: int = 0
+    scores: torch.Tensor | None = None  # [layers, H_kv, n_context], taken from the capture at compaction
+    keep: torch.Tensor | None = None  # [layers, H_kv, L] what it keeps (rounded to whole pages)
+    n_pages: int = 0  # pages the compacted entry owns
+    layout: Any = None  # store.HeadPageLayout when the runs differ in length
 
 
 class _SlotAllocator:
@@ -193,7 +201,8 @@ class KVzipRadixCache(UnifiedRadixCache):
         super().__init__(params)
         self.kvzip_settings = settings or KVCompressionSettings()
         defaults = KVzipConfig()
-        self.kvzip_config = defaults.model_copy(update={"ratio": self.kvzip_settings.ratio or defaults.ratio})
+        self.kvzip_config = defaults.model_copy(update={"ratio": self.kvzip_settings.ratio or defaults.ratio,
+                                                        "structure": self.kvzip_settings.structure or "head"})
         policy = TriggerPolicy()
         self.kvzip_trigger = TriggerPolicy(
             min_prefix_tokens=self.kvzip_settings.min_prefix_tokens or policy.min_prefix_tokens,
@@ -220,6 +229,7 @@ class KVzipRadixCache(UnifiedRadixCache):
         self.server_args = server_args
         self.tp_worker = tp_worker
         self.capture: ScoreCapture | None = None
+        self.paged: PagedAttention | None = None
         self.kv_pool = params.token_to_kv_pool_allocator.get_kvcache()
         self.bytes_per_token = 0
         reason = unsupported_runtime_reason(self, server_args, tp_worker)
@@ -244,9 +254,10 @@ class KVzipRadixCache(UnifiedRadixCache):
             self._find_scheduler()
         logger.info(
             "kvzip-plugin: KVzipRadixCache built (pid %d): ratio=%s min_prefix_tokens=%d min_hits=%d "
-            "page_size=%d tree_core=%s kv_pool=%s disable=%s; compression %s",
+            "page_size=%d tree_core=%s kv_pool=%s disable=%s structure=%s; compression %s",
             os.getpid(), self.kvzip_config.ratio, self.kvzip_trigger.min_prefix_tokens, self.kvzip_trigger.min_hits,
             params.page_size, type(self.tree_core).__name__, type(self.kv_pool).__name__, self.disable,
+            self.kvzip_config.structure,
             "active" if not self.kvzip_disabled else f"disabled ({self.kvzip_disabled})",
         )
 
@@ -265,6 +276,9 @@ class KVzipRadixCache(UnifiedRadixCache):
         self.capture = ScoreCapture(layers, self.kv_pool, self.req_to_token_pool.req_to_token,
                                     self.kvzip_config.score_query_block)
         self.capture.wrap()
+        if self.kvzip_config.structure != "head":  # runs of different lengths: the plugin's attention reads them
+            self.paged = PagedAttention(layers, self.kv_pool, self.req_to_token_pool.req_to_token, self.page_size)
+            self.capture.paged = self.paged
         k = self.kv_pool._get_key_buffer(layers[0].layer_id)
         self.bytes_per_token = 2 * len(layers) * k.shape[1] * k.shape[2] * k.element_size()
 
@@ -720,12 +734,36 @@ class KVzipRadixCache(UnifiedRadixCache):
                     self._end(j, JobStatus.CANCELLED, f"scoring request {rid} was aborted")
                     break
 
+    def _runs(self, j: _Job, scores: torch.Tensor) -> tuple[torch.Tensor, int, object | None]:
+        """What the job keeps: keep `[layers, H_kv, L]`, the pages it needs and the head-page layout (None
+        when every run has the same length: the `head` layout, read by SGLang's own kernel)."""
+        L, page, cfg = len(j.tokens), self.page_size, self.kvzip_config
+        if cfg.structure == "head":
+            P = physical_budget(L, j.n_protected, cfg.ratio, page)
+            keep = torch.zeros(scores.shape[0], scores.shape[1], L, dtype=torch.bool)
+            keep.scatter_(-1, top_kept_tokens(scores.cpu(), P - j.n_protected, j.n_protected), True)
+            return keep, P // page, None
+        keep = select_runs(scores.cpu(), j.n_protected, cfg.ratio, cfg.structure, page)
+        lengths = keep.sum(-1)
+        if bool((lengths == lengths.flatten()[0]).all()):
+            return keep, int(lengths.flatten()[0]) // page, None
+        layout = place_runs(lengths, page)
+        return keep, layout.n_blocks, layout
+
     def _compact(self, j: _Job) -> None:
         L = len(j.tokens)
         page = self.page_size
-        P = physical_budget(L, j.n_protected, self.kvzip_config.ratio, page)
+        assert self.capture is not None
+        capture = self.capture
+        if j.keep is None:
+            job_scores = capture.jobs.get(j.job.job_id)
+            if job_scores is None:
+                self._end(j, JobStatus.FAILED, "no scores were captured for this job")
+                return
+            j.scores = job_scores.scores
+            j.keep, j.n_pages, j.layout = self._runs(j, j.scores)
         if j.txn is None:
-            txn = CompactionTxn(_SlotAllocator(self), P // page)
+            txn = CompactionTxn(_SlotAllocator(self), j.n_pages)
             try:
                 txn.prepare()
             except RuntimeError as exc:  # no room now: retry at the next pump (bounded)
@@ -736,29 +774,33 @@ class KVzipRadixCache(UnifiedRadixCache):
             j.txn = txn
         j.job.advance(JobStatus.COMPACTING)
         t0 = time.perf_counter()
-        assert self.capture is not None
-        capture = self.capture
-        scores = capture.drop_job(j.job.job_id)
+        capture.drop_job(j.job.job_id)
+        P = j.n_pages * page
         try:
-            if scores is None:
-                raise RuntimeError("no scores were captured for this job")
             if envs.fault_injection() == "compaction":
                 raise RuntimeError("fault injected (KVZIP_FAULT_INJECTION=compaction)")
             src = self.tree_core.collect_full_device_indices(j.node, self.root_node_handle(j.namespace[0]))
             if len(src) != L:
                 raise RuntimeError(f"the prefix's tree path holds {len(src)} slots, expected {L}")
             dst = self._page_slots(j.txn.dst_block_ids)
-            tokens = top_kept_tokens(scores.scores, P - j.n_protected, j.n_protected)
-            plan = plan_compaction(tokens, (src[::page] // page).tolist(), j.txn.dst_block_ids, page)
-            for idx, layer in enumerate(capture.layers):
-                for buf in (self.kv_pool._get_key_buffer(layer.layer_id),
-                            self.kv_pool._get_value_buffer(layer.layer_id)):
-                    apply_compaction(buf, plan.src_slots[idx], plan.dst_slots)
+            src_pages = (src[::page] // page).tolist()
+            store = None
+            if j.layout is None:  # every run the same length: slot s of every head = its s-th kept token
+                tokens = j.keep.nonzero()[:, 2].view(j.keep.shape[0], j.keep.shape[1], P)
+                plan = plan_compaction(tokens, src_pages, j.txn.dst_block_ids, page)
+                for idx, layer in enumerate(capture.layers):
+                    for buf in (self.kv_pool._get_key_buffer(layer.layer_id),
+                                self.kv_pool._get_value_buffer(layer.layer_id)):
+                        apply_compaction(buf, plan.src_slots[idx], plan.dst_slots)
+            else:
+                assert self.paged is not None
+                write_store(j.keep, j.layout, src_pages, j.txn.dst_block_ids, self.paged.views)
+                store = PagedStore.build(j.layout, j.txn.dst_block_ids)
             if dst.is_cuda:  # forwards on other streams read the new slots once the entry is published
                 torch.cuda.synchronize(dst.device)
             entry_holder: list[CompactedPrefix] = []
-            j.txn.commit(lambda _ids: entry_holder.append(self._publish(j, dst, P)))
-            self._dump_job(j, tokens, scores.scores, src, dst, P)
+            j.txn.commit(lambda _ids: entry_holder.append(self._publish(j, dst, P, store)))
+            self._dump_job(j, j.keep, j.scores, src, dst, P)
         except Exception as exc:
             self._end(j, JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
             return
@@ -773,13 +815,14 @@ class KVzipRadixCache(UnifiedRadixCache):
         if ratio is not None:
             self.stats.scoring_to_prefill.append(ratio)
         self._end(j, JobStatus.COMMITTED)
-        logger.info("kvzip-plugin: job %d committed: %d -> %d tokens (%d slots saved) in %.3f s", j.job.job_id, L,
-                    P, L - P, seconds)
+        logger.info("kvzip-plugin: job %d committed (%s): %d -> %d tokens (%d slots saved, %s) in %.3f s",
+                    j.job.job_id, self.kvzip_config.structure, L, P, L - P,
+                    "head pages" if store is not None else "SGLang's own slots", seconds)
 
-    def _publish(self, j: _Job, slots: torch.Tensor, P: int) -> CompactedPrefix:
+    def _publish(self, j: _Job, slots: torch.Tensor, P: int, store: PagedStore | None = None) -> CompactedPrefix:
         self._entry_ids += 1
         entry = CompactedPrefix(self._entry_ids, j.job.candidate.key, j.namespace, array("q", j.tokens), slots,
-                                len(j.tokens), P)
+                                len(j.tokens), P, store=store)
         self.compacted.setdefault(j.namespace, []).append(entry)
         return entry
 
@@ -856,11 +899,32 @@ class KVzipRadixCache(UnifiedRadixCache):
                 ret.positions = ret.positions + torch.repeat_interleave(off, lens)
             else:  # pragma: no cover - refused at start (speculative decoding)
                 raise RuntimeError(f"kvzip-plugin: forward mode {mode} on a compacted prefix")
+        if self.paged is not None:
+            self.paged.arm(ret, self._paged_rows(ret, reqs, mode))
         if self.capture is not None:
             plan = None
             if self.capture.targets and mode.is_extend() and not mode.is_decode():
                 plan = self.capture.plan(reqs, list(ret.extend_prefix_lens_cpu), list(ret.extend_seq_lens_cpu))
             self.capture.arm(getattr(ret, "extend_seq_lens_cpu", None), plan)
+
+    @staticmethod
+    def _paged_rows(ret: Any, reqs: list[Any], mode: Any) -> list[PagedRow]:
+        """The batch's requests on head-page entries, for `attention.PagedAttention`."""
+        entries = [(i, info.entry.store) for i, req in enumerate(reqs)
+                   if (info := getattr(req, ADOPT_ATTR, None)) is not None and info.entry.store is not None]
+        if not entries:
+            return []
+        if mode.is_decode():
+            seq_lens = ret.seq_lens.tolist()
+            return [PagedRow(store, int(reqs[i].kv.req_pool_idx), i, 1, int(seq_lens[i])) for i, store in entries]
+        if not mode.is_extend():  # pragma: no cover - refused at start (speculative decoding)
+            raise RuntimeError(f"kvzip-plugin: forward mode {mode} on a compacted prefix")
+        lens, prefix = list(ret.extend_seq_lens_cpu), list(ret.extend_prefix_lens_cpu)
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + int(n))
+        return [PagedRow(store, int(reqs[i].kv.req_pool_idx), starts[i], int(lens[i]), int(prefix[i]) + int(lens[i]))
+                for i, store in entries]
 
     # ------------------------------------------------------------------ outputs (OutputStreamer hook)
 
@@ -964,7 +1028,8 @@ class KVzipRadixCache(UnifiedRadixCache):
         if out is None:
             return
         Path(out).mkdir(parents=True, exist_ok=True)
-        torch.save({"job_id": j.job.job_id, "kept_tokens": tokens.cpu(), "scores": scores.cpu(),
+        torch.save({"job_id": j.job.job_id, "keep": tokens.cpu(), "structure": self.kvzip_config.structure,
+                    "head_pages": j.layout is not None, "scores": scores.cpu(),
                     "n_protected": j.n_protected, "prefix_len": len(j.tokens), "physical_length": P,
                     "prefix_ids": list(j.tokens), "src_slots": src.cpu(), "dst_slots": dst.cpu()},
                    Path(out) / f"job-{j.job.job_id}.pt")
@@ -1010,6 +1075,12 @@ def unsupported_runtime_reason(cache: Any, server_args: Any, tp_worker: Any) -> 
             return "external_kv_store", "LMCache / FlexKV are not supported"
         if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):
             return "disaggregation", "prefill/decode disaggregation is not supported"
+        structure = getattr(getattr(cache, "kvzip_config", None), "structure", "head")
+        if structure != "head" and getattr(server_args, "device", "cuda") != "cpu" and not getattr(
+                server_args, "disable_cuda_graph", False):
+            # a replayed graph runs the backend's kernel alone: the head-page attention would be skipped
+            return "cuda_graphs", (f"the {structure} structure is served by the plugin's attention, which a CUDA "
+                                   "graph replay skips: use --disable-cuda-graph or --kv-compression-structure head")
     kv_pool = cache.kv_pool
     if type(kv_pool) is not MHATokenToKVPool:
         return "kv_pool", f"KV pool {type(kv_pool).__name__} is not supported (plain MHATokenToKVPool only)"

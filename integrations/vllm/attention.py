@@ -15,6 +15,11 @@ untouched. Positions are never needed: keys carry their RoPE rotation.
 
 Block table row of such a request: `[store blocks (n_blocks)] + [its own blocks]`; its own tokens
 start at slot `n_blocks * block_size` (the slot offset `L - n_blocks * block_size` of `runner.py`).
+
+The store (`kvzip_plugin.paged_store`) lies in blocks of vLLM's own pool: a head page is one KV head's
+slice of one block of one layer's buffer (`layout.token_major(...)[block, :, head]`; contiguous for keys
+and for values on the CPU backend). The scheduler reserves blocks (`store.max_store_blocks`), the worker
+writes the runs into the leading `layout.n_blocks` of them and reports that count, the rest is freed.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 from kvzip_plugin.integrations.vllm import layout
-from kvzip_plugin.integrations.vllm.store import PagedStore, Views
 
+from kvzip_plugin.paged_store import PagedStore, Views
 from kvzip_plugin.prefix_attention import causal_attention, decode_attention, merge, run_attention
 
 

@@ -35,11 +35,11 @@ from kvzip_plugin.integrations.vllm.protocol import (
     KVzipConnectorMetadata,
     ScoringTarget,
 )
-from kvzip_plugin.integrations.vllm.store import PagedStore, StoreIndex, write_store
 
 from kvzip_plugin import envs
 from kvzip_plugin.compaction import apply_compaction, plan_compaction, top_kept_tokens
 from kvzip_plugin.metrics import KVzipStats, ScoringClock
+from kvzip_plugin.paged_store import PagedStore, StoreIndex, write_store
 from kvzip_plugin.scoring.kvzip import chunk_scores
 from kvzip_plugin.store import place_runs, select_runs
 

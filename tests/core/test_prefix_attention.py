@@ -82,3 +82,4 @@ def test_batched_decode_rows_equal_one_by_one():
         want_out, want_lse = causal_attention(q[r:r + 1], keys[r, :, :n], values[r, :, :n], 0.5)
         torch.testing.assert_close(out[r:r + 1], want_out)
         torch.testing.assert_close(lse[r:r + 1], want_lse)
+

@@ -55,7 +55,7 @@ def _server(model_dir, tmp_path_factory, name: str, *args: str, **env: str):
 def kvzip_server(sglang_tiny_model_dir, tmp_path_factory):
     server = _server(sglang_tiny_model_dir, tmp_path_factory, "kvzip", "--kv-compression-ratio", "0.5",
                      "--max-running-requests", "2", "--max-total-tokens", "1024", "--page-size", str(PAGE),
-                     "--chunked-prefill-size", str(CHUNK))
+                     "--chunked-prefill-size", str(CHUNK), "--kv-compression-structure", "head")
     yield server
     server.stop()
 
@@ -86,7 +86,7 @@ def _metric(metrics: dict, name: str, **labels: str) -> float:
 
 def test_compacted_prefix_is_hit_with_fewer_slots(kvzip_server, kvzip_seq, sglang_baseline):
     log = kvzip_server.log
-    assert f"kvzip-plugin: job 0 committed: {L} -> {P} tokens ({L - P} slots saved)" in log
+    assert f"kvzip-plugin: job 0 committed (head): {L} -> {P} tokens ({L - P} slots saved, SGLang's own slots)" in log
     base = sglang_baseline["sequence"]["requests"]
     for r, b in zip(kvzip_seq["requests"], base, strict=True):
         # SGLang reports logical numbers: the prompt as sent, the cached prefix (whole pages here)
@@ -154,8 +154,9 @@ def test_outputs_on_compacted_prefix_equal_transformers_reference(kvzip_server, 
     from transformers import AutoModelForCausalLM
 
     dump = torch.load(Path(kvzip_server.dump_dir) / "job-0.pt")
-    kept = dump["kept_tokens"]  # [layers, H_kv, P]
-    assert dump["prefix_len"] == L and kept.shape[-1] == P and dump["prefix_ids"] == kvzip_seq["prefix"][:L]
+    kept = dump["keep"]  # [layers, H_kv, L]
+    assert dump["prefix_len"] == L and set(kept.sum(-1).flatten().tolist()) == {P}
+    assert dump["prefix_ids"] == kvzip_seq["prefix"][:L] and not dump["head_pages"]
     assert len({tuple(kept[0, h].tolist()) for h in range(kept.shape[1])}) > 1  # heads keep different tokens
     model = AutoModelForCausalLM.from_pretrained(sglang_tiny_model_dir, dtype=torch.float32,
                                                  attn_implementation="sdpa")
@@ -171,6 +172,56 @@ def test_outputs_on_compacted_prefix_equal_transformers_reference(kvzip_server, 
         full_lp, _ = reference_logprobs(model, prefix[:L], dump["n_protected"], None, rest, r["tokens"])
         gaps.append(max(abs(a - b) for a, b in zip(full_lp, r["logprobs"], strict=True)))
     assert gaps and max(gaps) > 1e-2  # the comparison can fail: the full cache gives other logprobs
+
+
+@pytest.fixture(scope="module")
+def pair_seq(sglang_tiny_model_dir, tmp_path_factory):
+    """A `pair` server (page size 1: every head page is one slot of one KV head of one layer)."""
+    server = _server(sglang_tiny_model_dir, tmp_path_factory, "pair", "--kv-compression-ratio", "0.5",
+                     "--max-running-requests", "2", "--max-total-tokens", "1024", "--kv-compression-structure", "pair")
+    try:
+        before = scenarios.state_seq(server.dump_dir)
+        seq = scenarios.run_sequence(server)
+        seq["state"] = scenarios.read_state(server.dump_dir, after=before)
+        seq["log"] = server.log
+        seq["dump"] = torch.load(Path(server.dump_dir) / "job-0.pt")
+        yield seq
+    finally:
+        server.stop()
+
+
+def test_pair_prefix_owns_exactly_its_head_pages_and_answers_like_transformers(pair_seq, sglang_tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from kvzip_plugin.store import place_runs
+
+    dump, prefix = pair_seq["dump"], pair_seq["prefix"]
+    L1 = scenarios.PREFIX_LEN  # page size 1: the whole shared prefix is compressed
+    keep = dump["keep"]
+    lengths = keep.sum(-1)
+    assert dump["structure"] == "pair" and dump["head_pages"] and dump["prefix_len"] == L1
+    assert len(set(lengths.flatten().tolist())) > 1  # each (layer, KV head) its own count
+    n_slots = place_runs(lengths, 1).n_blocks  # one slot = n_layers * H_kv head pages
+    assert dump["physical_length"] == n_slots == -(-int(lengths.sum()) // lengths.numel()) < L1
+    assert f"kvzip-plugin: job 0 committed (pair): {L1} -> {n_slots} tokens ({L1 - n_slots} slots saved, " \
+           "head pages)" in pair_seq["log"]
+    state = pair_seq["state"]
+    assert [(e["L"], e["P"], e["refs"]) for e in state["compacted"]] == [(L1, n_slots, 0)]
+    assert state["available"] + state["tree_evictable"] + n_slots == state["total"]
+    assert state["compacted_slots_in_free_pool"] == 0 and state["jobs_live"] == 0
+    model = AutoModelForCausalLM.from_pretrained(sglang_tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    install(model.eval())
+    gaps = []
+    for r, sfx in zip(_adopted(pair_seq), pair_seq["suffixes"][2:], strict=True):
+        assert r["cached_tokens"] == L1, r["id"]
+        rest = prefix[L1:] + sfx
+        ref_lp, ref_argmax = reference_logprobs(model, prefix[:L1], dump["n_protected"], keep, rest, r["tokens"])
+        assert ref_argmax == r["tokens"], r["id"]
+        assert max(abs(a - b) for a, b in zip(ref_lp, r["logprobs"], strict=True)) < 2e-4, r["id"]
+        full_lp, _ = reference_logprobs(model, prefix[:L1], dump["n_protected"], None, rest, r["tokens"])
+        gaps.append(max(abs(a - b) for a, b in zip(full_lp, r["logprobs"], strict=True)))
+    assert len(gaps) == 4 and max(gaps) > 1e-2  # the comparison can fail: the full cache gives other logprobs
 
 
 def test_scores_equal_the_transformers_scoring_pass(kvzip_server, kvzip_seq, sglang_tiny_model_dir):

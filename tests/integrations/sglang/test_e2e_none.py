@@ -98,7 +98,7 @@ def test_kvzip_backend_is_the_scheduler_tree_cache(sglang_baseline, plugin_kvzip
 def test_ratio_one_is_token_identical_to_none(sglang_baseline, plugin_kvzip, sglang_tiny_model_dir):
     base, full = sglang_baseline["sequence"]["requests"], plugin_kvzip["sequence"]["requests"]
     log, metrics = plugin_kvzip["log"], plugin_kvzip["metrics"]
-    assert f"kvzip-plugin: job 0 committed: {L} -> {L} tokens (0 slots saved)" in log
+    assert f"kvzip-plugin: job 0 committed (head): {L} -> {L} tokens (0 slots saved, SGLang's own slots)" in log
     # SGLang's radix-cache labels + model_name (= the served model name, here the model path), sorted
     labels = (f'{{cache_type="UnifiedRadixCache",dp_rank="0",model_name="{sglang_tiny_model_dir}",pp_rank="0",'
               'tp_rank="0"}')

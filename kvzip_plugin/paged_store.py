@@ -1,14 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Worker side of the head-page store in vLLM: compacted prefixes whose (layer, KV head) runs differ
-in length (`pair`, `layer_budget`), laid out by `kvzip_plugin.store` in blocks of vLLM's own pool.
+"""A compacted prefix laid out in head pages inside an engine's own KV buffers (`store.py` plans the
+layout): the copy that builds it and the per-step read of a layer's runs, engine-agnostic.
 
-A head page is one KV head's slice of one block of one layer's buffer: in the token-major views of
-`layout.token_major` (`[num_blocks, block_size, H_kv, D]`), `view[block, :, head]`. On vLLM's CPU
-backend (`[num_blocks, H_kv, block_size, 2D]`) that slice is contiguous for keys and for values.
-
-The scheduler reserves blocks for a store (`CompactCommand.dst_block_ids`), the worker writes the runs
-into the leading `layout.n_blocks` of them and reports that count; requests on the prefix get those
-blocks at the head of their block table, so vLLM's accounting, eviction and metrics see them.
+A head page is one KV head's slice of one page of one layer's buffer: in a token-major view of that
+buffer (`[num_pages, page_size, H_kv, D]`: vLLM's blocks, SGLang's pages of token slots), `view[page, :,
+head]`. The engines hand a `Views` function (layer index -> its keys and values views) and the ids of the
+pages the store owns in their pool, so their accounting, eviction and metrics see the memory.
 """
 
 from __future__ import annotations
@@ -50,7 +47,7 @@ class PagedStore:
 
     @property
     def n_slots(self) -> int:
-        """Token slots of the store's blocks (what a request's block table row starts with)."""
+        """Token slots of the store's pages (what a request's block table / req_to_token row starts with)."""
         return self.layout.n_blocks * self.layout.page_size
 
     @classmethod
@@ -67,8 +64,8 @@ class PagedStore:
 
     def read_runs(self, layer: int, views: Views) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`layer`'s runs as `[H_kv, max_pages * page_size, D]` keys and values (head `h` valid in its first
-        `lengths[h]` rows; the rest is uninitialised) and `[H_kv]` lengths: a gather from the engine's
-        buffers, once per layer and step, shared by every request on the prefix."""
+        `lengths[h]` rows; the rest is uninitialised) and `[H_kv]` lengths: a gather from the engine's buffers,
+        once per layer and step, shared by every request on the prefix."""
         h, max_pages, ps = self.layout.n_heads, self.layout.pages.shape[-1], self.layout.page_size
         out_k = out_v = None
         for g in self.gathers[layer]:

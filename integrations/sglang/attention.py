@@ -1,0 +1,131 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Attention of SGLang requests whose compacted prefix lies in head pages (`pair`, `layer_budget`).
+
+SGLang's attention backends read one row of `req_to_token` per request: every KV head the same tokens.
+A compacted entry in head pages (`kvzip_plugin.paged_store`) owns whole pages of the token pool whose
+(slot, head) pairs hold different runs per (layer, KV head). A request on it is adopted like a `head`
+entry (its `req_to_token` row starts with the entry's P slots, its own tokens follow, its RoPE positions
+are logical), so SGLang's forward runs as usual and writes the request's new keys and values; its output
+rows for these requests are then overwritten in every `RadixAttention` layer (the wrapper of
+`capture.ScoreCapture`) with
+
+    softmax over [every KV head's run of the prefix] + [the request's own tokens, causal],
+
+merged by log-sum-exp (`kvzip_plugin.prefix_attention`); one pass over the runs per entry and layer for
+all of the batch's requests on it. Other requests keep SGLang's kernel untouched.
+
+The plan of a batch is set by the `ForwardBatch.init_new` hook (`arm`) and matched in the layers by what
+the copy SGLang runs the model on carries over from it (its tensors are replaced by the runner's static
+buffers): the forward mode, batch size, `seq_lens_sum` (grows every decode step) and, for extend batches,
+the `extend_seq_lens_cpu` list object. A CUDA-graph replay would run the backend alone: the cache refuses these structures when
+CUDA graphs are on (`radix_cache.unsupported_runtime_reason`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvzip_plugin.paged_store import PagedStore
+from kvzip_plugin.prefix_attention import causal_attention, decode_attention, merge, run_attention
+
+logger = logging.getLogger("sglang.kvzip_plugin")
+
+
+@dataclass(frozen=True)
+class PagedRow:
+    """One request of a batch on a head-page entry.
+
+    Attributes:
+        store: the entry's store.
+        row: its `req_to_token` row.
+        q_start, n_q: where its queries lie in the batch and how many.
+        seq_len: physical tokens of its row after this step (the store's slots + its own tokens).
+    """
+
+    store: PagedStore
+    row: int
+    q_start: int
+    n_q: int
+    seq_len: int
+
+
+class PagedAttention:
+    """Overwrites the output rows of requests on head-page entries, layer by layer."""
+
+    def __init__(self, layers: list[Any], kv_pool: Any, req_to_token: torch.Tensor, page_size: int) -> None:
+        self.index = {layer.layer_id: i for i, layer in enumerate(sorted(layers, key=lambda x: x.layer_id))}
+        self.layer_ids = sorted(self.index, key=self.index.get)
+        self.kv_pool = kv_pool
+        self.req_to_token = req_to_token
+        self.page_size = page_size
+        self.armed: tuple[Any, list[list[PagedRow]]] | None = None
+
+    def views(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-major `[num_pages, page_size, H_kv, D]` views of layer `idx`'s key and value buffers."""
+        layer_id = self.layer_ids[idx]
+        k = self.kv_pool._get_key_buffer(layer_id)
+        v = self.kv_pool._get_value_buffer(layer_id)
+        return (k.view(-1, self.page_size, k.shape[-2], k.shape[-1]),
+                v.view(-1, self.page_size, v.shape[-2], v.shape[-1]))
+
+    def arm(self, forward_batch: Any, rows: list[PagedRow]) -> None:
+        """The rows of `forward_batch`'s forward (grouped by store)."""
+        if not rows:
+            self.armed = None
+            return
+        groups: dict[int, list[PagedRow]] = {}
+        for r in rows:
+            groups.setdefault(id(r.store), []).append(r)
+        self.armed = (_marker(forward_batch), list(groups.values()))
+
+    def apply(self, layer: Any, query: torch.Tensor, output: torch.Tensor, forward_batch: Any) -> None:
+        armed = self.armed
+        if armed is None or _marker(forward_batch) != armed[0]:
+            return
+        idx = self.index.get(layer.layer_id)
+        if idx is None:
+            return
+        n_heads, head_dim = int(layer.tp_q_head_num), int(layer.qk_head_dim)
+        q_all = query.reshape(query.shape[0], n_heads, head_dim)
+        out_all = output.view(output.shape[0], n_heads, -1)
+        k_buf = self.kv_pool._get_key_buffer(layer.layer_id)  # [slots, H_kv, D]
+        v_buf = self.kv_pool._get_value_buffer(layer.layer_id)
+        scale = float(layer.scaling)
+        for group in armed[1]:
+            store = group[0].store
+            keys, values, lengths = store.read_runs(idx, self.views)
+            q_index = torch.cat([torch.arange(r.q_start, r.q_start + r.n_q) for r in group]).to(q_all.device)
+            out_p, lse_p = run_attention(q_all[q_index], keys, values, lengths, scale)
+            first = store.n_slots  # the entry's slots head every row; the request's own tokens follow
+            starts = [0]
+            for r in group:
+                starts.append(starts[-1] + r.n_q)
+            decode = [i for i, r in enumerate(group) if r.n_q == 1]
+            if decode:  # one query each: the requests' own tokens in one batched pass
+                own_len = torch.tensor([group[i].seq_len - first for i in decode])
+                rows = torch.tensor([group[i].row for i in decode], device=self.req_to_token.device)
+                slots = self.req_to_token[rows, first:first + int(own_len.max())].long()  # [R, T]
+                own_k = k_buf[slots].transpose(1, 2)  # [R, H_kv, T, D]
+                own_v = v_buf[slots].transpose(1, 2)
+                q_rows = torch.tensor([group[i].q_start for i in decode], device=q_all.device)
+                out_o, lse_o = decode_attention(q_all[q_rows], own_k, own_v, own_len, scale)
+                at = torch.tensor([starts[i] for i in decode], device=q_all.device)
+                out_all[q_rows] = merge(out_p[at], lse_p[at], out_o, lse_o).to(out_all.dtype)
+            for i, r in enumerate(group):
+                if r.n_q == 1:
+                    continue
+                slots = self.req_to_token[r.row, first:r.seq_len].long()
+                own_k, own_v = k_buf[slots].transpose(0, 1), v_buf[slots].transpose(0, 1)  # [H_kv, T, D]
+                out_o, lse_o = causal_attention(q_all[r.q_start:r.q_start + r.n_q], own_k, own_v, scale)
+                merged = merge(out_p[starts[i]:starts[i + 1]], lse_p[starts[i]:starts[i + 1]], out_o, lse_o)
+                out_all[r.q_start:r.q_start + r.n_q] = merged.to(out_all.dtype)
+
+
+def _marker(forward_batch: Any) -> tuple:
+    lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
+    return (forward_batch.forward_mode, getattr(forward_batch, "batch_size", None),
+            getattr(forward_batch, "seq_lens_sum", None), id(lens) if lens is not None else None)
