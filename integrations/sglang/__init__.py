@@ -125,23 +125,12 @@ def add_kv_compression_args(parser: argparse.ArgumentParser) -> argparse.Argumen
     return shared_settings.add_kv_compression_args(
         parser, mode_help="Compress the KV cache of shared prefixes. 'kvzip' selects --radix-cache-backend kvzip; "
         "'none' (default) leaves SGLang untouched.", env_applies="when --kv-compression is not given",
-        structure_default="head")
+        structure_default="pair")
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[Literal["unset", "none", "kvzip"], KVCompressionSettings]:
     """Read (and re-validate) the flags from `args` (`kvzip_plugin.settings.settings_from_args`)."""
     return shared_settings.settings_from_args(args, logger)
-
-
-SERVED_STRUCTURES = ("pair", "layer_budget", "head")
-"""Structures this SGLang glue serves: `head` through SGLang's own attention kernel, `pair` and
-`layer_budget` through head pages and the plugin's attention (`attention.py`)."""
-
-
-def _check_structure(settings: KVCompressionSettings, source: str) -> None:
-    if settings.structure is not None and settings.structure not in SERVED_STRUCTURES:
-        raise ValueError(f"{source}: structure {settings.structure!r} is not served by SGLang "
-                         f"(choose from {', '.join(SERVED_STRUCTURES)})")
 
 
 def _check_backend(current: Any, source: str) -> None:
@@ -166,7 +155,6 @@ def _around_from_cli_args(original, cls, args: argparse.Namespace, *rest: Any, *
     """AROUND `ServerArgs.from_cli_args(cls, args)`: `--kv-compression kvzip` -> radix_cache_backend."""
     mode, settings = settings_from_args(args)
     if mode == "kvzip":
-        _check_structure(settings, "--kv-compression-structure")
         _check_backend(getattr(args, "radix_cache_backend", None), "--kv-compression kvzip")
         args = argparse.Namespace(**vars(args))  # never mutate the caller's namespace
         args.radix_cache_backend = BACKEND_NAME
@@ -194,7 +182,6 @@ def _before_resolve_once(server_args: Any, *args: Any, **kwargs: Any) -> None:
         return None
     settings = settings_from_env()  # ValueError naming the variable: fails at start
     if settings is not None:
-        _check_structure(settings, shared_settings.ENV_STRUCTURE)
         _check_backend(backend, f"{ENV_MODE}=kvzip")
         if backend is None:
             server_args.radix_cache_backend = BACKEND_NAME

@@ -77,6 +77,8 @@ logger = logging.getLogger("sglang.kvzip_plugin")
 
 SCORING_PREFIX = "kvzip-score-"
 ADOPT_ATTR = "_kvzip_adoption"
+DEFAULT_STRUCTURE = "pair"
+"""As on vLLM: KVzip's own default, the one that keeps the answers (benchmarks/README.md)."""
 SEEN_ATTR = "_kvzip_observed"
 MAX_RUNTIME_FAILURES = 5  # unexpected errors before KVzip is disabled in this process
 MAX_ALLOC_WAIT_PUMPS = 200  # pumps a scored job may wait for free slots before it fails
@@ -201,8 +203,9 @@ class KVzipRadixCache(UnifiedRadixCache):
         super().__init__(params)
         self.kvzip_settings = settings or KVCompressionSettings()
         defaults = KVzipConfig()
+        structure = self.kvzip_settings.structure or DEFAULT_STRUCTURE
         self.kvzip_config = defaults.model_copy(update={"ratio": self.kvzip_settings.ratio or defaults.ratio,
-                                                        "structure": self.kvzip_settings.structure or "head"})
+                                                        "structure": structure})
         policy = TriggerPolicy()
         self.kvzip_trigger = TriggerPolicy(
             min_prefix_tokens=self.kvzip_settings.min_prefix_tokens or policy.min_prefix_tokens,
@@ -1076,7 +1079,7 @@ def unsupported_runtime_reason(cache: Any, server_args: Any, tp_worker: Any) -> 
         if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):
             return "disaggregation", "prefill/decode disaggregation is not supported"
         structure = getattr(getattr(cache, "kvzip_config", None), "structure", "head")
-        if structure != "head" and getattr(server_args, "device", "cuda") != "cpu" and not getattr(
+        if structure != "head" and getattr(server_args, "device", None) not in (None, "cpu") and not getattr(
                 server_args, "disable_cuda_graph", False):
             # a replayed graph runs the backend's kernel alone: the head-page attention would be skipped
             return "cuda_graphs", (f"the {structure} structure is served by the plugin's attention, which a CUDA "

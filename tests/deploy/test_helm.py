@@ -21,7 +21,7 @@ KUBE_VERSION = "1.30.0"
 ALL_ON = {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
                       "prometheusRule": {"enabled": True}}}
 GPU = {"engine": "gpu", "model": {"name": "Qwen/Qwen2.5-1.5B-Instruct", "servedName": "qwen", "hfTokenSecret": "hf"},
-       "kvCompression": {"ratio": 0.25, "minPrefixTokens": 512, "minHits": 2},
+       "kvCompression": {"ratio": 0.25, "minPrefixTokens": 512, "minHits": 2, "structure": "layer_budget"},
        "resources": {"limits": {"nvidia.com/gpu": 1}}, "extraArgs": ["--max-num-seqs=64"],
        "cache": {"existingClaim": "hf-cache"}}
 
@@ -82,7 +82,8 @@ def test_gpu_values(helm):
     c = _container(objs)
     assert c["command"] == ["vllm", "serve"] and c["args"][0] == "Qwen/Qwen2.5-1.5B-Instruct"
     for flag in ("--served-model-name=qwen", "--kv-compression=kvzip", "--kv-compression-ratio=0.25",
-                 "--kv-compression-min-prefix-tokens=512", "--kv-compression-min-hits=2", "--max-num-seqs=64"):
+                 "--kv-compression-min-prefix-tokens=512", "--kv-compression-min-hits=2", "--max-num-seqs=64",
+                 "--kv-compression-structure=layer_budget"):
         assert flag in c["args"], flag
     assert c["image"] == "kvzip-vllm-gpu:0.1.0" and c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert not any(e["name"] == "VLLM_CPU_KVCACHE_SPACE" for e in c["env"])

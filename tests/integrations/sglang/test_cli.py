@@ -129,6 +129,7 @@ def test_radix_cache_backend_kvzip_alone(parser):
         (["--kv-compression-min-prefix-tokens", "0"],
          "argument --kv-compression-min-prefix-tokens: min_prefix_tokens: Input should be greater than or equal to 1"),
         (["--kv-compression-min-hits", "x"], "argument --kv-compression-min-hits: min_hits: Input should be a valid"),
+        (["--kv-compression-structure", "layer"], "argument --kv-compression-structure: invalid choice: 'layer'"),
     ],
 )
 def test_invalid_values_fail_at_parse(parser, capsys, argv, message):
@@ -138,15 +139,19 @@ def test_invalid_values_fail_at_parse(parser, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_structures_sglang_does_not_serve_are_refused(parser, monkeypatch):
-    record = server_args(parser, "--kv-compression", "kvzip", "--kv-compression-structure", "head")
-    assert getattr(record, plugin.SETTINGS_ATTR) == {"structure": "head"}
-    for structure in ("pair", "layer_budget"):
-        with pytest.raises(ValueError, match=f"SGLang serves only --kv-compression-structure head .*'{structure}'"):
-            server_args(parser, "--kv-compression", "kvzip", "--kv-compression-structure", structure)
+def test_structure_flag_and_env_reach_the_cache(parser, monkeypatch):
+    for structure in ("pair", "layer_budget", "head"):
+        record = server_args(parser, "--kv-compression", "kvzip", "--kv-compression-structure", structure)
+        assert getattr(record, plugin.SETTINGS_ATTR) == {"structure": structure}
+        assert plugin.settings_of(record).structure == structure
+    assert "{pair,layer_budget,head}" in " ".join(parser.format_help().split())
     monkeypatch.setenv("KVZIP_KV_COMPRESSION", "kvzip")
-    monkeypatch.setenv("KVZIP_KV_COMPRESSION_STRUCTURE", "pair")
-    with pytest.raises(ValueError, match="KVZIP_KV_COMPRESSION_STRUCTURE: SGLang serves only"):
+    monkeypatch.setenv("KVZIP_KV_COMPRESSION_STRUCTURE", "layer_budget")
+    record = ServerArgs(model_path="dummy")
+    plugin._before_resolve_once(record)
+    assert plugin.settings_of(record).structure == "layer_budget"
+    monkeypatch.setenv("KVZIP_KV_COMPRESSION_STRUCTURE", "layer")
+    with pytest.raises(ValueError, match="KVZIP_KV_COMPRESSION_STRUCTURE: structure: invalid choice 'layer'"):
         plugin._before_resolve_once(ServerArgs(model_path="dummy"))
 
 

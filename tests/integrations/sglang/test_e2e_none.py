@@ -88,7 +88,7 @@ def test_kvzip_backend_is_the_scheduler_tree_cache(sglang_baseline, plugin_kvzip
     assert "Tree cache initialized: source=registered('kvzip') impl=KVzipRadixCache" in log
     # the settings reached the scheduler process (pickled with ServerArgs)
     assert "kvzip-plugin: KVzipRadixCache built" in log
-    assert "ratio=1.0 min_prefix_tokens=64 min_hits=2 page_size=1" in log
+    assert "ratio=1.0 min_prefix_tokens=64 min_hits=2 page_size=1" in log and "structure=pair;" in log
     assert "compression active" in log and "KV compression disabled" not in log
     # below the trigger: SGLang's own prefix cache, untouched
     assert plugin_kvzip["tokens"] == sglang_baseline["tokens"]
@@ -98,7 +98,8 @@ def test_kvzip_backend_is_the_scheduler_tree_cache(sglang_baseline, plugin_kvzip
 def test_ratio_one_is_token_identical_to_none(sglang_baseline, plugin_kvzip, sglang_tiny_model_dir):
     base, full = sglang_baseline["sequence"]["requests"], plugin_kvzip["sequence"]["requests"]
     log, metrics = plugin_kvzip["log"], plugin_kvzip["metrics"]
-    assert f"kvzip-plugin: job 0 committed (head): {L} -> {L} tokens (0 slots saved, SGLang's own slots)" in log
+    # the default structure (pair) at ratio 1.0: every run is the whole prefix, SGLang's own slots and kernel
+    assert f"kvzip-plugin: job 0 committed (pair): {L} -> {L} tokens (0 slots saved, SGLang's own slots)" in log
     # SGLang's radix-cache labels + model_name (= the served model name, here the model path), sorted
     labels = (f'{{cache_type="UnifiedRadixCache",dp_rank="0",model_name="{sglang_tiny_model_dir}",pp_rank="0",'
               'tp_rank="0"}')

@@ -106,11 +106,22 @@ def test_fallback_is_one_log_line_and_one_metric(pools):
     ({"enable_unified_cache_external_linker": True}, "external_linker"),
     ({"enable_lmcache": True}, "external_kv_store"),
     ({"disaggregation_mode": "prefill"}, "disaggregation"),
+    ({"device": "cuda"}, "cuda_graphs"),  # pair (the default): a graph replay would skip the plugin's attention
+    ({"device": "cuda", "disable_cuda_graph": True}, "no_model"),  # (the next check: no model in this test)
+    ({"device": "cpu"}, "no_model"),
     ({}, "no_model"),
 ])
 def test_unsupported_runtime_features(pools, server_args, code):
     cache = _cache(pools, server_args=SimpleNamespace(**server_args))
     assert cache.kvzip_disabled == code
+
+
+def test_head_structure_runs_under_cuda_graphs(pools):
+    """`head` is read by SGLang's own kernel, so CUDA graphs do not matter to it."""
+    cache = _cache(pools, server_args=SimpleNamespace(device="cuda"))
+    assert cache.kvzip_disabled == "cuda_graphs"  # the default, pair
+    cache.kvzip_config = cache.kvzip_config.model_copy(update={"structure": "head"})
+    assert rc.unsupported_runtime_reason(cache, SimpleNamespace(device="cuda"), None)[0] == "no_model"
 
 
 def test_unsupported_kv_pool(pools):
