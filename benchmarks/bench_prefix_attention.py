@@ -23,32 +23,18 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_decode_attention import time_it  # noqa: E402  (median of repeats after warm-up, CUDA synced)
 
 from kvzip_plugin.prefix_attention import decode_attention, merge, run_attention  # noqa: E402
 from kvzip_plugin.store import place_runs, run_gather_index, select_runs  # noqa: E402
-
-
-def time_it(fn, device: str, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - t0)
-    samples.sort()
-    return samples[len(samples) // 2]
 
 
 def per_request(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -40,3 +40,20 @@ def reference_logprobs(model, prefix: list[int], n_protected: int, kept: torch.T
         logits = model(torch.tensor([ids]), past_key_values=cache.view(), use_cache=True).logits[0].float()
     logp = torch.log_softmax(logits[len(rest) - 1:], dim=-1)
     return [float(logp[i, t]) for i, t in enumerate(generated)], logp.argmax(-1).tolist()
+
+
+def check_against_reference(model, prefix: list[int], L: int, n_protected: int, kept: torch.Tensor,
+                            requests: list[dict], suffixes: list[list[int]], tol: float) -> list[float]:
+    """Every request on the compacted prefix (its first `L` tokens of `prefix`) has the greedy tokens of a
+    transformers run of the same kept pairs at their original positions, then `prefix[L:] + suffix` at
+    logical positions L, L+1, ...; logprobs within `tol`. Returns each one's largest logprob gap to the full
+    cache (the caller checks that the comparison can fail)."""
+    gaps = []
+    for r, sfx in zip(requests, suffixes, strict=True):
+        rest = prefix[L:] + sfx
+        ref_lp, ref_argmax = reference_logprobs(model, prefix[:L], n_protected, kept, rest, r["tokens"])
+        assert ref_argmax == r["tokens"], r["id"]
+        assert max(abs(a - b) for a, b in zip(ref_lp, r["logprobs"], strict=True)) < tol, r["id"]
+        full_lp, _ = reference_logprobs(model, prefix[:L], n_protected, None, rest, r["tokens"])
+        gaps.append(max(abs(a - b) for a, b in zip(full_lp, r["logprobs"], strict=True)))
+    return gaps

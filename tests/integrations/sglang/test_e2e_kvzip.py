@@ -30,7 +30,7 @@ from tests.integrations.sglang import harness, scenarios
 harness.require_sglang()
 
 from kvzip_plugin.hf.attention import install  # noqa: E402
-from tests.integrations.reference import reference_logprobs  # noqa: E402
+from tests.integrations.reference import check_against_reference  # noqa: E402
 
 PAGE = 16  # the kvzip server's --page-size: prefixes, compacted slots and evictions are whole pages
 L = scenarios.PREFIX_LEN // PAGE * PAGE  # the shared 200 tokens hit as 12 pages (192 tokens)
@@ -161,16 +161,9 @@ def test_outputs_on_compacted_prefix_equal_transformers_reference(kvzip_server, 
     model = AutoModelForCausalLM.from_pretrained(sglang_tiny_model_dir, dtype=torch.float32,
                                                  attn_implementation="sdpa")
     install(model.eval())  # KVzipCache's per-head physical slots need KVzip's attention wrapper
-    prefix, gaps = kvzip_seq["prefix"], []
-    for r, sfx in zip(_adopted(kvzip_seq), kvzip_seq["suffixes"][2:], strict=True):
-        # the prefix's last (partial-page) tokens and the suffix at logical positions L, L+1, ... after the
-        # kept pairs at their original positions
-        rest = prefix[L:] + sfx
-        ref_lp, ref_argmax = reference_logprobs(model, prefix[:L], dump["n_protected"], kept, rest, r["tokens"])
-        assert ref_argmax == r["tokens"], r["id"]
-        assert max(abs(a - b) for a, b in zip(ref_lp, r["logprobs"], strict=True)) < 1e-4, r["id"]
-        full_lp, _ = reference_logprobs(model, prefix[:L], dump["n_protected"], None, rest, r["tokens"])
-        gaps.append(max(abs(a - b) for a, b in zip(full_lp, r["logprobs"], strict=True)))
+    # the prefix's last (partial-page) tokens and the suffix follow the kept pairs at logical positions L, L+1, ...
+    gaps = check_against_reference(model, kvzip_seq["prefix"], L, dump["n_protected"], kept, _adopted(kvzip_seq),
+                                   kvzip_seq["suffixes"][2:], 1e-4)
     assert gaps and max(gaps) > 1e-2  # the comparison can fail: the full cache gives other logprobs
 
 
@@ -212,15 +205,9 @@ def test_pair_prefix_owns_exactly_its_head_pages_and_answers_like_transformers(p
     model = AutoModelForCausalLM.from_pretrained(sglang_tiny_model_dir, dtype=torch.float32,
                                                  attn_implementation="sdpa")
     install(model.eval())
-    gaps = []
-    for r, sfx in zip(_adopted(pair_seq), pair_seq["suffixes"][2:], strict=True):
-        assert r["cached_tokens"] == L1, r["id"]
-        rest = prefix[L1:] + sfx
-        ref_lp, ref_argmax = reference_logprobs(model, prefix[:L1], dump["n_protected"], keep, rest, r["tokens"])
-        assert ref_argmax == r["tokens"], r["id"]
-        assert max(abs(a - b) for a, b in zip(ref_lp, r["logprobs"], strict=True)) < 2e-4, r["id"]
-        full_lp, _ = reference_logprobs(model, prefix[:L1], dump["n_protected"], None, rest, r["tokens"])
-        gaps.append(max(abs(a - b) for a, b in zip(full_lp, r["logprobs"], strict=True)))
+    assert all(r["cached_tokens"] == L1 for r in _adopted(pair_seq))
+    gaps = check_against_reference(model, prefix, L1, dump["n_protected"], keep, _adopted(pair_seq),
+                                   pair_seq["suffixes"][2:], 2e-4)
     assert len(gaps) == 4 and max(gaps) > 1e-2  # the comparison can fail: the full cache gives other logprobs
 
 
