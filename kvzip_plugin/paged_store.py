@@ -10,7 +10,7 @@ pages the store owns in their pool, so their accounting, eviction and metrics se
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +130,3 @@ class StoreIndex:
 
     def get(self, job_id: int | None) -> PagedStore | None:
         return None if job_id is None else self.stores.get(job_id)
-
-    def for_requests(self, stores: Mapping[str, int]) -> dict[str, PagedStore]:
-        return {rid: s for rid, job in stores.items() if (s := self.stores.get(job)) is not None}

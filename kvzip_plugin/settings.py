@@ -25,6 +25,8 @@ ENV_MIN_HITS = "KVZIP_KV_COMPRESSION_MIN_HITS"
 ENV_STRUCTURE = "KVZIP_KV_COMPRESSION_STRUCTURE"
 
 STRUCTURES = ("pair", "layer_budget", "head")
+DEFAULT_STRUCTURE = "pair"
+"""Both engines' default: KVzip's own, the one that keeps the answers (benchmarks/README.md)."""
 """What `--kv-compression-structure` accepts (`kvzip_plugin.store.SERVED_STRUCTURES`): `pair` (one
 global threshold: each (layer, KV head) keeps its own count; KVzip's default), `layer_budget` (each
 layer its own count, the same for its KV heads), `head` (the same count everywhere)."""
@@ -41,7 +43,7 @@ class KVCompressionSettings:
     min_hits: int | None = None
     """Requests that must hit a prefix before it is compressed (`TriggerPolicy.min_hits`); None = default."""
     structure: str | None = None
-    """Eviction structure (`STRUCTURES`); None = the engine's default (vLLM `pair`, SGLang `head`)."""
+    """Eviction structure (`STRUCTURES`); None = `DEFAULT_STRUCTURE`."""
 
     def to_dict(self) -> dict[str, Any]:
         """The values that were set (what an engine stores in its config and passes to its processes)."""
@@ -169,7 +171,7 @@ def _argparse_type(check):
 
 
 def add_kv_compression_args(parser: argparse.ArgumentParser, *, mode_help: str,
-                            env_applies: str, structure_default: str = "pair") -> argparse.ArgumentParser:
+                            env_applies: str) -> argparse.ArgumentParser:
     """Add the `--kv-compression*` flags to `parser` (no-op if already there). `mode_help` is the
     engine's help of `--kv-compression`; `env_applies` says when the environment variables apply."""
     if any("--kv-compression" in a.option_strings for a in parser._actions):
@@ -208,7 +210,7 @@ def add_kv_compression_args(parser: argparse.ArgumentParser, *, mode_help: str,
         help="How the kept pairs are budgeted: 'pair' (KVzip's default: one global score threshold, so every "
         "layer and KV head keeps its own count; the most accurate), 'layer_budget' (each layer its own count, "
         "the same for all its KV heads), 'head' (the same count in every layer and KV head; served by the "
-        f"engine's own attention kernel, least accurate). Default: {structure_default}.",
+        f"engine's own attention kernel, least accurate). Default: {DEFAULT_STRUCTURE}.",
     )
     return parser
 

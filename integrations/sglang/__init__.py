@@ -124,8 +124,7 @@ def add_kv_compression_args(parser: argparse.ArgumentParser) -> argparse.Argumen
     """Add the `--kv-compression*` flags to `parser` (no-op if already there)."""
     return shared_settings.add_kv_compression_args(
         parser, mode_help="Compress the KV cache of shared prefixes. 'kvzip' selects --radix-cache-backend kvzip; "
-        "'none' (default) leaves SGLang untouched.", env_applies="when --kv-compression is not given",
-        structure_default="pair")
+        "'none' (default) leaves SGLang untouched.", env_applies="when --kv-compression is not given")
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[Literal["unset", "none", "kvzip"], KVCompressionSettings]:

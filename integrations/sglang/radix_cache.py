@@ -71,14 +71,13 @@ from kvzip_plugin.jobs import CompressionJob, JobStatus
 from kvzip_plugin.metrics import KVzipStats, ScoringClock
 from kvzip_plugin.paged_store import PagedStore, write_store
 from kvzip_plugin.scoring.plan import SCORING_OVERHEAD, Unservable, plan_scoring
+from kvzip_plugin.settings import DEFAULT_STRUCTURE
 from kvzip_plugin.store import place_runs, select_runs
 
 logger = logging.getLogger("sglang.kvzip_plugin")
 
 SCORING_PREFIX = "kvzip-score-"
 ADOPT_ATTR = "_kvzip_adoption"
-DEFAULT_STRUCTURE = "pair"
-"""As on vLLM: KVzip's own default, the one that keeps the answers (benchmarks/README.md)."""
 SEEN_ATTR = "_kvzip_observed"
 MAX_RUNTIME_FAILURES = 5  # unexpected errors before KVzip is disabled in this process
 MAX_ALLOC_WAIT_PUMPS = 200  # pumps a scored job may wait for free slots before it fails

@@ -50,15 +50,13 @@ from kvzip_plugin.integrations.vllm.worker import WorkerState
 from kvzip_plugin.config import KVzipConfig
 from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.metrics import KVzipStats
+from kvzip_plugin.settings import DEFAULT_STRUCTURE
 
 # under the "vllm" logger so the lines get vLLM's handler (INFO shows by default)
 logger = init_logger("vllm.kvzip_plugin.connector")
 
 _SCHEDULE_WRAPPED = "__kvzip_schedule__"
 WORKER_ONLY_REASONS = ("kv_layout", "attention_layer")
-DEFAULT_STRUCTURE = "pair"
-"""KVzip's own default, and what keeps the answers (benchmarks/README.md): every (layer, KV head) keeps
-its own count, served from head pages by the plugin's attention."""
 """Fallback reasons only a worker can see (its KV buffers, its layers): the worker half reports them."""
 
 

@@ -62,8 +62,6 @@ class CompactionResult:
     """Leading reserved blocks the store uses (max over ranks); the scheduler frees the rest."""
     head_pages: bool = False
     """True if a rank laid its runs out in head pages (served by the plugin's attention)."""
-    kept_pairs: int = 0
-    """KV pairs the store holds (sum over ranks' heads, before rounding up to whole blocks)."""
 
 
 @dataclasses.dataclass
@@ -83,5 +81,5 @@ class KVzipWorkerMetadata(KVConnectorWorkerMetadata):
                     r.job_id, mine.ok and r.ok, mine.error or r.error, max(mine.seconds, r.seconds),
                     max(mine.scoring_seconds, r.scoring_seconds),
                     max(mine.prefill_seconds_estimate, r.prefill_seconds_estimate),
-                    max(mine.n_blocks, r.n_blocks), mine.head_pages or r.head_pages, mine.kept_pairs + r.kept_pairs)
+                    max(mine.n_blocks, r.n_blocks), mine.head_pages or r.head_pages)
         return KVzipWorkerMetadata(results=list(merged.values()))

@@ -268,7 +268,7 @@ class WorkerState:
             self._dump(cmd, keep, job)
             return CompactionResult(cmd.job_id, True, None, time.perf_counter() - t0,
                                     job.clock.seconds, job.clock.prefill_estimate(job.prefix_len),
-                                    n_blocks=n_blocks, head_pages=head_pages, kept_pairs=int(keep.sum()))
+                                    n_blocks=n_blocks, head_pages=head_pages)
         except Exception as exc:  # reported to the scheduler, which rolls the job back
             logger.warning("kvzip-plugin: compaction of job %d failed: %s", cmd.job_id, exc)
             return CompactionResult(cmd.job_id, False, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
