@@ -63,6 +63,17 @@ def select_runs(scores: torch.Tensor, n_protected: int, ratio: float, structure:
     return torch.cat([protected, ctx_keep], dim=-1)
 
 
+def uniform_tokens(keep: torch.Tensor) -> torch.Tensor | None:
+    """The kept tokens as `[layers, H_kv, P]` (ascending per head) when every run has the same length P
+    (always for `head`; any structure at ratio 1.0): the layout an engine's own block table and kernel
+    read (`compaction.plan_compaction`). None when the runs differ (they need head pages)."""
+    lengths = keep.sum(-1)
+    n = int(lengths.flatten()[0])
+    if not bool((lengths == n).all()):
+        return None
+    return keep.nonzero()[:, 2].view(keep.shape[0], keep.shape[1], n)
+
+
 @dataclass(frozen=True)
 class HeadPageLayout:
     """Where each (layer, KV head)'s run of a compacted prefix lies in the store's blocks.

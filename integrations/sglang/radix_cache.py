@@ -12,8 +12,10 @@ Life of a hot prefix (logical length L tokens, page-aligned), all on the schedul
    input, max_new_tokens=1, `skip_radix_cache_insert`. Their prefix is a tree hit, so only the repeat
    input is computed, as ordinary prefill; `capture.ScoreCapture` scores it inside the attention layers.
    Their outputs never reach the TokenizerManager (`hooks.py` filters them).
-3. Compaction: once every scoring request finished, P = `physical_budget(L, ...)` slots are allocated
-   (`CompactionTxn`), the `head`-structure selection is copied into them layer by layer (keys and values),
+3. Compaction: once every scoring request finished, the runs each (layer, KV head) keeps are chosen for the
+   structure (`store.select_runs`) and P slots are allocated (`CompactionTxn`): with one run length P
+   (`head`, ratio 1.0) slot s of every head holds its s-th kept token; otherwise the runs go to head pages
+   (`kvzip_plugin.paged_store`, read by `attention.py`). They are copied layer by layer (keys and values),
    and a `CompactedPrefix` entry owning the P slots is published beside the tree (the tree never holds a
    P-slot value under L keys). The job's tree lock is released: the original L slots go back to SGLang's
    LRU eviction. Failure or cancellation frees the new slots and leaves the tree as it was.
@@ -64,7 +66,7 @@ from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
 from kvzip_plugin import envs
 from kvzip_plugin.admission import Admission
-from kvzip_plugin.compaction import CompactionTxn, apply_compaction, physical_budget, plan_compaction, top_kept_tokens
+from kvzip_plugin.compaction import CompactionTxn, apply_compaction, plan_compaction
 from kvzip_plugin.config import KVzipConfig
 from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.jobs import CompressionJob, JobStatus
@@ -72,7 +74,7 @@ from kvzip_plugin.metrics import KVzipStats, ScoringClock
 from kvzip_plugin.paged_store import PagedStore, write_store
 from kvzip_plugin.scoring.plan import SCORING_OVERHEAD, Unservable, plan_scoring
 from kvzip_plugin.settings import DEFAULT_STRUCTURE
-from kvzip_plugin.store import place_runs, select_runs
+from kvzip_plugin.store import place_runs, select_runs, uniform_tokens
 
 logger = logging.getLogger("sglang.kvzip_plugin")
 
@@ -165,6 +167,7 @@ class _Job:
     waits: int = 0
     scores: torch.Tensor | None = None  # [layers, H_kv, n_context], taken from the capture at compaction
     keep: torch.Tensor | None = None  # [layers, H_kv, L] what it keeps (rounded to whole pages)
+    tokens_kept: torch.Tensor | None = None  # [layers, H_kv, P] when every run has one length P
     n_pages: int = 0  # pages the compacted entry owns
     layout: Any = None  # store.HeadPageLayout when the runs differ in length
 
@@ -736,21 +739,17 @@ class KVzipRadixCache(UnifiedRadixCache):
                     self._end(j, JobStatus.CANCELLED, f"scoring request {rid} was aborted")
                     break
 
-    def _runs(self, j: _Job, scores: torch.Tensor) -> tuple[torch.Tensor, int, object | None]:
-        """What the job keeps: keep `[layers, H_kv, L]`, the pages it needs and the head-page layout (None
-        when every run has the same length: the `head` layout, read by SGLang's own kernel)."""
-        L, page, cfg = len(j.tokens), self.page_size, self.kvzip_config
-        if cfg.structure == "head":
-            P = physical_budget(L, j.n_protected, cfg.ratio, page)
-            keep = torch.zeros(scores.shape[0], scores.shape[1], L, dtype=torch.bool)
-            keep.scatter_(-1, top_kept_tokens(scores.cpu(), P - j.n_protected, j.n_protected), True)
-            return keep, P // page, None
-        keep = select_runs(scores.cpu(), j.n_protected, cfg.ratio, cfg.structure, page)
-        lengths = keep.sum(-1)
-        if bool((lengths == lengths.flatten()[0]).all()):
-            return keep, int(lengths.flatten()[0]) // page, None
-        layout = place_runs(lengths, page)
-        return keep, layout.n_blocks, layout
+    def _runs(self, j: _Job, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int, object | None]:
+        """What the job keeps: keep `[layers, H_kv, L]`, the kept tokens `[layers, H_kv, P]` when every run
+        has the same length P (SGLang's own kernel reads them; always for `head`), the pages the entry
+        needs, and otherwise the head-page layout."""
+        cfg = self.kvzip_config
+        keep = select_runs(scores.cpu(), j.n_protected, cfg.ratio, cfg.structure, self.page_size)
+        tokens = uniform_tokens(keep)
+        if tokens is not None:
+            return keep, tokens, tokens.shape[-1] // self.page_size, None
+        layout = place_runs(keep.sum(-1), self.page_size)
+        return keep, None, layout.n_blocks, layout
 
     def _compact(self, j: _Job) -> None:
         L = len(j.tokens)
@@ -763,7 +762,7 @@ class KVzipRadixCache(UnifiedRadixCache):
                 self._end(j, JobStatus.FAILED, "no scores were captured for this job")
                 return
             j.scores = job_scores.scores
-            j.keep, j.n_pages, j.layout = self._runs(j, j.scores)
+            j.keep, j.tokens_kept, j.n_pages, j.layout = self._runs(j, j.scores)
         if j.txn is None:
             txn = CompactionTxn(_SlotAllocator(self), j.n_pages)
             try:
@@ -788,8 +787,7 @@ class KVzipRadixCache(UnifiedRadixCache):
             src_pages = (src[::page] // page).tolist()
             store = None
             if j.layout is None:  # every run the same length: slot s of every head = its s-th kept token
-                tokens = j.keep.nonzero()[:, 2].view(j.keep.shape[0], j.keep.shape[1], P)
-                plan = plan_compaction(tokens, src_pages, j.txn.dst_block_ids, page)
+                plan = plan_compaction(j.tokens_kept, src_pages, j.txn.dst_block_ids, page)
                 for idx, layer in enumerate(capture.layers):
                     for buf in (self.kv_pool._get_key_buffer(layer.layer_id),
                                 self.kv_pool._get_value_buffer(layer.layer_id)):

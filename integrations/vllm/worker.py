@@ -37,11 +37,11 @@ from kvzip_plugin.integrations.vllm.protocol import (
 )
 
 from kvzip_plugin import envs
-from kvzip_plugin.compaction import apply_compaction, plan_compaction, top_kept_tokens
+from kvzip_plugin.compaction import apply_compaction, plan_compaction
 from kvzip_plugin.metrics import KVzipStats, ScoringClock
 from kvzip_plugin.paged_store import PagedStore, StoreIndex, write_store
 from kvzip_plugin.scoring.kvzip import chunk_scores
-from kvzip_plugin.store import place_runs, select_runs
+from kvzip_plugin.store import place_runs, select_runs, uniform_tokens
 
 logger = logging.getLogger("vllm.kvzip_plugin.worker")
 
@@ -276,18 +276,10 @@ class WorkerState:
     def _compact(self, cmd: CompactCommand, job: _JobScores) -> tuple[int, bool, torch.Tensor]:
         """Choose the runs and copy them. Returns (blocks used, head pages?, keep `[layers, H_kv, L]`)."""
         bs = next(iter(self.specs.values())).block_size
-        L = len(cmd.src_block_ids) * bs
-        if cmd.structure == "head":  # the scheduler reserved exactly P / bs blocks
-            n_phys = len(cmd.dst_block_ids) * bs
-            keep = torch.zeros(job.scores.shape[0], job.scores.shape[1], L, dtype=torch.bool)
-            keep.scatter_(-1, top_kept_tokens(job.scores, n_phys - cmd.n_protected, cmd.n_protected), True)
-        else:
-            keep = select_runs(job.scores, cmd.n_protected, cmd.ratio, cmd.structure, bs)
-        lengths = keep.sum(-1)
-        if bool((lengths == lengths.flatten()[0]).all()):  # uniform: vLLM's own block table and kernel
-            n_phys = int(lengths.flatten()[0])
-            tokens = keep.nonzero()[:, 2].view(keep.shape[0], keep.shape[1], n_phys)
-            dst = cmd.dst_block_ids[:n_phys // bs]
+        keep = select_runs(job.scores, cmd.n_protected, cmd.ratio, cmd.structure, bs)
+        tokens = uniform_tokens(keep)
+        if tokens is not None:  # one length everywhere (`head`: what the scheduler reserved): vLLM's kernel
+            dst = cmd.dst_block_ids[:tokens.shape[-1] // bs]
             plan = plan_compaction(tokens, cmd.src_block_ids, dst, bs)
             for name, kv in self.kv_caches.items():
                 idx = self.layer_index[name]
@@ -298,7 +290,7 @@ class WorkerState:
         if unplain:
             raise RuntimeError(f"the {cmd.structure} structure needs the plugin's attention, which does not "
                                f"support {unplain}; use --kv-compression-structure head")
-        store_layout = place_runs(lengths, bs)
+        store_layout = place_runs(keep.sum(-1), bs)
         if store_layout.n_blocks > len(cmd.dst_block_ids):
             raise RuntimeError(f"the store needs {store_layout.n_blocks} blocks, {len(cmd.dst_block_ids)} reserved")
         dst = cmd.dst_block_ids[:store_layout.n_blocks]

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from kvzip_plugin.eviction import plan_eviction
-from kvzip_plugin.store import copy_plan, max_store_blocks, place_runs, run_gather_index, select_runs
+from kvzip_plugin.store import (
+    copy_plan,
+    max_store_blocks,
+    place_runs,
+    run_gather_index,
+    select_runs,
+    uniform_tokens,
+)
 from kvzip_plugin.types import ScoreMap
 
 PS = 4
@@ -38,6 +45,19 @@ def test_runs_are_whole_pages_and_contain_the_plan(structure):
         assert all(len(set(row.tolist())) == 1 for row in lengths)
     if structure == "pair":
         assert len(set(lengths.flatten().tolist())) > 2  # non-uniform budgets
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 1.0])
+def test_head_runs_are_the_physical_budget_selection(ratio):
+    """`head` through `select_runs` keeps what the engines kept before: `physical_budget` slots per head,
+    the protected tokens and each head's best context tokens (`top_kept_tokens`)."""
+    from kvzip_plugin.compaction import physical_budget, top_kept_tokens
+
+    scores, n_p = uneven_scores(n_ctx=60), 4  # 64 tokens: page-aligned, as an engine's prefix is
+    P = physical_budget(64, n_p, ratio, PS)
+    keep = select_runs(scores, n_p, ratio, "head", PS)
+    assert torch.equal(uniform_tokens(keep), top_kept_tokens(scores, P - n_p, n_p))
+    assert uniform_tokens(select_runs(scores, n_p, 0.3, "pair", PS)) is None
 
 
 def test_next_best_pairs_fill_the_page():
