@@ -125,6 +125,38 @@ def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return _ungroup(out, n), _ungroup(lse, n)
 
 
+def attend_rows(q_all: torch.Tensor, out_all: torch.Tensor, runs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                scale: float, decode_q: torch.Tensor,
+                decode_own: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]]) -> None:
+    """Overwrite the output rows of one compacted prefix's requests in a step (both engines' glue).
+
+    Args:
+        q_all, out_all: the step's `[num_tokens, H_q, D]` queries and attention output (written in place).
+        runs: the prefix's `(keys, values, lengths)` (`run_attention`).
+        decode_q: `[R]` token index of each request with one query this step.
+        decode_own: their own tokens `(keys [R, H_kv, T, D], values, lengths [R])` (`decode_attention`),
+            None when R is 0.
+        prefill: `(q_start, q_end, keys [H_kv, T, D], values)` of each request with several queries.
+
+    One pass of all these queries over the runs, then each request's own tokens, merged by log-sum-exp.
+    """
+    dev = q_all.device
+    decode_q = decode_q.to(dev)
+    index = torch.cat([decode_q] + [torch.arange(qs, qe, device=dev) for qs, qe, _, _ in prefill])
+    out_p, lse_p = run_attention(q_all[index], *runs, scale)
+    r = decode_q.numel()
+    if r:
+        assert decode_own is not None
+        out_o, lse_o = decode_attention(q_all[decode_q], *decode_own, scale)
+        out_all[decode_q] = merge(out_p[:r], lse_p[:r], out_o, lse_o).to(out_all.dtype)
+    at = r
+    for qs, qe, own_k, own_v in prefill:
+        out_o, lse_o = causal_attention(q_all[qs:qe], own_k, own_v, scale)
+        out_all[qs:qe] = merge(out_p[at:at + qe - qs], lse_p[at:at + qe - qs], out_o, lse_o).to(out_all.dtype)
+        at += qe - qs
+
+
 def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
     """Softmax over the union of two disjoint key sets from each part's normalized output and lse.
     `out_*` `[..., D]`, `lse_*` `[...]`; a part with lse -inf contributes nothing."""

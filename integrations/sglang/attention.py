@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from kvzip_plugin.paged_store import PagedStore
-from kvzip_plugin.prefix_attention import causal_attention, decode_attention, merge, run_attention
+from kvzip_plugin.prefix_attention import attend_rows
 
 logger = logging.getLogger("sglang.kvzip_plugin")
 
@@ -97,32 +97,22 @@ class PagedAttention:
         scale = float(layer.scaling)
         for group in armed[1]:
             store = group[0].store
-            keys, values, lengths = store.read_runs(idx, self.views)
-            q_index = torch.cat([torch.arange(r.q_start, r.q_start + r.n_q) for r in group]).to(q_all.device)
-            out_p, lse_p = run_attention(q_all[q_index], keys, values, lengths, scale)
             first = store.n_slots  # the entry's slots head every row; the request's own tokens follow
-            starts = [0]
-            for r in group:
-                starts.append(starts[-1] + r.n_q)
-            decode = [i for i, r in enumerate(group) if r.n_q == 1]
-            if decode:  # one query each: the requests' own tokens in one batched pass
-                own_len = torch.tensor([group[i].seq_len - first for i in decode])
-                rows = torch.tensor([group[i].row for i in decode], device=self.req_to_token.device)
+            decode = [r for r in group if r.n_q == 1]
+            own = None
+            if decode:  # one query each: the requests' own tokens in one batched gather
+                own_len = torch.tensor([r.seq_len - first for r in decode])
+                rows = torch.tensor([r.row for r in decode], device=self.req_to_token.device)
                 slots = self.req_to_token[rows, first:first + int(own_len.max())].long()  # [R, T]
-                own_k = k_buf[slots].transpose(1, 2)  # [R, H_kv, T, D]
-                own_v = v_buf[slots].transpose(1, 2)
-                q_rows = torch.tensor([group[i].q_start for i in decode], device=q_all.device)
-                out_o, lse_o = decode_attention(q_all[q_rows], own_k, own_v, own_len, scale)
-                at = torch.tensor([starts[i] for i in decode], device=q_all.device)
-                out_all[q_rows] = merge(out_p[at], lse_p[at], out_o, lse_o).to(out_all.dtype)
-            for i, r in enumerate(group):
-                if r.n_q == 1:
-                    continue
-                slots = self.req_to_token[r.row, first:r.seq_len].long()
-                own_k, own_v = k_buf[slots].transpose(0, 1), v_buf[slots].transpose(0, 1)  # [H_kv, T, D]
-                out_o, lse_o = causal_attention(q_all[r.q_start:r.q_start + r.n_q], own_k, own_v, scale)
-                merged = merge(out_p[starts[i]:starts[i + 1]], lse_p[starts[i]:starts[i + 1]], out_o, lse_o)
-                out_all[r.q_start:r.q_start + r.n_q] = merged.to(out_all.dtype)
+                own = (k_buf[slots].transpose(1, 2), v_buf[slots].transpose(1, 2), own_len)  # [R, H_kv, T, D]
+            prefill = []
+            for r in group:
+                if r.n_q > 1:
+                    slots = self.req_to_token[r.row, first:r.seq_len].long()
+                    prefill.append((r.q_start, r.q_start + r.n_q, k_buf[slots].transpose(0, 1),
+                                    v_buf[slots].transpose(0, 1)))  # [H_kv, T, D]
+            attend_rows(q_all, out_all, store.read_runs(idx, self.views), scale,
+                        torch.tensor([r.q_start for r in decode], dtype=torch.long), own, prefill)
 
 
 def _marker(forward_batch: Any) -> tuple:

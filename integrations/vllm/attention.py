@@ -31,7 +31,7 @@ import torch
 from kvzip_plugin.integrations.vllm import layout
 
 from kvzip_plugin.paged_store import PagedStore, Views
-from kvzip_plugin.prefix_attention import causal_attention, decode_attention, merge, run_attention
+from kvzip_plugin.prefix_attention import attend_rows
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,6 @@ class _Group:
     store: PagedStore
     rows: list[int]
     spans: list[tuple[int, int]]
-    starts: list[int]  # where each row's queries start in the stacked queries
-    q_index: torch.Tensor  # [n] token index of every stacked query in the batch
     decode: list[int]  # positions in `rows` of rows with one query
     decode_q: torch.Tensor  # [R] their query's token index
     decode_lens: torch.Tensor  # [R] their own tokens
@@ -61,10 +59,6 @@ def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta) -> list[_Group]:
         store = members[0][1]
         rws = [row for row, _ in members]
         spans = [(int(qsl[row]), int(qsl[row + 1])) for row in rws]
-        starts = [0]
-        for qs, qe in spans:
-            starts.append(starts[-1] + qe - qs)
-        q_index = torch.cat([torch.arange(qs, qe) for qs, qe in spans])
         decode = [i for i, (qs, qe) in enumerate(spans) if qe - qs == 1]
         lens = torch.tensor([int(seq_lens[rws[i]]) for i in decode], dtype=torch.long)
         first, bs = store.layout.n_blocks, store.layout.page_size
@@ -72,7 +66,7 @@ def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta) -> list[_Group]:
         dev = meta.block_table.device
         table = meta.block_table[torch.tensor([rws[i] for i in decode], dtype=torch.long, device=dev)][
             :, first:first + n_blocks].long()
-        groups.append(_Group(store, rws, spans, starts, q_index, decode,
+        groups.append(_Group(store, rws, spans, decode,
                              torch.tensor([spans[i][0] for i in decode], dtype=torch.long), lens, table))
     return groups
 
@@ -94,27 +88,17 @@ def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, groups: 
     q_all = query.view(query.shape[0], num_heads, head_size)
     out_all = output.view(output.shape[0], num_heads, head_size)
     for grp in groups:
-        keys, values, lengths = grp.store.read_runs(layer, views)
-        dev = q_all.device
-        q = q_all[grp.q_index.to(dev)]  # every request of the step on this prefix: one pass over the runs
-        out_p, lse_p = run_attention(q, keys, values, lengths, scale)
-        if grp.decode:  # one query each: the requests' own tokens in one batched pass
-            own_k, own_v = _own_tokens(own_views, grp.decode_table, int(grp.decode_lens.max()))
-            q_idx = grp.decode_q.to(dev)
-            out_o, lse_o = decode_attention(q_all[q_idx], own_k, own_v, grp.decode_lens, scale)
-            at = torch.tensor([grp.starts[i] for i in grp.decode], device=dev)
-            out_all[q_idx] = merge(out_p[at], lse_p[at], out_o, lse_o).to(out_all.dtype)
+        own = None
+        if grp.decode:  # one query each: the requests' own tokens in one batched gather
+            own = (*_own_tokens(own_views, grp.decode_table, int(grp.decode_lens.max())), grp.decode_lens)
         first = grp.store.layout.n_blocks  # the store's blocks head every row; own tokens follow
-        for i, (row, (qs, qe)) in enumerate(zip(grp.rows, grp.spans, strict=True)):
-            if qe - qs == 1:
-                continue
-            n_own = int(meta.seq_lens[row])
-            table = meta.block_table[row][first:]
-            own_k = layout.read_tokens(own_views[0], table, n_own)  # [H_kv, n_own, D]
-            own_v = layout.read_tokens(own_views[1], table, n_own)
-            out_o, lse_o = causal_attention(q_all[qs:qe], own_k, own_v, scale)
-            merged = merge(out_p[grp.starts[i]:grp.starts[i + 1]], lse_p[grp.starts[i]:grp.starts[i + 1]], out_o, lse_o)
-            out_all[qs:qe] = merged.to(out_all.dtype)
+        prefill = []
+        for row, (qs, qe) in zip(grp.rows, grp.spans, strict=True):
+            if qe - qs > 1:
+                table, n_own = meta.block_table[row][first:], int(meta.seq_lens[row])
+                prefill.append((qs, qe, layout.read_tokens(own_views[0], table, n_own),  # [H_kv, n_own, D]
+                                layout.read_tokens(own_views[1], table, n_own)))
+        attend_rows(q_all, out_all, grp.store.read_runs(layer, views), scale, grp.decode_q, own, prefill)
 
 
 def _own_tokens(views: tuple[torch.Tensor, torch.Tensor], table: torch.Tensor,

@@ -83,3 +83,32 @@ def test_batched_decode_rows_equal_one_by_one():
         torch.testing.assert_close(out[r:r + 1], want_out)
         torch.testing.assert_close(lse[r:r + 1], want_lse)
 
+
+
+def test_attend_rows_writes_each_request_its_masked_full_attention():
+    """Both engines' glue: one decode request and one prefill request on the same runs; each output row
+    equals the full cache masked to the kept pairs (+ its own tokens, causal); other rows untouched."""
+    from kvzip_plugin.prefix_attention import attend_rows
+
+    g = torch.Generator().manual_seed(7)
+    h_kv, h_q, d, L = 2, 4, 8, 12
+    keys, values = torch.randn(h_kv, L, d, generator=g), torch.randn(h_kv, L, d, generator=g)
+    keep = torch.rand(h_kv, L, generator=g) < 0.5
+    lengths = keep.sum(-1)
+    run_k, run_v = torch.zeros(h_kv, L, d), torch.zeros(h_kv, L, d)
+    for h in range(h_kv):
+        run_k[h, :lengths[h]], run_v[h, :lengths[h]] = keys[h][keep[h]], values[h][keep[h]]
+    own_d = (torch.randn(1, h_kv, 3, d, generator=g), torch.randn(1, h_kv, 3, d, generator=g), torch.tensor([3]))
+    own_p = (torch.randn(h_kv, 5, d, generator=g), torch.randn(h_kv, 5, d, generator=g))
+    q_all = torch.randn(6, h_q, d, generator=g)  # token 0: the decode row; 1..3: 3 prefill queries; 4, 5: others
+    out_all = torch.full((6, h_q, d), 7.0)
+    attend_rows(q_all, out_all, (run_k, run_v, lengths), 0.4, torch.tensor([0]), own_d, [(1, 4, *own_p)])
+    mask_d = torch.cat([keep, torch.ones(h_kv, 3, dtype=torch.bool)], 1)
+    want_d = masked_reference(q_all[0:1], torch.cat([keys, own_d[0][0]], 1), torch.cat([values, own_d[1][0]], 1),
+                              mask_d, 0.4)
+    mask_p = torch.cat([keep, torch.ones(h_kv, 5, dtype=torch.bool)], 1)
+    want_p = masked_reference(q_all[1:4], torch.cat([keys, own_p[0]], 1), torch.cat([values, own_p[1]], 1), mask_p,
+                              0.4)
+    torch.testing.assert_close(out_all[0:1].double(), want_d, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_all[1:4].double(), want_p, rtol=1e-5, atol=1e-5)
+    assert bool((out_all[4:] == 7.0).all())
