@@ -11,39 +11,68 @@ pages the store owns in their pool, so their accounting, eviction and metrics se
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from kvzip_plugin.prefix_attention import PageRuns, SegmentRuns
 from kvzip_plugin.store import HeadPageLayout, copy_plan, run_gather_index
 
 Views = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 """Layer index -> (keys, values) token-major views `[num_blocks, block_size, H_kv, D]` of its buffer."""
 
 
+PageReader = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""(buffer, blocks `[P]`, head slots `[P]`) -> those head pages' keys and values `[P, page_size, D]` (any
+strides): an engine's fastest read of whole head pages (default: indexing the `Views`)."""
+
+
 @dataclass(frozen=True)
 class _Gather:
-    """One layer's runs that lie in one buffer: `grid` rows of the padded page grid <- (blocks, slots)."""
+    """The pages of one layer's runs that lie in one buffer, in the layer's page order (head-major).
+
+    Attributes:
+        buffer: the layer buffer they lie in.
+        rows: their positions among the layer's used pages.
+        blocks, slots: engine block id and head slot of each.
+        heads: the KV head (run) each belongs to.
+        mask: `[P, 1, 1, page_size]` additive mask for pages not full (the last page of a run whose length
+            is not a multiple of the page size), None when all are full.
+    """
 
     buffer: int
-    grid: torch.Tensor
+    rows: torch.Tensor
     blocks: torch.Tensor
     slots: torch.Tensor
+    heads: torch.Tensor
+    mask: torch.Tensor | None
 
 
 @dataclass(frozen=True)
+class _LayerRuns:
+    """How to read one layer's runs: its used pages, head-major (head 0's pages in order, then head 1's,
+    ...), gathered by buffer; head `h`'s run starts at token `starts[h]` of the pages taken in that order."""
+
+    gathers: tuple[_Gather, ...]
+    n_pages: int
+    starts: list[int]
+    lengths: list[int]
+
+
+@dataclass
 class PagedStore:
     """A compacted prefix in head pages, on this worker.
 
     Attributes:
         layout: where each run lies (block index in the store, buffer, head slot per page).
         block_ids: `[layout.n_blocks]` the engine blocks of the store, in order.
-        gathers: per layer, its runs' pages grouped by the buffer they lie in.
+        layers: per layer, how its runs are read (no `gathers` when the layer keeps nothing).
     """
 
     layout: HeadPageLayout
     block_ids: torch.Tensor
-    gathers: tuple[tuple[_Gather, ...], ...]
+    layers: tuple[_LayerRuns, ...]
+    _on: dict = field(default_factory=dict, repr=False)  # (layer, device) -> the gathers' tensors there
 
     @property
     def n_slots(self) -> int:
@@ -55,34 +84,63 @@ class PagedStore:
         if len(block_ids) != layout.n_blocks:
             raise ValueError(f"the layout needs {layout.n_blocks} blocks, got {len(block_ids)}")
         ids = torch.tensor(list(block_ids), dtype=torch.long)
-        gathers = []
+        ps, max_pages = layout.page_size, layout.pages.shape[-1]
+        layers = []
         for layer in range(layout.n_layers):
-            grid, blocks, buffers, slots = run_gather_index(layout, layer)
-            gathers.append(tuple(_Gather(int(b), grid[buffers == b], ids[blocks[buffers == b]], slots[buffers == b])
-                                 for b in buffers.unique().tolist()))
-        return cls(layout, ids, tuple(gathers))
+            grid, blocks, buffers, slots = run_gather_index(layout, layer)  # used pages, head-major
+            heads, index = grid // max(max_pages, 1), grid % max(max_pages, 1)
+            valid = torch.clamp(layout.lengths[layer][heads] - index * ps, max=ps)  # [P] tokens used per page
+            n_pages = -(-layout.lengths[layer] // ps)
+            starts = (torch.cumsum(n_pages, 0) - n_pages) * ps
+            gathers = []
+            for b in buffers.unique().tolist():
+                sel = buffers == b
+                mask = None
+                if bool((valid[sel] < ps).any()):
+                    used = torch.arange(ps).view(1, ps) < valid[sel].view(-1, 1)
+                    mask = torch.zeros(used.shape).masked_fill_(~used, float("-inf")).view(-1, 1, 1, ps)
+                gathers.append(_Gather(int(b), sel.nonzero().flatten(), ids[blocks[sel]], slots[sel], heads[sel], mask))
+            layers.append(_LayerRuns(tuple(gathers), int(blocks.numel()), starts.tolist(), layout.lengths[layer].tolist()))
+        return cls(layout, ids, tuple(layers))
 
-    def read_runs(self, layer: int, views: Views) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`layer`'s runs as `[H_kv, max_pages * page_size, D]` keys and values (head `h` valid in its first
-        `lengths[h]` rows; the rest is uninitialised) and `[H_kv]` lengths: a gather from the engine's buffers,
-        once per layer and step, shared by every request on the prefix."""
-        h, max_pages, ps = self.layout.n_heads, self.layout.pages.shape[-1], self.layout.page_size
-        out_k = out_v = None
-        for g in self.gathers[layer]:
-            k_view, v_view = views(g.buffer)
-            if out_k is None:
-                shape = (h * max_pages, ps, k_view.shape[-1])
-                out_k = k_view.new_empty(shape)  # pages past a run's length are never read
-                out_v = v_view.new_empty(shape)
-            dev = k_view.device
-            blocks, slots, grid = g.blocks.to(dev), g.slots.to(dev), g.grid.to(dev)
-            out_k[grid] = k_view[blocks, :, slots]  # [n, page, D]
-            out_v[grid] = v_view[blocks, :, slots]
-        if out_k is None:  # the layer keeps nothing (no protected tokens, no kept pairs)
-            k_view, _ = views(0)
-            out_k = out_v = k_view.new_zeros((h, 0, k_view.shape[-1]))
-            return out_k, out_v, self.layout.lengths[layer]
-        return (out_k.view(h, max_pages * ps, -1), out_v.view(h, max_pages * ps, -1), self.layout.lengths[layer])
+    def _on_device(self, layer: int, device: torch.device) -> tuple[_Gather, ...]:
+        got = self._on.get((layer, device))
+        if got is None:
+            got = tuple(_Gather(g.buffer, g.rows.to(device), g.blocks.to(device), g.slots.to(device),
+                                g.heads.to(device), None if g.mask is None else g.mask.to(device))
+                        for g in self.layers[layer].gathers)
+            self._on[(layer, device)] = got
+        return got
+
+    def read_runs(self, layer: int, views: Views, pages: PageReader | None = None) -> PageRuns | SegmentRuns:
+        """`layer`'s runs for `prefix_attention.attend_rows`, read from the engine's buffers once per layer
+        and step and shared by every request on the prefix: page by page (`PageRuns`: the pages as they
+        are, no copy into runs) when pages hold several tokens; one after another (`SegmentRuns`, one
+        gather of exactly the used slots) for pages of one token (SGLang's token pool)."""
+        lr = self.layers[layer]
+        ps, h = self.layout.page_size, self.layout.n_heads
+        if not lr.gathers:  # the layer keeps nothing (no protected tokens, no kept pairs)
+            return PageRuns([], [], lr.starts, lr.lengths)
+        k0, _ = views(lr.gathers[0].buffer)
+        gathers = self._on_device(layer, k0.device)
+        if pages is None:
+            def pages(buf: int, blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                k_view, v_view = views(buf)
+                return k_view[blocks, :, slots], v_view[blocks, :, slots]
+        if ps > 1:
+            return PageRuns([(*pages(g.buffer, g.blocks, g.slots), g.heads, g.mask) for g in gathers],
+                            [g.rows for g in gathers], lr.starts, lr.lengths)
+        d = k0.shape[-1]
+        if len(gathers) == 1:  # every slot in one buffer, already in order
+            k, v = pages(gathers[0].buffer, gathers[0].blocks, gathers[0].slots)
+            return SegmentRuns(k.reshape(lr.n_pages, d), v.reshape(lr.n_pages, d), lr.starts, lr.lengths)
+        out_k = k0.new_empty((lr.n_pages, d))
+        out_v = k0.new_empty((lr.n_pages, d))
+        for g in gathers:  # together they cover every slot
+            k, v = pages(g.buffer, g.blocks, g.slots)
+            out_k[g.rows] = k.reshape(-1, d)
+            out_v[g.rows] = v.reshape(-1, d)
+        return SegmentRuns(out_k, out_v, lr.starts, lr.lengths)
 
 
 def write_store(keep: torch.Tensor, layout: HeadPageLayout, src_block_ids: Sequence[int],

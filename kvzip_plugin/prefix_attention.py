@@ -11,76 +11,213 @@ softmax over their union):
 
 Keys carry their RoPE rotation from their original positions, so neither part needs positions.
 Shapes follow the engines: queries `[n, H_q, D]` with query head `j` on KV head `j // G`, `G =
-H_q / H_kv`. Computed in float32.
+H_q / H_kv`. Results are float32.
+
+Each part is one fused attention call (`attend`): on CPU torch's flash-attention kernel, which
+returns the log-sum-exp the merge needs, so a layer costs a handful of torch ops whatever the
+number of KV heads (a decode step of a small model is bound by per-op overhead, not by flops).
+Padding (a short request's own tokens up to the longest) is masked and must hold finite numbers:
+callers fill it with copies of real tokens.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+_NEG_INF = float("-inf")
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention that also returns the log-sum-exp of each query's scores.
+
+    Args:
+        q: `[B, H, M, D]`; k, v: `[B, H, T, D]` (T >= 1, finite everywhere, masked or not).
+        mask: additive float mask broadcastable to `[B, H, M, T]` (0 attend, -inf not), or None.
+
+    Returns:
+        out `[B, H, M, D]` float32 and lse `[B, H, M]` float32. A query that attends to nothing gets
+        out 0 and an undefined lse: callers set its lse to -inf (`run_attention` does).
+    """
+    if q.device.type == "cpu":
+        # the CPU flash kernel reads the last dimension as contiguous whatever its stride (wrong results,
+        # no error, for e.g. vLLM CPU's keys, stored transposed): hand it such copies where needed
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale)
+        return out.float(), lse.float()
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask.float()
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
+    return torch.matmul(p, v.float()), lse
+
+
+def length_mask(lengths: torch.Tensor, t: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`[n]` lengths -> additive mask `[n, 1, 1, t]`: 0 on the first `lengths[i]` keys of row i, -inf after."""
+    valid = torch.arange(t, device=lengths.device).view(1, 1, 1, t) < lengths.view(-1, 1, 1, 1)
+    return torch.zeros(valid.shape, dtype=dtype, device=lengths.device).masked_fill_(~valid, _NEG_INF)
+
+
+def own_positions(lengths: torch.Tensor) -> torch.Tensor:
+    """`[R]` own-token counts (>= 1) -> `[R, max]` positions to gather them padded to the longest: a
+    short request repeats its last token (a real, finite pair that `decode_attention` masks)."""
+    t = torch.arange(int(lengths.max()), device=lengths.device)
+    return torch.minimum(t.view(1, -1), (lengths - 1).view(-1, 1))
 
 
 def _group(q: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-    """`[n, H_q, D]` -> `[H_kv, G * n, D]` (rows g-major within each KV head)."""
+    """`[n, H_q, D]` -> `[H_kv, 1, G * n, D]` (rows g-major within each KV head)."""
     n, h_q, d = q.shape
     g = h_q // n_kv_heads
-    return q.view(n, n_kv_heads, g, d).permute(1, 2, 0, 3).reshape(n_kv_heads, g * n, d)
+    return q.view(n, n_kv_heads, g, d).permute(1, 2, 0, 3).reshape(n_kv_heads, 1, g * n, d)
 
 
 def _ungroup(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of `_group` for outputs `[H_kv, G * n, ...]` -> `[n, H_q, ...]`."""
+    """Inverse of `_group` for outputs `[H_kv, 1, G * n, ...]` -> `[n, H_q, ...]`."""
     h_kv = x.shape[0]
-    rest = x.shape[2:]
-    g = x.shape[1] // n
+    rest = x.shape[3:]
+    g = x.shape[2] // n
     return x.reshape(h_kv, g, n, *rest).permute(2, 0, 1, *range(3, 3 + len(rest))).reshape(n, h_kv * g, *rest)
 
 
-def _masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q `[H, m, D]`, keys/values `[H, T, D]`, mask `[H or 1, m or 1, T]` (True = attend).
-    Returns out `[H, m, D]` and lse `[H, m]` (-inf and out 0 for a row that attends to nothing)."""
-    s = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale  # [H, m, T]
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [H, m]
-    finite = torch.isfinite(lse)
-    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
-    p = torch.where(finite.unsqueeze(-1), p, torch.zeros_like(p))
-    return torch.matmul(p, values.float()), lse
-
-
-def run_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries over every KV head's own run.
+def segment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: list[int],
+                      lengths: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries over every KV head's own run, the runs lying one after another in `keys`/`values`.
 
     Args:
         q: `[n, H_q, D]` queries (all requests of the step on this prefix, stacked).
-        keys, values: `[H_kv, T, D]` runs, head `h` valid in `[:lengths[h]]` (the rest is never read).
-        lengths: `[H_kv]` int64.
+        keys, values: `[N, D]`; KV head `h`'s run is rows `[starts[h], starts[h] + lengths[h])`.
+        starts, lengths: `H_kv` ints each.
         scale: softmax scale.
 
     Returns:
         out `[n, H_q, D]` float32, lse `[n, H_q]` float32 (-inf for a head whose run is empty).
 
-    One matmul pair per KV head over exactly its run (no padding: `pair` runs are very uneven, the
-    longest can be the whole prefix while most are short).
+    One fused attention call per KV head over exactly its run (no padding: `pair` runs are very uneven,
+    the longest can be the whole prefix while most are short).
     """
     n, h_q, d = q.shape
-    h_kv = keys.shape[0]
+    h_kv = len(lengths)
     g = h_q // h_kv
-    out = q.new_zeros((n, h_q, d), dtype=torch.float32)
-    lse = torch.full((n, h_q), float("-inf"), dtype=torch.float32, device=q.device)
-    lens = lengths.tolist()
+    qg = _group(q, h_kv)  # [H_kv, 1, G*n, D]
+    outs, lses = [], []
     for h in range(h_kv):
-        t = int(lens[h])
+        s, t = int(starts[h]), int(lengths[h])
         if t == 0:
+            outs.append(torch.zeros((1, 1, g * n, d), dtype=torch.float32, device=q.device))
+            lses.append(torch.full((1, 1, g * n), _NEG_INF, dtype=torch.float32, device=q.device))
             continue
-        qh = q[:, h * g:(h + 1) * g].float().reshape(n * g, d)
-        s = torch.matmul(qh, keys[h, :t].float().T) * scale  # [n*G, t]
-        m = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - m.unsqueeze(-1))
-        out[:, h * g:(h + 1) * g] = torch.matmul(p, values[h, :t].float()).view(n, g, d)
-        lse[:, h * g:(h + 1) * g] = m.view(n, g)
-    return out, lse
+        o, m = attend(qg[h:h + 1], keys[s:s + t].view(1, 1, t, d), values[s:s + t].view(1, 1, t, d), None, scale)
+        outs.append(o)
+        lses.append(m)
+    return _ungroup(torch.cat(outs), n), _ungroup(torch.cat(lses), n)
+
+
+def page_attention(q: torch.Tensor, chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                   n_kv_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries over every KV head's own run, the runs given page by page (engines with pages of many tokens).
+
+    Args:
+        q: `[n, H_q, D]` queries (all requests of the step on this prefix, stacked).
+        chunks: `(keys [P, page, D], values, heads [P], mask)`: pages (any strides) and the KV head each
+            belongs to, e.g. one chunk per engine buffer; `mask` `[P, 1, 1, page]` additive for pages not
+            all valid, or None.
+        n_kv_heads: H_kv.
+
+    Returns:
+        out `[n, H_q, D]` float32, lse `[n, H_q]` float32 (-inf and 0 for a head without pages).
+
+    Every page is attended by its head's queries with batched matmuls over the pages as they lie (no
+    copy of the keys into runs), then each head's softmax is formed over all its pages (a per-head max,
+    sums added per head). A layer costs a dozen torch ops whatever H_kv and the run lengths.
+    """
+    n, h_q, d = q.shape
+    qg = _group(q, n_kv_heads).squeeze(1).float()  # [H_kv, G*n, D]
+    rows = qg.shape[1]
+    top = torch.full((n_kv_heads, rows), _NEG_INF, dtype=torch.float32, device=q.device)
+    scores = []
+    for keys, _, heads, mask in chunks:
+        s = torch.matmul(qg[heads], keys.float().transpose(1, 2))  # [P, G*n, page]
+        s = s * scale if mask is None else torch.addcmul(mask.view(-1, 1, keys.shape[1]), s, torch.tensor(scale))
+        top.scatter_reduce_(0, heads.view(-1, 1).expand(-1, rows), s.amax(-1), "amax")
+        scores.append(s)
+    den = torch.zeros_like(top)
+    num = torch.zeros((n_kv_heads, rows, d), dtype=torch.float32, device=q.device)
+    for (_, values, heads, _), s in zip(chunks, scores, strict=True):
+        e = torch.exp(s - top[heads].unsqueeze(-1))
+        den.index_add_(0, heads, e.sum(-1))
+        num.index_add_(0, heads, torch.matmul(e, values.float()))  # [P, G*n, D]
+    out = num / den.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)  # a head without pages: 0
+    lse = top + torch.log(den)  # -inf for a head without pages
+    return _ungroup(out.unsqueeze(1), n), _ungroup(lse.unsqueeze(1), n)
+
+
+PAGE_ROWS_MAX = 8
+"""`PageRuns` attends page by page while each KV head has at most this many query rows (G x requests):
+the pages' partial outputs then cost less than copying the pages into runs; with more rows (many
+requests sharing the prefix) the runs are copied and each head attends over its run in one call."""
+
+
+@dataclass(frozen=True)
+class PageRuns:
+    """A layer's runs as the engine's pages (`page_attention`), with where each page falls in the runs.
+
+    Attributes:
+        chunks: `page_attention`'s `(keys [P, page, D], values, heads [P], mask)`, one per buffer.
+        rows: per chunk, `[P]` the positions of its pages in the layer's head-major page order.
+        starts, lengths: each KV head's run in the pages taken in that order (`segment_attention`).
+    """
+
+    chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    rows: list[torch.Tensor]
+    starts: list[int]
+    lengths: list[int]
+
+    def attention(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        h_kv = len(self.lengths)
+        if not self.chunks or q.shape[0] * (q.shape[1] // h_kv) <= PAGE_ROWS_MAX:
+            return page_attention(q, self.chunks, h_kv, scale)
+        keys, values = self.runs()
+        return segment_attention(q, keys, values, self.starts, self.lengths, scale)
+
+    def runs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pages copied one after another: `[N, D]` keys and values."""
+        k0 = self.chunks[0][0]
+        ps, d = k0.shape[1], k0.shape[2]
+        if len(self.chunks) == 1:
+            return self.chunks[0][0].reshape(-1, d), self.chunks[0][1].reshape(-1, d)
+        n = sum(int(r.numel()) for r in self.rows)
+        out_k, out_v = k0.new_empty((n, ps, d)), k0.new_empty((n, ps, d))
+        for (k, v, _, _), rows in zip(self.chunks, self.rows, strict=True):
+            out_k[rows] = k
+            out_v[rows] = v
+        return out_k.view(n * ps, d), out_v.view(n * ps, d)
+
+
+@dataclass(frozen=True)
+class SegmentRuns:
+    """A layer's runs one after another in `[N, D]` keys and values (`segment_attention`)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    starts: list[int]
+    lengths: list[int]
+
+    def attention(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return segment_attention(q, self.keys, self.values, self.starts, self.lengths, scale)
+
+
+def run_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`segment_attention` over runs given padded: keys, values `[H_kv, T, D]`, head `h` valid in
+    `[:lengths[h]]` (the rest is never read), lengths `[H_kv]`."""
+    h_kv, t, d = keys.shape
+    return segment_attention(q, keys.reshape(h_kv * t, d), values.reshape(h_kv * t, d),
+                             [h * t for h in range(h_kv)], lengths.tolist(), scale)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
@@ -89,21 +226,16 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     (all of them: its query is its newest token).
 
     Args:
-        q: `[R, H_q, D]`; keys, values: `[R, H_kv, T, D]` (padded; padding masked); lengths: `[R]` (>= 1).
+        q: `[R, H_q, D]`; keys, values: `[R, H_kv, T, D]` (padded with finite numbers; padding masked);
+            lengths: `[R]` (>= 1).
 
     Returns:
         out `[R, H_q, D]`, lse `[R, H_q]` (float32).
     """
     r, h_q, d = q.shape
     h_kv, t = keys.shape[1], keys.shape[2]
-    g = h_q // h_kv
-    s = torch.matmul(q.float().view(r, h_kv, g, d), keys.float().transpose(-1, -2)) * scale  # [R, H, G, T]
-    mask = torch.arange(t, device=keys.device).view(1, 1, 1, t) < lengths.to(keys.device).view(r, 1, 1, 1)
-    s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [R, H, G]
-    p = torch.exp(s - lse.unsqueeze(-1))
-    valid = mask.view(r, 1, t, 1)  # padding may hold anything (other requests' tokens, uninitialised memory)
-    out = torch.matmul(p, torch.where(valid, values.float(), 0.0))  # [R, H, G, D]
+    mask = length_mask(lengths.to(keys.device), t)  # [R, 1, 1, T]
+    out, lse = attend(q.view(r, h_kv, h_q // h_kv, d), keys, values, mask, scale)  # [R, H_kv, G, ...]
     return out.reshape(r, h_q, d), lse.reshape(r, h_q)
 
 
@@ -120,12 +252,22 @@ def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     n, h_kv, t = q.shape[0], keys.shape[0], keys.shape[1]
     g = q.shape[1] // h_kv
     q_pos = (t - n + torch.arange(n, device=keys.device)).repeat(g)  # rows are g-major: [G * n]
-    mask = (torch.arange(t, device=keys.device).view(1, -1) <= q_pos.view(-1, 1)).unsqueeze(0)  # [1, G*n, T]
-    out, lse = _masked_attention(_group(q, h_kv), keys, values, mask, scale)
+    allowed = torch.arange(t, device=keys.device).view(1, -1) <= q_pos.view(-1, 1)  # [G*n, T]
+    mask = torch.zeros(allowed.shape, device=keys.device).masked_fill_(~allowed, _NEG_INF)
+    out, lse = attend(_group(q, h_kv), keys.unsqueeze(1), values.unsqueeze(1), mask, scale)
     return _ungroup(out, n), _ungroup(lse, n)
 
 
-def attend_rows(q_all: torch.Tensor, out_all: torch.Tensor, runs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Softmax over the union of two disjoint key sets from each part's normalized output and lse.
+
+    `out_*` `[..., D]`, `lse_*` `[...]`. Part a may be empty (lse -inf: it then contributes nothing);
+    part b must not be (a request always attends to its own newest token): the weight of a is
+    `exp(lse_a) / (exp(lse_a) + exp(lse_b)) = sigmoid(lse_a - lse_b)`."""
+    return torch.lerp(out_b, out_a, torch.sigmoid(lse_a - lse_b).unsqueeze(-1))
+
+
+def attend_rows(q_all: torch.Tensor, out_all: torch.Tensor, runs: PageRuns | SegmentRuns,
                 scale: float, decode_q: torch.Tensor,
                 decode_own: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
                 prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]]) -> None:
@@ -133,34 +275,29 @@ def attend_rows(q_all: torch.Tensor, out_all: torch.Tensor, runs: tuple[torch.Te
 
     Args:
         q_all, out_all: the step's `[num_tokens, H_q, D]` queries and attention output (written in place).
-        runs: the prefix's `(keys, values, lengths)` (`run_attention`).
+        runs: the prefix part of this layer (`PagedStore.read_runs`).
         decode_q: `[R]` token index of each request with one query this step.
-        decode_own: their own tokens `(keys [R, H_kv, T, D], values, lengths [R])` (`decode_attention`),
-            None when R is 0.
+        decode_own: their own tokens `(keys [R, H_kv, T, D], values, lengths [R])` (`decode_attention`;
+            padding finite), None when R is 0.
         prefill: `(q_start, q_end, keys [H_kv, T, D], values)` of each request with several queries.
 
     One pass of all these queries over the runs, then each request's own tokens, merged by log-sum-exp.
     """
     dev = q_all.device
     decode_q = decode_q.to(dev)
-    index = torch.cat([decode_q] + [torch.arange(qs, qe, device=dev) for qs, qe, _, _ in prefill])
-    out_p, lse_p = run_attention(q_all[index], *runs, scale)
     r = decode_q.numel()
+    if prefill:
+        index = torch.cat([decode_q] + [torch.arange(qs, qe, device=dev) for qs, qe, _, _ in prefill])
+        q_rows = q_all[index]
+    else:
+        q_rows = q_all[decode_q]
+    out_p, lse_p = runs.attention(q_rows, scale)
     if r:
         assert decode_own is not None
-        out_o, lse_o = decode_attention(q_all[decode_q], *decode_own, scale)
+        out_o, lse_o = decode_attention(q_rows[:r], *decode_own, scale)
         out_all[decode_q] = merge(out_p[:r], lse_p[:r], out_o, lse_o).to(out_all.dtype)
     at = r
     for qs, qe, own_k, own_v in prefill:
         out_o, lse_o = causal_attention(q_all[qs:qe], own_k, own_v, scale)
         out_all[qs:qe] = merge(out_p[at:at + qe - qs], lse_p[at:at + qe - qs], out_o, lse_o).to(out_all.dtype)
         at += qe - qs
-
-
-def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
-    """Softmax over the union of two disjoint key sets from each part's normalized output and lse.
-    `out_*` `[..., D]`, `lse_*` `[...]`; a part with lse -inf contributes nothing."""
-    m = torch.maximum(lse_a, lse_b)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
-    return (out_a * wa.unsqueeze(-1) + out_b * wb.unsqueeze(-1)) / (wa + wb).unsqueeze(-1)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from kvzip_plugin.paged_store import PagedStore
-from kvzip_plugin.prefix_attention import attend_rows
+from kvzip_plugin.prefix_attention import attend_rows, own_positions
 
 logger = logging.getLogger("sglang.kvzip_plugin")
 
@@ -103,7 +103,8 @@ class PagedAttention:
             if decode:  # one query each: the requests' own tokens in one batched gather
                 own_len = torch.tensor([r.seq_len - first for r in decode])
                 rows = torch.tensor([r.row for r in decode], device=self.req_to_token.device)
-                slots = self.req_to_token[rows, first:first + int(own_len.max())].long()  # [R, T]
+                pos = own_positions(own_len).to(self.req_to_token.device)  # [R, T], padding repeats the last
+                slots = self.req_to_token[rows.view(-1, 1), first + pos].long()
                 own = (k_buf[slots].transpose(1, 2), v_buf[slots].transpose(1, 2), own_len)  # [R, H_kv, T, D]
             prefill = []
             for r in group:

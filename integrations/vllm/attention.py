@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from kvzip_plugin.integrations.vllm import layout
 
-from kvzip_plugin.paged_store import PagedStore, Views
-from kvzip_plugin.prefix_attention import attend_rows
+from kvzip_plugin.paged_store import PageReader, PagedStore, Views
+from kvzip_plugin.prefix_attention import attend_rows, own_positions
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class _Group:
     decode: list[int]  # positions in `rows` of rows with one query
     decode_q: torch.Tensor  # [R] their query's token index
     decode_lens: torch.Tensor  # [R] their own tokens
-    decode_table: torch.Tensor  # [R, blocks] their own blocks (after the store's)
+    decode_blocks: torch.Tensor  # [R, T] block of each of their own tokens (padding repeats the last)
+    decode_offsets: torch.Tensor  # [R, T] offset in that block
 
 
 def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta) -> list[_Group]:
@@ -62,17 +63,20 @@ def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta) -> list[_Group]:
         decode = [i for i, (qs, qe) in enumerate(spans) if qe - qs == 1]
         lens = torch.tensor([int(seq_lens[rws[i]]) for i in decode], dtype=torch.long)
         first, bs = store.layout.n_blocks, store.layout.page_size
-        n_blocks = -(-int(lens.max()) // bs) if decode else 0
         dev = meta.block_table.device
-        table = meta.block_table[torch.tensor([rws[i] for i in decode], dtype=torch.long, device=dev)][
-            :, first:first + n_blocks].long()
+        blocks = offsets = torch.zeros(0, 0, dtype=torch.long, device=dev)
+        if decode:
+            pos = own_positions(lens).to(dev)  # [R, T]
+            table = meta.block_table[torch.tensor([rws[i] for i in decode], dtype=torch.long, device=dev)][
+                :, first:].long()
+            blocks, offsets = table.gather(1, pos // bs), pos % bs
         groups.append(_Group(store, rws, spans, decode,
-                             torch.tensor([spans[i][0] for i in decode], dtype=torch.long), lens, table))
+                             torch.tensor([spans[i][0] for i in decode], dtype=torch.long), lens, blocks, offsets))
     return groups
 
 
 def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, groups: list[_Group], views: Views,
-                 own_views: tuple[torch.Tensor, torch.Tensor], meta, num_heads: int, head_size: int,
+                 pages: PageReader, own_views: tuple[torch.Tensor, torch.Tensor], meta, num_heads: int, head_size: int,
                  scale: float) -> None:
     """Overwrite the output rows of requests on head-page stores, for one layer.
 
@@ -82,6 +86,7 @@ def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, groups: 
         output: the attention output vLLM's forward filled, `[num_tokens, H_q * D]` (or 3-D); written in place.
         groups: `plan_step` of this step.
         views: token-major views of every layer's buffer (the store's pages may lie in any of them).
+        pages: the fastest read of head pages of any layer's buffer (`layout.page_reader`).
         own_views: this layer's (keys, values) token-major views (the requests' own tokens).
         meta: vLLM's attention metadata (`seq_lens` = own tokens, `block_table`).
     """
@@ -90,7 +95,8 @@ def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, groups: 
     for grp in groups:
         own = None
         if grp.decode:  # one query each: the requests' own tokens in one batched gather
-            own = (*_own_tokens(own_views, grp.decode_table, int(grp.decode_lens.max())), grp.decode_lens)
+            own = (own_views[0][grp.decode_blocks, grp.decode_offsets].transpose(1, 2),  # [R, H_kv, T, D]
+                   own_views[1][grp.decode_blocks, grp.decode_offsets].transpose(1, 2), grp.decode_lens)
         first = grp.store.layout.n_blocks  # the store's blocks head every row; own tokens follow
         prefill = []
         for row, (qs, qe) in zip(grp.rows, grp.spans, strict=True):
@@ -98,15 +104,5 @@ def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, groups: 
                 table, n_own = meta.block_table[row][first:], int(meta.seq_lens[row])
                 prefill.append((qs, qe, layout.read_tokens(own_views[0], table, n_own),  # [H_kv, n_own, D]
                                 layout.read_tokens(own_views[1], table, n_own)))
-        attend_rows(q_all, out_all, grp.store.read_runs(layer, views), scale, grp.decode_q, own, prefill)
+        attend_rows(q_all, out_all, grp.store.read_runs(layer, views, pages), scale, grp.decode_q, own, prefill)
 
-
-def _own_tokens(views: tuple[torch.Tensor, torch.Tensor], table: torch.Tensor,
-                n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `n_tokens` own tokens of each row of `table` (`[R, blocks]`, its own blocks) as
-    `[R, H_kv, n_tokens, D]` keys and values, one gather each (rows with fewer own tokens read padding
-    that the caller masks)."""
-    bs = views[0].shape[1]
-    t = torch.arange(n_tokens, device=table.device)
-    blk, off = table[:, t // bs], (t % bs).expand(table.shape[0], n_tokens)  # [R, n_tokens]
-    return views[0][blk, off].transpose(1, 2), views[1][blk, off].transpose(1, 2)

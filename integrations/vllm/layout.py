@@ -77,3 +77,20 @@ def read_tokens(view: torch.Tensor, block_ids: torch.Tensor, n_tokens: int) -> t
     n_blocks = -(-n_tokens // bs)
     rows = view[block_ids[:n_blocks].long()]  # [n_blocks, bs, H, D]
     return rows.reshape(n_blocks * bs, view.shape[2], view.shape[3])[:n_tokens].transpose(0, 1)
+
+
+def page_reader(kv_cache: torch.Tensor, spec: LayoutSpec):
+    """(blocks `[P]`, head slots `[P]`) -> keys and values `[P, block_size, D]` of those head pages of
+    `kv_cache`, read with one row gather where the layout keeps a head page contiguous (CPU `vec`: keys
+    and values of a (block, head) are one row; keys come back as a transposed view), else by indexing
+    `token_major`'s views."""
+    bs, h, d = spec.block_size, spec.num_kv_heads, spec.head_size
+    if spec.kind == "cpu_vec":
+        raw = kv_cache.view(kv_cache.shape[0] * h, 2, bs * d)
+
+        def read(blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            rows = raw.index_select(0, blocks * h + slots)  # [P, 2, bs * D]
+            return rows[:, 0].unflatten(-1, (d, bs)).transpose(1, 2), rows[:, 1].unflatten(-1, (bs, d))
+        return read
+    keys, values = token_major(kv_cache, spec)
+    return lambda blocks, slots: (keys[blocks, :, slots], values[blocks, :, slots])

@@ -90,6 +90,7 @@ class WorkerState:
         """Record the layers' buffers and wrap their attention; `layers` maps names to vLLM
         `Attention` modules. Any layer we cannot address disables KVzip in this worker."""
         self.kv_caches = dict(kv_caches)
+        self._readers: dict[int, Any] = {}
         self.layer_index = {name: i for i, name in enumerate(self.kv_caches)}
         self.layer_names = list(self.kv_caches)
         for name, kv in self.kv_caches.items():
@@ -231,6 +232,14 @@ class WorkerState:
         name = self.layer_names[idx]
         return layout.token_major(self.kv_caches[name], self.specs[name])
 
+    def pages(self, idx: int, blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[P, block_size, D]` of head pages of layer `idx`'s buffer (`paged_store.PageReader`)."""
+        reader = self._readers.get(idx)
+        if reader is None:
+            name = self.layer_names[idx]
+            reader = self._readers[idx] = layout.page_reader(self.kv_caches[name], self.specs[name])
+        return reader(blocks, slots)
+
     def attend(self, name: str, query: torch.Tensor, output: torch.Tensor, kv_cache: torch.Tensor, meta: Any) -> None:
         """Overwrite this layer's output rows of the requests on head-page stores (`attention.py`)."""
         spec = self.specs.get(name)
@@ -238,7 +247,7 @@ class WorkerState:
             return
         if self._paged_plan is None or self._paged_plan[0] is not meta:  # once per step (same metadata)
             self._paged_plan = (meta, plan_step(self.paged_rows, meta))
-        attend_paged(self.layer_index[name], query, output, self._paged_plan[1], self.views,
+        attend_paged(self.layer_index[name], query, output, self._paged_plan[1], self.views, self.pages,
                      layout.token_major(kv_cache, spec), meta, self.num_heads[name], spec.head_size, self.scales[name])
 
     def _job(self, tgt: ScoringTarget, n_kv_heads: int) -> _JobScores:

@@ -66,7 +66,7 @@ def test_batched_queries_of_several_requests_share_one_pass():
 
 def test_batched_decode_rows_equal_one_by_one():
     """`decode_attention` (one query per request, own tokens padded to the longest) equals each request's
-    `causal_attention` over exactly its own tokens; the padding (garbage here) is never attended."""
+    `causal_attention` over exactly its own tokens; the padding (finite garbage here) is never attended."""
     from kvzip_plugin.prefix_attention import decode_attention
 
     g = torch.Generator().manual_seed(3)
@@ -75,7 +75,7 @@ def test_batched_decode_rows_equal_one_by_one():
     values = torch.randn(3, 2, 9, 8, generator=g)
     for r, n in enumerate(lens.tolist()):
         keys[r, :, n:] = 1e4  # padding
-        values[r, :, n:] = float("nan")
+        values[r, :, n:] = -1e4  # finite (the engines pad with copies of real tokens: own_positions)
     q = torch.randn(3, 4, 8, generator=g)
     out, lse = decode_attention(q, keys, values, lens, 0.5)
     for r, n in enumerate(lens.tolist()):
@@ -88,7 +88,7 @@ def test_batched_decode_rows_equal_one_by_one():
 def test_attend_rows_writes_each_request_its_masked_full_attention():
     """Both engines' glue: one decode request and one prefill request on the same runs; each output row
     equals the full cache masked to the kept pairs (+ its own tokens, causal); other rows untouched."""
-    from kvzip_plugin.prefix_attention import attend_rows
+    from kvzip_plugin.prefix_attention import SegmentRuns, attend_rows
 
     g = torch.Generator().manual_seed(7)
     h_kv, h_q, d, L = 2, 4, 8, 12
@@ -102,7 +102,8 @@ def test_attend_rows_writes_each_request_its_masked_full_attention():
     own_p = (torch.randn(h_kv, 5, d, generator=g), torch.randn(h_kv, 5, d, generator=g))
     q_all = torch.randn(6, h_q, d, generator=g)  # token 0: the decode row; 1..3: 3 prefill queries; 4, 5: others
     out_all = torch.full((6, h_q, d), 7.0)
-    attend_rows(q_all, out_all, (run_k, run_v, lengths), 0.4, torch.tensor([0]), own_d, [(1, 4, *own_p)])
+    runs = SegmentRuns(run_k.reshape(-1, d), run_v.reshape(-1, d), [0, L], lengths.tolist())
+    attend_rows(q_all, out_all, runs, 0.4, torch.tensor([0]), own_d, [(1, 4, *own_p)])
     mask_d = torch.cat([keep, torch.ones(h_kv, 3, dtype=torch.bool)], 1)
     want_d = masked_reference(q_all[0:1], torch.cat([keys, own_d[0][0]], 1), torch.cat([values, own_d[1][0]], 1),
                               mask_d, 0.4)
@@ -112,3 +113,78 @@ def test_attend_rows_writes_each_request_its_masked_full_attention():
     torch.testing.assert_close(out_all[0:1].double(), want_d, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_all[1:4].double(), want_p, rtol=1e-5, atol=1e-5)
     assert bool((out_all[4:] == 7.0).all())
+
+
+def test_own_positions_pad_with_the_last_real_token():
+    from kvzip_plugin.prefix_attention import own_positions
+
+    pos = own_positions(torch.tensor([3, 1, 5]))
+    assert pos.tolist() == [[0, 1, 2, 2, 2], [0, 0, 0, 0, 0], [0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_page_attention_equals_run_attention(n):
+    """Pages attended where they lie (split over two chunks, one of them strided, a partial last page, a
+    head without pages) give the runs' attention; `PageRuns` takes the page path for few query rows and
+    copies the runs for many, with the same result."""
+    from kvzip_plugin import prefix_attention as pa
+
+    g = torch.Generator().manual_seed(n)
+    h_kv, h_q, d, ps = 3, 6, 8, 4
+    lengths = [10, 0, 16]  # head 0: 3 pages, the last one half used; head 1: none
+    keys = [torch.randn(t, d, generator=g) for t in lengths]
+    values = [torch.randn(t, d, generator=g) for t in lengths]
+    pages_k, pages_v, heads, valid = [], [], [], []
+    for h, t in enumerate(lengths):
+        for p0 in range(0, t, ps):
+            k, v = torch.full((ps, d), 3.0), torch.full((ps, d), -3.0)  # unused slots: finite garbage
+            k[:min(ps, t - p0)], v[:min(ps, t - p0)] = keys[h][p0:p0 + ps], values[h][p0:p0 + ps]
+            pages_k.append(k)
+            pages_v.append(v)
+            heads.append(h)
+            valid.append(min(ps, t - p0))
+    pk, pv, hd = torch.stack(pages_k), torch.stack(pages_v), torch.tensor(heads)
+    used = torch.arange(ps).view(1, ps) < torch.tensor(valid).view(-1, 1)
+    mask = torch.zeros(used.shape).masked_fill(~used, float("-inf")).view(-1, 1, 1, ps)
+    split = 2
+    chunks = [(pk[:split].transpose(1, 2).contiguous().transpose(1, 2), pv[:split], hd[:split], mask[:split]),
+              (pk[split:], pv[split:], hd[split:], mask[split:])]
+    q = torch.randn(n, h_q, d, generator=g)
+    run_k, run_v = torch.zeros(h_kv, max(lengths), d), torch.zeros(h_kv, max(lengths), d)
+    for h, t in enumerate(lengths):
+        run_k[h, :t], run_v[h, :t] = keys[h], values[h]
+    want_out, want_lse = run_attention(q, run_k, run_v, torch.tensor(lengths), 0.5)
+    got_out, got_lse = pa.page_attention(q, chunks, h_kv, 0.5)
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-5)
+    assert bool(torch.isinf(got_lse[:, 2:4]).all())  # the query heads of KV head 1
+    runs = pa.PageRuns(chunks, [torch.arange(split), torch.arange(split, len(heads))], [0, 12, 12], lengths)
+    out, lse = runs.attention(q, 0.5)  # n = 1 takes the page path (3 rows per head), 7 the copied runs
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_keys_stored_transposed_give_the_same_attention():
+    """vLLM CPU stores keys transposed per page, so the views the engines hand over have a last-dimension
+    stride != 1 (torch's CPU flash kernel silently misreads those; `attend` must not)."""
+    from kvzip_plugin.prefix_attention import decode_attention, segment_attention
+
+    g = torch.Generator().manual_seed(5)
+    h_kv, h_q, t, d = 2, 4, 14, 16
+    keys = torch.randn(h_kv, d, t, generator=g).transpose(1, 2)  # [H_kv, T, D], stride(-1) == T
+    values = torch.randn(h_kv, d, t, generator=g).transpose(1, 2)
+    assert keys.stride(-1) != 1
+    q = torch.randn(5, h_q, d, generator=g)
+    for got, want in [
+        (causal_attention(q, keys, values, 0.3), causal_attention(q, keys.contiguous(), values.contiguous(), 0.3)),
+        (decode_attention(q[:2], keys.unsqueeze(0).expand(2, -1, -1, -1), values.unsqueeze(0).expand(2, -1, -1, -1),
+                          torch.tensor([t, 3]), 0.3),
+         decode_attention(q[:2], keys.contiguous().unsqueeze(0).expand(2, -1, -1, -1).contiguous(),
+                          values.contiguous().unsqueeze(0).expand(2, -1, -1, -1).contiguous(), torch.tensor([t, 3]),
+                          0.3)),
+        (segment_attention(q, keys[0], values[0], [0, 4], [4, 10], 0.3),
+         segment_attention(q, keys[0].contiguous(), values[0].contiguous(), [0, 4], [4, 10], 0.3)),
+    ]:
+        torch.testing.assert_close(got, want)
+    want = masked_reference(q, keys, values, torch.ones(h_kv, t, dtype=torch.bool), 0.3)
+    torch.testing.assert_close(causal_attention(q, keys, values, 0.3)[0].double(), want, rtol=1e-5, atol=1e-5)

@@ -38,6 +38,21 @@ def test_cpu_vec_views_address_the_documented_layout():
     assert read.shape == (heads, 40, dim) and torch.equal(read[1, 32 + 5], torch.arange(dim, dtype=torch.float32))
 
 
+@pytest.mark.parametrize("kind", ["cpu_vec", "nhd"])
+def test_page_reader_reads_head_pages_as_the_views_do(kind):
+    """The one-gather read of whole head pages (CPU `vec`: a (block, head) row) returns what indexing the
+    token-major views returns."""
+    n_blocks, heads, bs, dim = 5, 3, 32, 16
+    kv = torch.randn(n_blocks, heads, bs, 2 * dim) if kind == "cpu_vec" else torch.randn(2, n_blocks, bs, heads, dim)
+    spec = layout.detect(kv, backend="CPU_ATTN" if kind == "cpu_vec" else "FLASH_ATTN", isa="vec", block_size=bs,
+                         num_kv_heads=heads, head_size=dim)
+    keys, values = layout.token_major(kv, spec)
+    blocks, slots = torch.tensor([4, 0, 4, 2]), torch.tensor([1, 2, 0, 1])
+    k, v = layout.page_reader(kv, spec)(blocks, slots)
+    assert k.shape == v.shape == (4, bs, dim)
+    assert torch.equal(k, keys[blocks, :, slots]) and torch.equal(v, values[blocks, :, slots])
+
+
 def test_nhd_views_and_unsupported_layouts_fail_closed():
     kv = torch.zeros(2, 4, 16, 2, 8)
     spec = layout.detect(kv, backend="FLASH_ATTN", isa=None, block_size=16, num_kv_heads=2, head_size=8)
