@@ -100,7 +100,8 @@ class PagedStore:
                     used = torch.arange(ps).view(1, ps) < valid[sel].view(-1, 1)
                     mask = torch.zeros(used.shape).masked_fill_(~used, float("-inf")).view(-1, 1, 1, ps)
                 gathers.append(_Gather(int(b), sel.nonzero().flatten(), ids[blocks[sel]], slots[sel], heads[sel], mask))
-            layers.append(_LayerRuns(tuple(gathers), int(blocks.numel()), starts.tolist(), layout.lengths[layer].tolist()))
+            layers.append(_LayerRuns(tuple(gathers), int(blocks.numel()), starts.tolist(),
+                                     layout.lengths[layer].tolist()))
         return cls(layout, ids, tuple(layers))
 
     def _on_device(self, layer: int, device: torch.device) -> tuple[_Gather, ...]:
@@ -118,7 +119,7 @@ class PagedStore:
         are, no copy into runs) when pages hold several tokens; one after another (`SegmentRuns`, one
         gather of exactly the used slots) for pages of one token (SGLang's token pool)."""
         lr = self.layers[layer]
-        ps, h = self.layout.page_size, self.layout.n_heads
+        ps = self.layout.page_size
         if not lr.gathers:  # the layer keeps nothing (no protected tokens, no kept pairs)
             return PageRuns([], [], lr.starts, lr.lengths)
         k0, _ = views(lr.gathers[0].buffer)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from kvzip_plugin.integrations.vllm import layout
 
-from kvzip_plugin.paged_store import PageReader, PagedStore, Views
+from kvzip_plugin.paged_store import PagedStore, PageReader, Views
 from kvzip_plugin.prefix_attention import attend_rows, own_positions
 
 
