@@ -7,8 +7,8 @@ Configurations, for a prefix of L tokens and B requests each with `own` tokens o
 * `full/per-request`: every request attends over the full prefix + its own tokens (what a paged
   engine's kernel does: it reads the shared prefix once per request);
 * `head/per-request`: the same over a `head`-compacted prefix (r*L tokens per KV head);
-* `runs/shared`: the plugin's path for non-uniform runs (`prefix_attention`): ONE pass of all B queries
-  over the runs (each KV head its own length; total kept pairs = r * L * H_kv, from a `pair` plan over
+* `runs/shared`: the plugin's path for non-uniform runs (`PagedStore.read_runs` + `prefix_attention.attend_rows`):
+  ONE pass of all B queries over the runs (each KV head its own length; total kept pairs = r * L * H_kv, from a `pair` plan over
   synthetic uneven scores), gathered from head pages as the engine does each step, plus each request's
   own tokens, merged by log-sum-exp;
 * `runs/triton` (CUDA only): the same prefix part read in place from head pages by the Triton kernel.
@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decode_attention import time_it  # noqa: E402  (median of repeats after warm-up, CUDA synced)
 
-from kvzip_plugin.prefix_attention import decode_attention, merge, run_attention  # noqa: E402
+from kvzip_plugin.paged_store import PagedStore  # noqa: E402
+from kvzip_plugin.prefix_attention import attend_rows  # noqa: E402
 from kvzip_plugin.store import place_runs, run_gather_index, select_runs  # noqa: E402
 
 
@@ -83,7 +84,6 @@ def main() -> None:
                 pages_v[blk, :tok.numel(), slot] = v_full[h, tok]
         max_pages = layout.pages.shape[-1]
         lengths = layout.lengths[0].to(dev)
-        grid_d, blocks_d, slots_d = grid.to(dev), blocks.to(dev), slots.to(dev)
         kept_head = int(round(args.ratio * L))
         for b in args.batches:
             q = torch.randn(b, h_q, d, device=dev, dtype=dtype)
@@ -99,14 +99,14 @@ def main() -> None:
 
             own_lens = torch.full((b,), args.own, dtype=torch.long)
 
-            def shared() -> torch.Tensor:  # what integrations/vllm/attention.py does for decode rows
-                rk = pages_k.new_empty(h_kv * max_pages, args.page, d)
-                rv = pages_v.new_empty(h_kv * max_pages, args.page, d)
-                rk[grid_d] = pages_k[blocks_d, :, slots_d]
-                rv[grid_d] = pages_v[blocks_d, :, slots_d]
-                out_p, lse_p = run_attention(q, rk.view(h_kv, -1, d), rv.view(h_kv, -1, d), lengths, scale)
-                out_o, lse_o = decode_attention(q, own_k, own_v, own_lens, scale)
-                return merge(out_p, lse_p, out_o, lse_o)
+            store = PagedStore.build(layout, list(range(layout.n_blocks)))
+            decode_q = torch.arange(b)
+
+            def shared() -> torch.Tensor:  # what the engines' glue does for decode rows (attend_rows)
+                out = torch.empty_like(q)
+                runs = store.read_runs(0, lambda _: (pages_k, pages_v))
+                attend_rows(q, out, runs, scale, decode_q, (own_k, own_v, own_lens), [])
+                return out
 
             t_runs = time_it(shared, dev, args.repeats)
             row = {"L": L, "batch": b, "ratio": args.ratio, "kept_fraction": float(keep.float().mean()),

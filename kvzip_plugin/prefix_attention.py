@@ -156,7 +156,7 @@ def page_attention(q: torch.Tensor, chunks: list[tuple[torch.Tensor, torch.Tenso
     return _ungroup(out.unsqueeze(1), n), _ungroup(lse.unsqueeze(1), n)
 
 
-PAGE_ROWS_MAX = 8
+PAGE_ROWS_MAX = 16
 """`PageRuns` attends page by page while each KV head has at most this many query rows (G x requests):
 the pages' partial outputs then cost less than copying the pages into runs; with more rows (many
 requests sharing the prefix) the runs are copied and each head attends over its run in one call."""

@@ -123,7 +123,7 @@ def test_own_positions_pad_with_the_last_real_token():
 
 
 @pytest.mark.parametrize("n", [1, 2, 7])
-def test_page_attention_equals_run_attention(n):
+def test_page_attention_equals_run_attention(n, monkeypatch):
     """Pages attended where they lie (split over two chunks, one of them strided, a partial last page, a
     head without pages) give the runs' attention; `PageRuns` takes the page path for few query rows and
     copies the runs for many, with the same result."""
@@ -159,9 +159,11 @@ def test_page_attention_equals_run_attention(n):
     torch.testing.assert_close(got_lse, want_lse, rtol=1e-5, atol=1e-5)
     assert bool(torch.isinf(got_lse[:, 2:4]).all())  # the query heads of KV head 1
     runs = pa.PageRuns(chunks, [torch.arange(split), torch.arange(split, len(heads))], [0, 12, 12], lengths)
-    out, lse = runs.attention(q, 0.5)  # n = 1 takes the page path (3 rows per head), 7 the copied runs
-    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    for rows_max in (0, 10 ** 6):  # the copied runs (many query rows), the pages where they lie (few)
+        monkeypatch.setattr(pa, "PAGE_ROWS_MAX", rows_max)
+        out, lse = runs.attention(q, 0.5)
+        torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
 
 
 def test_keys_stored_transposed_give_the_same_attention():
