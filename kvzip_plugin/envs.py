@@ -19,12 +19,12 @@ def dump_dir() -> Path | None:
     return Path(value) if value else None
 
 
-FAULTS = ("compaction", "scoring")
+FAULTS = ("compaction", "scoring", "kv_layout")
 
 
 def fault_injection() -> str | None:
-    """KVZIP_FAULT_INJECTION=compaction|scoring: make that stage of every job fail (tests of the
-    rollback path). Unset in production."""
+    """KVZIP_FAULT_INJECTION=compaction|scoring|kv_layout: make that stage of every job fail, or (vLLM)
+    the worker reject its KV layout (tests of the rollback and fail-closed paths). Unset in production."""
     value = os.environ.get("KVZIP_FAULT_INJECTION") or None
     if value is not None and value not in FAULTS:
         raise ValueError(f"KVZIP_FAULT_INJECTION={value!r}; expected one of {FAULTS}")

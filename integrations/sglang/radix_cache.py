@@ -1081,6 +1081,12 @@ def unsupported_runtime_reason(cache: Any, server_args: Any, tp_worker: Any) -> 
             # a replayed graph runs the backend's kernel alone: the head-page attention would be skipped
             return "cuda_graphs", (f"the {structure} structure is served by the plugin's attention, which a CUDA "
                                    "graph replay skips: use --disable-cuda-graph or --kv-compression-structure head")
+        if getattr(server_args, "device", None) not in (None, "cpu") and prefill_graphs_on(server_args):
+            # a replayed prefill graph runs only RadixAttention._eager_attention: the score capture around
+            # RadixAttention.forward would see nothing, or part of a job's chunks (cuda-review.md §2)
+            return "prefill_cuda_graphs", ("SGLang replays prefill batches from CUDA graphs, which skip the plugin's "
+                                           "score capture: use --disable-prefill-cuda-graph (or "
+                                           "--cuda-graph-backend-prefill disabled)")
     kv_pool = cache.kv_pool
     if type(kv_pool) is not MHATokenToKVPool:
         return "kv_pool", f"KV pool {type(kv_pool).__name__} is not supported (plain MHATokenToKVPool only)"
@@ -1104,6 +1110,21 @@ def unsupported_runtime_reason(cache: Any, server_args: Any, tp_worker: Any) -> 
             if module.is_cross_attention or module.qk_head_dim != module.v_head_dim:
                 return "attention_layout", "cross attention / MLA-style head sizes are not supported"
     return None
+
+
+def prefill_graphs_on(server_args: Any) -> bool:
+    """Whether SGLang (0.5.23) may replay prefill batches from CUDA graphs: the resolved
+    `cuda_graph_config.prefill.backend` when present, else the flags as SGLang resolves them (an explicit
+    `--cuda-graph-backend-prefill` wins over `--disable-prefill-cuda-graph` / `--disable-cuda-graph`;
+    the default on CUDA is `breakable`)."""
+    backend = getattr(getattr(getattr(server_args, "cuda_graph_config", None), "prefill", None), "backend", None)
+    if backend is None:
+        backend = getattr(server_args, "cuda_graph_backend_prefill", None)
+    if backend is None:
+        off = getattr(server_args, "disable_cuda_graph", False) or getattr(server_args, "disable_prefill_cuda_graph",
+                                                                            False)
+        backend = "disabled" if off else "breakable"
+    return backend != "disabled"
 
 
 def served_model_name(server_args: Any) -> str | None:

@@ -109,6 +109,7 @@ class KVzipConnector(KVConnectorBase_V1):
                                                     ("min_hits", self.settings.min_hits)) if v is not None})
         self.disabled = unsupported_reason(vllm_config, kv_cache_config, config.structure)
         self._fallback_reported = False
+        self._disabled_sent = False  # worker half: the scheduler was told this worker cannot compact
         self.sched: SchedulerState | None = None
         self.worker: WorkerState | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -154,7 +155,7 @@ class KVzipConnector(KVConnectorBase_V1):
                                "disabled on this worker")
                 return
         layers = get_layers_from_vllm_config(self._vllm_config, Attention, list(kv_caches))
-        self.worker.register(kv_caches, layers)
+        self.worker.register(kv_caches, layers, self._vllm_config.cache_config.block_size)
         if self.worker.unsupported:
             self.disabled = "kv_layout"
 
@@ -183,7 +184,15 @@ class KVzipConnector(KVConnectorBase_V1):
             self.worker.end_step()
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        if self.worker is None or not self.worker.results:
+        if self.worker is None:
+            return None
+        if self.disabled:  # tell the scheduler once: it must stop scoring prefixes this worker cannot compact
+            if self._disabled_sent:
+                return None
+            self._disabled_sent = True
+            self.worker.results = []
+            return KVzipWorkerMetadata(disabled=self.disabled)
+        if not self.worker.results:
             return None
         out, self.worker.results = KVzipWorkerMetadata(results=self.worker.results), []
         return out
@@ -213,8 +222,16 @@ class KVzipConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta
-        if self.sched is not None and isinstance(meta, KVzipWorkerMetadata):
-            self.sched.on_worker_results(meta.results)
+        if self.sched is None or not isinstance(meta, KVzipWorkerMetadata) or self.disabled:
+            return
+        if meta.disabled:  # a worker cannot compact: the whole engine serves uncompressed from now on
+            self.disabled = meta.disabled
+            self._fallback_reported = True  # the worker counts this fallback (WORKER_ONLY_REASONS)
+            self.sched.shut_down(meta.disabled)
+            logger.warning("kvzip-plugin: KV compression disabled on this engine (%s, reported by a worker); "
+                           "prefixes are served uncompressed", self.disabled)
+            return
+        self.sched.on_worker_results(meta.results)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         if self.sched is not None and not self.disabled:

@@ -14,7 +14,15 @@ Layouts (vLLM 0.32 CPU, 0.33 CUDA):
   Verified end to end: outputs on a compacted prefix equal a transformers run of the same kept pairs
   (tests/integrations/vllm/test_e2e_kvzip.py).
   Other CPU ISAs (`amx`, `vec16`, `neon`, ...) pack keys differently: unsupported (fail closed).
-* FlashAttention-style CUDA backends (NHD): `[2, num_blocks, block_size, H_kv, D]`.
+* CUDA backends of vLLM 0.33 (`kv4d`): per-layer 4-D views `[num_blocks, H_kv, block_size, 2 * D]` over
+  one buffer, physically LBNHC (`[num_blocks, block_size, H_kv, 2D]`, the default with FlashAttention)
+  or LBHNC (contiguous as shaped), per the layout vLLM resolved; FlashAttention splits them as
+  `kv_cache.transpose(1, 2).split(head_size, -1)` (keys first). The views below are that split, so
+  they address either physical order through the strides (`../shared/docs/cuda-review.md` §1).
+* Older CUDA layout (vLLM 0.32, NHD): `[2, num_blocks, block_size, H_kv, D]`.
+
+The worker uses the scheduler's block ids, so a buffer's block must be the manager's block: vLLM may
+split a manager block into several kernel blocks (`check_block_size` fails closed then).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ class UnsupportedKVLayout(RuntimeError):
 
 @dataclass(frozen=True)
 class LayoutSpec:
-    """How one layer's KV buffer is laid out: `kind` is `cpu_vec` or `nhd`."""
+    """How one layer's KV buffer is laid out: `kind` is `cpu_vec`, `kv4d` or `nhd`."""
 
     kind: str
     block_size: int
@@ -51,6 +59,9 @@ def detect(kv_cache: torch.Tensor, *, backend: str, isa: str | None, block_size:
         if kv_cache.dim() != 4 or tuple(kv_cache.shape[1:]) != want or not kv_cache.is_contiguous():
             raise UnsupportedKVLayout(f"CPU KV buffer {tuple(kv_cache.shape)}, expected [blocks, *{want}]")
         return LayoutSpec("cpu_vec", block_size, num_kv_heads, head_size)
+    if kv_cache.dim() == 4 and tuple(kv_cache.shape[1:]) == (num_kv_heads, block_size, 2 * head_size) and \
+            kv_cache.stride(-1) == 1:
+        return LayoutSpec("kv4d", block_size, num_kv_heads, head_size)
     if kv_cache.dim() == 5 and kv_cache.shape[0] == 2 and tuple(kv_cache.shape[2:]) == (
             block_size, num_kv_heads, head_size):
         return LayoutSpec("nhd", block_size, num_kv_heads, head_size)
@@ -65,9 +76,19 @@ def token_major(kv_cache: torch.Tensor, spec: LayoutSpec) -> tuple[torch.Tensor,
         keys = raw[:, :, 0].unflatten(-1, (d, bs)).permute(0, 3, 1, 2)
         values = raw[:, :, 1].unflatten(-1, (bs, d)).permute(0, 2, 1, 3)
         return keys, values
+    if spec.kind == "kv4d":
+        return kv_cache[..., :d].transpose(1, 2), kv_cache[..., d:].transpose(1, 2)
     if spec.kind == "nhd":
         return kv_cache[0], kv_cache[1]
     raise UnsupportedKVLayout(spec.kind)
+
+
+def check_block_size(spec: LayoutSpec, manager_block_size: int) -> None:
+    """Raise `UnsupportedKVLayout` unless a buffer block is a scheduler (manager) block: the worker
+    addresses the buffer with the scheduler's block ids."""
+    if spec.block_size != manager_block_size:
+        raise UnsupportedKVLayout(f"the KV buffer's blocks hold {spec.block_size} tokens but the scheduler's "
+                                  f"hold {manager_block_size} (vLLM splits blocks for this attention backend)")
 
 
 def read_tokens(view: torch.Tensor, block_ids: torch.Tensor, n_tokens: int) -> torch.Tensor:

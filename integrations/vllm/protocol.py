@@ -67,6 +67,8 @@ class CompactionResult:
 @dataclasses.dataclass
 class KVzipWorkerMetadata(KVConnectorWorkerMetadata):
     results: list[CompactionResult] = dataclasses.field(default_factory=list)
+    disabled: str | None = None
+    """Set once by a worker that cannot compact (its KV layout): the scheduler turns the plugin off."""
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVzipWorkerMetadata:
         """All ranks must succeed: a job is ok only if every rank copied its heads."""
@@ -82,4 +84,4 @@ class KVzipWorkerMetadata(KVConnectorWorkerMetadata):
                     max(mine.scoring_seconds, r.scoring_seconds),
                     max(mine.prefill_seconds_estimate, r.prefill_seconds_estimate),
                     max(mine.n_blocks, r.n_blocks), mine.head_pages or r.head_pages)
-        return KVzipWorkerMetadata(results=list(merged.values()))
+        return KVzipWorkerMetadata(results=list(merged.values()), disabled=self.disabled or other.disabled)

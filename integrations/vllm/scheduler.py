@@ -439,6 +439,15 @@ class SchedulerState:
         self.compacted.clear()
         self.covered.clear()
 
+    def shut_down(self, reason: str) -> None:
+        """A worker cannot compact (`reason`, a fallback reason): end every job (blocks unpinned,
+        reservations returned), observe and adopt nothing more. Compacted prefixes cannot exist (no worker
+        ever compacted), so nothing else is held."""
+        self.disabled = reason
+        for j in list(self.jobs.values()):
+            self._end(j, JobStatus.FAILED, f"a worker disabled KV compression ({reason})", unservable=True)
+        self.to_add, self.commands, self.new_targets = [], [], {}
+
     def has_pending_work(self) -> bool:
         return bool(self.to_add or self.commands or self.queue.queued or any(
             j.job.status is JobStatus.COMPACTING for j in self.jobs.values()))

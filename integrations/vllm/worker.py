@@ -86,9 +86,11 @@ class WorkerState:
 
     # ------------------------------------------------------------ setup
 
-    def register(self, kv_caches: Mapping[str, torch.Tensor], layers: Mapping[str, Any]) -> None:
+    def register(self, kv_caches: Mapping[str, torch.Tensor], layers: Mapping[str, Any],
+                 manager_block_size: int | None = None) -> None:
         """Record the layers' buffers and wrap their attention; `layers` maps names to vLLM
-        `Attention` modules. Any layer we cannot address disables KVzip in this worker."""
+        `Attention` modules, `manager_block_size` is the scheduler's block size (the ids the worker is
+        sent). Any layer we cannot address disables KVzip in this worker."""
         self.kv_caches = dict(kv_caches)
         self._readers: dict[int, Any] = {}
         self.layer_index = {name: i for i, name in enumerate(self.kv_caches)}
@@ -101,8 +103,12 @@ class WorkerState:
             try:
                 self.specs[name] = layout.detect(
                     kv, backend=layer.attn_backend.get_name(), isa=getattr(layer, "isa", None),
-                    block_size=kv.shape[2],  # [blocks, H, bs, 2D] (CPU) and [2, blocks, bs, H, D]
+                    block_size=kv.shape[2],  # [blocks, H, bs, 2D] (CPU, 0.33 CUDA) and [2, blocks, bs, H, D]
                     num_kv_heads=layer.num_kv_heads, head_size=layer.head_size)
+                if manager_block_size is not None:
+                    layout.check_block_size(self.specs[name], manager_block_size)
+                if envs.fault_injection() == "kv_layout":
+                    raise layout.UnsupportedKVLayout("fault injected (KVZIP_FAULT_INJECTION=kv_layout)")
             except layout.UnsupportedKVLayout as exc:
                 self.unsupported = str(exc)
                 break
@@ -254,7 +260,8 @@ class WorkerState:
         job = self.jobs.get(tgt.job_id)
         if job is None:
             n_context = tgt.prefix_len - tgt.n_protected
-            job = _JobScores(torch.zeros(len(self.kv_caches), n_kv_heads, n_context), tgt.prefix_len)
+            device = next(iter(self.kv_caches.values())).device  # accumulated where they are computed (no sync)
+            job = _JobScores(torch.zeros(len(self.kv_caches), n_kv_heads, n_context, device=device), tgt.prefix_len)
             self.jobs[tgt.job_id] = job
         return job
 
@@ -285,7 +292,7 @@ class WorkerState:
     def _compact(self, cmd: CompactCommand, job: _JobScores) -> tuple[int, bool, torch.Tensor]:
         """Choose the runs and copy them. Returns (blocks used, head pages?, keep `[layers, H_kv, L]`)."""
         bs = next(iter(self.specs.values())).block_size
-        keep = select_runs(job.scores, cmd.n_protected, cmd.ratio, cmd.structure, bs)
+        keep = select_runs(job.scores.cpu(), cmd.n_protected, cmd.ratio, cmd.structure, bs)
         tokens = uniform_tokens(keep)
         if tokens is not None:  # one length everywhere (`head`: what the scheduler reserved): vLLM's kernel
             dst = cmd.dst_block_ids[:tokens.shape[-1] // bs]
@@ -313,7 +320,7 @@ class WorkerState:
         if out is None:
             return
         Path(out).mkdir(parents=True, exist_ok=True)
-        torch.save({"job_id": cmd.job_id, "keep": keep, "scores": job.scores, "structure": cmd.structure,
+        torch.save({"job_id": cmd.job_id, "keep": keep, "scores": job.scores.cpu(), "structure": cmd.structure,
                     "src_block_ids": cmd.src_block_ids, "dst_block_ids": cmd.dst_block_ids,
                     "n_protected": cmd.n_protected, "prefix_len": job.prefix_len},
                    Path(out) / f"job-{cmd.job_id}.pt")

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""`--kv-compression kvzip` on vLLM 0.33 with CUDA (FlashAttention NHD layout, V1 runner forced by
+"""`--kv-compression kvzip` on vLLM 0.33 with CUDA (FlashAttention, per-layer 4-D KV views, V1 runner forced by
 the plugin). Skipped without a GPU; the same scenarios run on CPU in tests/integrations/vllm/."""
 
 from __future__ import annotations

@@ -466,3 +466,17 @@ def test_unified_radix_cache_overridden_methods():
     assert {"device_prefix_len", "last_device_node", "last_host_node", "best_match_node", "full_kv_hit_length",
             "cache_actions"} <= set(MatchResult._fields)
     assert "return self.tree_core.empty_match_result" in src(UnifiedRadixCache._match_tree)
+
+
+def test_prefill_cuda_graph_settings_read_by_the_fail_closed_check():
+    """`radix_cache.prefill_graphs_on` reads these: prefill batches replay from breakable CUDA graphs by
+    default on CUDA (only `_eager_attention` runs on replay), and the flags that turn that off."""
+    from sglang.srt.model_executor import cuda_graph_config as cgc
+    from sglang.srt.server_args import ServerArgs
+
+    assert cgc.Backend.DISABLED == "disabled" and cgc.Backend.BREAKABLE == "breakable"
+    assert "Backend.BREAKABLE if is_cuda() else Backend.DISABLED" in inspect.getsource(cgc.default_prefill_backend)
+    for name in ("disable_cuda_graph", "disable_prefill_cuda_graph", "cuda_graph_backend_prefill",
+                 "cuda_graph_config"):  # ServerArgs is a msgspec Struct: its fields are class attributes
+        assert name in ServerArgs.__struct_fields__, name
+    assert "prefill" in {f.name for f in dataclasses.fields(cgc.CudaGraphConfig)}

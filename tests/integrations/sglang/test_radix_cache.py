@@ -116,12 +116,23 @@ def test_unsupported_runtime_features(pools, server_args, code):
     assert cache.kvzip_disabled == code
 
 
-def test_head_structure_runs_under_cuda_graphs(pools):
-    """`head` is read by SGLang's own kernel, so CUDA graphs do not matter to it."""
+def test_head_structure_runs_under_decode_cuda_graphs_but_not_prefill_graphs(pools):
+    """`head` is read by SGLang's own kernel, so decode graphs do not matter to it; prefill graphs (on by
+    default on CUDA, `breakable`) replay only `_eager_attention`, which the score capture never sees."""
     cache = _cache(pools, server_args=SimpleNamespace(device="cuda"))
     assert cache.kvzip_disabled == "cuda_graphs"  # the default, pair
     cache.kvzip_config = cache.kvzip_config.model_copy(update={"structure": "head"})
-    assert rc.unsupported_runtime_reason(cache, SimpleNamespace(device="cuda"), None)[0] == "no_model"
+
+    def reason(**args):
+        return rc.unsupported_runtime_reason(cache, SimpleNamespace(device="cuda", **args), None)[0]
+
+    assert reason() == "prefill_cuda_graphs"
+    assert reason(cuda_graph_backend_prefill="breakable", disable_prefill_cuda_graph=True) == "prefill_cuda_graphs"
+    assert reason(disable_prefill_cuda_graph=True) == "no_model"  # (the next check: no model in this test)
+    assert reason(cuda_graph_backend_prefill="disabled") == "no_model"
+    resolved = SimpleNamespace(prefill=SimpleNamespace(backend="disabled"))
+    assert reason(cuda_graph_config=resolved) == "no_model"
+    assert reason(cuda_graph_config=SimpleNamespace(prefill=SimpleNamespace(backend="full"))) == "prefill_cuda_graphs"
 
 
 def test_unsupported_kv_pool(pools):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import typing
 
 import pytest
@@ -469,8 +470,10 @@ def test_scheduler_hooks_used_by_kvzip():
     assert "connector.has_pending_push_work()" in inspect.getsource(Scheduler.has_requests)
     src = inspect.getsource(Scheduler.schedule)
     assert "self.kv_cache_manager.allocate_slots(" in src and "get_num_new_matched_tokens" in src
-    assert "self.kv_cache_manager.get_computed_blocks(request)" in inspect.getsource(
-        Scheduler._get_local_prefix_cache_hit)
+    # 0.32: get_computed_blocks(request); 0.33: get_computed_blocks(request, max_cache_hit_length). The
+    # plugin's wrapper takes the request first and forwards the rest (scheduler.py `_get_computed_blocks`)
+    hit = inspect.getsource(Scheduler._get_local_prefix_cache_hit)
+    assert re.search(r"self\.kv_cache_manager\.get_computed_blocks\(\s*request\s*[,)]", hit)
 
 
 def test_block_publication_primitives():

@@ -188,6 +188,19 @@ def test_failed_job_leaves_the_cache_as_it_was(tiny_model_dir, none_seq):
     assert "kvzip-plugin: job 0 failed" in failed["log"]
 
 
+def test_a_worker_that_cannot_compact_turns_the_whole_engine_off(tiny_model_dir, none_seq):
+    """The worker rejects its KV layout (as on vLLM 0.33 CUDA before the 4-D views were supported): the
+    scheduler is told once, starts no scoring pass, holds nothing, and the engine serves as `none`."""
+    res = scenario(tiny_model_dir, "sequential", "kvzip", 0.5, KVZIP_FAULT_INJECTION="kv_layout")
+    state = res["kvzip"]
+    assert state["disabled"] == "kv_layout"
+    assert state["jobs_live"] == 0 and state["compacted"] == [] and not any(state["finished"].values())
+    assert res["log"].count("reported by a worker") == 1
+    assert "scoring" not in "".join(line for line in res["log"].splitlines() if "kvzip-plugin: job" in line)
+    assert [r["tokens"] for r in res["requests"]] == [r["tokens"] for r in none_seq["requests"]]
+    assert res["pool"] == none_seq["pool"]
+
+
 def test_two_cache_salts_never_share_compacted_blocks(tiny_model_dir):
     res = scenario(tiny_model_dir, "salts", "kvzip", 0.5)
     a, b = res["requests"]["a"], res["requests"]["b"]

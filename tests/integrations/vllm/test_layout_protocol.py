@@ -53,6 +53,35 @@ def test_page_reader_reads_head_pages_as_the_views_do(kind):
     assert torch.equal(k, keys[blocks, :, slots]) and torch.equal(v, values[blocks, :, slots])
 
 
+@pytest.mark.parametrize("physical", ["LBNHC", "LBHNC"])
+def test_vllm_033_cuda_views_are_split_as_flash_attention_splits_them(physical):
+    """vLLM 0.33 hands each CUDA layer a 4-D view `[num_blocks, H_kv, block_size, 2D]` over one buffer,
+    physically LBNHC by default (FlashAttention; strides measured with vLLM 0.33's own view builder:
+    (8192, 128, 256, 1) for 8 blocks, 2 heads, 32 tokens, D 64) or LBHNC; FlashAttention reads keys and
+    values as `kv.transpose(1, 2).split(D, -1)`. The plugin's views are exactly those, over the same storage."""
+    nb, h, bs, d = 8, 2, 32, 64
+    if physical == "LBNHC":
+        kv = torch.randn(nb, bs, h, 2 * d).permute(0, 2, 1, 3)
+        assert kv.stride() == (8192, 128, 256, 1)
+    else:
+        kv = torch.randn(nb, h, bs, 2 * d)
+    assert kv.shape == (nb, h, bs, 2 * d)
+    spec = layout.detect(kv, backend="FLASH_ATTN", isa=None, block_size=bs, num_kv_heads=h, head_size=d)
+    assert spec.kind == "kv4d"
+    keys, values = layout.token_major(kv, spec)
+    fa_keys, fa_values = kv.transpose(1, 2).split(d, -1)  # flash_attn.py (0.33) forward / do_kv_cache_update
+    assert torch.equal(keys, fa_keys) and torch.equal(values, fa_values)
+    keys[3, 5, 1] = 7.0  # writes land in the engine's buffer
+    assert bool((fa_keys[3, 5, 1] == 7.0).all()) and keys.data_ptr() == kv.data_ptr()
+    read = layout.read_tokens(values, torch.tensor([6, 2]), 40)  # [H, 40, D]: block 6 then 8 tokens of 2
+    assert torch.equal(read[1, 33], fa_values[2, 1, 1])
+    k, v = layout.page_reader(kv, spec)(torch.tensor([4, 0]), torch.tensor([1, 0]))
+    assert torch.equal(k[0], fa_keys[4, :, 1]) and torch.equal(v[1], fa_values[0, :, 0])
+    layout.check_block_size(spec, bs)
+    with pytest.raises(layout.UnsupportedKVLayout, match="splits blocks"):
+        layout.check_block_size(spec, 2 * bs)  # a manager block of 64 split into kernel blocks of 32
+
+
 def test_nhd_views_and_unsupported_layouts_fail_closed():
     kv = torch.zeros(2, 4, 16, 2, 8)
     spec = layout.detect(kv, backend="FLASH_ATTN", isa=None, block_size=16, num_kv_heads=2, head_size=8)
