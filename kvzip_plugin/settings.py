@@ -23,6 +23,13 @@ ENV_RATIO = "KVZIP_KV_COMPRESSION_RATIO"
 ENV_MIN_PREFIX = "KVZIP_KV_COMPRESSION_MIN_PREFIX_TOKENS"
 ENV_MIN_HITS = "KVZIP_KV_COMPRESSION_MIN_HITS"
 ENV_STRUCTURE = "KVZIP_KV_COMPRESSION_STRUCTURE"
+ENV_SCORER = "KVZIP_KV_COMPRESSION_SCORER"
+ENV_HEAD_SCORES = "KVZIP_KV_COMPRESSION_HEAD_SCORES"
+
+SCORERS = ("kvzip", "kvzip_head")
+"""`kvzip`: KVzip's context-dependent scores (a scoring pass per prefix). `kvzip_head`: the
+context-independent head-level variant (one score per (layer, KV head) from a calibration file: no
+scoring pass, whole heads kept or dropped), served through the same `pair` store."""
 
 STRUCTURES = ("pair", "layer_budget", "head")
 DEFAULT_STRUCTURE = "pair"
@@ -44,6 +51,10 @@ class KVCompressionSettings:
     """Requests that must hit a prefix before it is compressed (`TriggerPolicy.min_hits`); None = default."""
     structure: str | None = None
     """Eviction structure (`STRUCTURES`); None = `DEFAULT_STRUCTURE`."""
+    scorer: str | None = None
+    """`SCORERS`; None = `kvzip`."""
+    head_scores: str | None = None
+    """Head-score file for `kvzip_head` (`kvzip_plugin.head_scores`); None = the file shipped for the model."""
 
     def to_dict(self) -> dict[str, Any]:
         """The values that were set (what an engine stores in its config and passes to its processes)."""
@@ -55,7 +66,7 @@ class KVCompressionSettings:
     def from_dict(cls, data: Mapping[str, Any] | None) -> KVCompressionSettings:
         data = dict(data or {})
         return make_settings(data.get("ratio"), data.get("min_prefix_tokens"), data.get("min_hits"),
-                             data.get("structure"))
+                             data.get("structure"), data.get("scorer"), data.get("head_scores"))
 
 
 def _first_error(exc: Exception) -> str:
@@ -108,16 +119,41 @@ def validate_structure(value: Any) -> str:
     return text
 
 
+def validate_scorer(value: Any) -> str:
+    """One of `SCORERS`; raises ValueError naming the field."""
+    text = str(value).strip().lower()
+    if text not in SCORERS:
+        raise ValueError(f"scorer: invalid choice {value!r} (choose from {', '.join(SCORERS)})")
+    return text
+
+
+def validate_head_scores(value: Any) -> str:
+    """An existing head-score file; raises ValueError naming the field."""
+    path = os.path.expanduser(str(value).strip())
+    if not os.path.isfile(path):
+        raise ValueError(f"head_scores: no such file: {value!r}")
+    return path
+
+
 def make_settings(
-    ratio: Any = None, min_prefix_tokens: Any = None, min_hits: Any = None, structure: Any = None
+    ratio: Any = None, min_prefix_tokens: Any = None, min_hits: Any = None, structure: Any = None,
+    scorer: Any = None, head_scores: Any = None,
 ) -> KVCompressionSettings:
     """Validated settings; raises ValueError naming the offending field."""
-    return KVCompressionSettings(
+    settings = KVCompressionSettings(
         ratio=None if ratio is None else validate_ratio(ratio),
         min_prefix_tokens=None if min_prefix_tokens is None else validate_min_prefix_tokens(min_prefix_tokens),
         min_hits=None if min_hits is None else validate_min_hits(min_hits),
         structure=None if structure is None else validate_structure(structure),
+        scorer=None if scorer is None else validate_scorer(scorer),
+        head_scores=None if head_scores is None else validate_head_scores(head_scores),
     )
+    if settings.scorer == "kvzip_head" and (settings.structure or DEFAULT_STRUCTURE) != "pair":
+        raise ValueError(f"scorer: 'kvzip_head' keeps whole heads through the pair store and needs structure "
+                         f"'pair', got {settings.structure!r}")
+    if settings.head_scores is not None and settings.scorer != "kvzip_head":
+        raise ValueError("head_scores: a head-score file is only read by the scorer 'kvzip_head'")
+    return settings
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> KVCompressionSettings | None:
@@ -135,6 +171,8 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> KVCompression
         (ENV_MIN_PREFIX, "min_prefix_tokens", validate_min_prefix_tokens),
         (ENV_MIN_HITS, "min_hits", validate_min_hits),
         (ENV_STRUCTURE, "structure", validate_structure),
+        (ENV_SCORER, "scorer", validate_scorer),
+        (ENV_HEAD_SCORES, "head_scores", validate_head_scores),
     ):
         raw = env.get(var, "").strip()
         if not raw:
@@ -143,7 +181,12 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> KVCompression
             values[key] = check(raw)
         except ValueError as exc:
             raise ValueError(f"{var}: {exc}") from None
-    return KVCompressionSettings(**values)
+    try:
+        return make_settings(**values)
+    except ValueError as exc:
+        field = str(exc).split(":", 1)[0]
+        var = {"scorer": ENV_SCORER, "head_scores": ENV_HEAD_SCORES}.get(field, ENV_MODE)
+        raise ValueError(f"{var}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +198,8 @@ FLAGS = {
     "min_prefix_tokens": "--kv-compression-min-prefix-tokens",
     "min_hits": "--kv-compression-min-hits",
     "structure": "--kv-compression-structure",
+    "scorer": "--kv-compression-scorer",
+    "head_scores": "--kv-compression-head-scores",
 }
 """Settings field -> its flag (the argparse destination is the flag without dashes)."""
 
@@ -179,7 +224,8 @@ def add_kv_compression_args(parser: argparse.ArgumentParser, *, mode_help: str,
     group = parser.add_argument_group(
         title="KVzip",
         description="KVzip compression of shared prefixes (kvzip-plugin). Environment variables "
-        f"{ENV_MODE}, {ENV_RATIO}, {ENV_MIN_PREFIX}, {ENV_MIN_HITS}, {ENV_STRUCTURE} apply {env_applies}.",
+        f"{ENV_MODE}, {ENV_RATIO}, {ENV_MIN_PREFIX}, {ENV_MIN_HITS}, {ENV_STRUCTURE}, {ENV_SCORER}, "
+        f"{ENV_HEAD_SCORES} apply {env_applies}.",
     )
     group.add_argument("--kv-compression", choices=MODES, default=None, help=mode_help)
     group.add_argument(
@@ -211,6 +257,22 @@ def add_kv_compression_args(parser: argparse.ArgumentParser, *, mode_help: str,
         "layer and KV head keeps its own count; the most accurate), 'layer_budget' (each layer its own count, "
         "the same for all its KV heads), 'head' (the same count in every layer and KV head; served by the "
         f"engine's own attention kernel, least accurate). Default: {DEFAULT_STRUCTURE}.",
+    )
+    group.add_argument(
+        FLAGS["scorer"],
+        choices=SCORERS,
+        default=None,
+        help="How pairs are scored: 'kvzip' (default: KVzip's scoring pass over each prefix, context-dependent) "
+        "or 'kvzip_head' (context-independent head scores from a calibration file: no scoring pass, whole "
+        "(layer, KV head) spans kept or dropped; needs structure 'pair').",
+    )
+    group.add_argument(
+        FLAGS["head_scores"],
+        type=_argparse_type(validate_head_scores),
+        default=None,
+        metavar="PATH",
+        help="Head-score file for --kv-compression-scorer kvzip_head (`kvzip calibrate-heads` makes one); "
+        "default: the file shipped for the model, matched by its architecture.",
     )
     return parser
 

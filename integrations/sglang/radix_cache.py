@@ -69,10 +69,11 @@ from kvzip_plugin.admission import Admission
 from kvzip_plugin.compaction import CompactionTxn, apply_compaction, plan_compaction
 from kvzip_plugin.config import KVzipConfig
 from kvzip_plugin.detection import TriggerPolicy
+from kvzip_plugin.head_scores import head_level_scores, load_head_scores
 from kvzip_plugin.jobs import CompressionJob, JobStatus
 from kvzip_plugin.metrics import KVzipStats, ScoringClock
 from kvzip_plugin.paged_store import PagedStore, write_store
-from kvzip_plugin.scoring.plan import SCORING_OVERHEAD, Unservable, plan_scoring
+from kvzip_plugin.scoring.plan import SCORING_OVERHEAD, Unservable, plan_scoring, protected_tokens
 from kvzip_plugin.settings import DEFAULT_STRUCTURE
 from kvzip_plugin.store import place_runs, select_runs, uniform_tokens
 
@@ -206,8 +207,9 @@ class KVzipRadixCache(UnifiedRadixCache):
         self.kvzip_settings = settings or KVCompressionSettings()
         defaults = KVzipConfig()
         structure = self.kvzip_settings.structure or DEFAULT_STRUCTURE
-        self.kvzip_config = defaults.model_copy(update={"ratio": self.kvzip_settings.ratio or defaults.ratio,
-                                                        "structure": structure})
+        self.kvzip_config = defaults.model_copy(update={
+            "ratio": self.kvzip_settings.ratio or defaults.ratio, "structure": structure,
+            "scorer": self.kvzip_settings.scorer or "kvzip", "head_scores_path": self.kvzip_settings.head_scores})
         policy = TriggerPolicy()
         self.kvzip_trigger = TriggerPolicy(
             min_prefix_tokens=self.kvzip_settings.min_prefix_tokens or policy.min_prefix_tokens,
@@ -237,6 +239,10 @@ class KVzipRadixCache(UnifiedRadixCache):
         self.paged: PagedAttention | None = None
         self.kv_pool = params.token_to_kv_pool_allocator.get_kvcache()
         self.bytes_per_token = 0
+        self.head_scores: torch.Tensor | None = None  # [layers, H_kv] for the kvzip_head scorer
+        if self.kvzip_config.scorer == "kvzip_head" and tp_worker is not None:  # a bad file is a config error
+            self.head_scores = load_head_scores(tp_worker.model_runner.model_config.hf_config,
+                                                self.kvzip_config.head_scores_path)
         reason = unsupported_runtime_reason(self, server_args, tp_worker)
         if reason is None:
             try:
@@ -676,6 +682,18 @@ class KVzipRadixCache(UnifiedRadixCache):
                 raise _Cancelled("the prefix was evicted before its job started")
             j.node = match.last_device_node
             j.lock = super().lock(j.node)  # pinned until commit or rollback
+            if self.head_scores is not None:  # kvzip_head: no scoring pass, compacted at the next pump
+                j.n_protected = protected_tokens(j.tokens, self._get_tokenizer(sched), self.kvzip_config)
+                if self.head_scores.shape[1] != self.kv_pool.head_num:
+                    raise Unservable(f"head scores for {self.head_scores.shape[1]} KV heads, this rank holds "
+                                     f"{self.kv_pool.head_num} (TP > 1 is not supported by kvzip_head)")
+                j.scores = head_level_scores(self.head_scores, L - j.n_protected)
+                j.keep, j.tokens_kept, j.n_pages, j.layout = self._runs(j, j.scores)
+                j.scoring_started = time.perf_counter()
+                self._dirty = True
+                logger.info("kvzip-plugin: job %d: %d tokens (%d protected), head-level scores (no scoring pass)",
+                            j.job.job_id, L, j.n_protected)
+                return
             max_len = int(getattr(sched, "max_req_input_len", None) or sched.model_config.context_len) - 1
             plan = plan_scoring(j.tokens, self._get_tokenizer(sched), self.kvzip_config, max_len,
                                 min_chunk=_MIN_CHUNK)

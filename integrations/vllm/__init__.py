@@ -75,13 +75,15 @@ def kv_transfer_config(
     min_prefix_tokens: int | None = None,
     min_hits: int | None = None,
     structure: str | None = None,
+    scorer: str | None = None,
+    head_scores: str | None = None,
     *,
     settings: KVCompressionSettings | None = None,
 ) -> dict[str, Any]:
     """The `kv_transfer_config` that turns KVzip on, as a dict (pass it to `LLM(kv_transfer_config=...)`
     or JSON-encode it for `--kv-transfer-config`). Validates like the CLI flags."""
     if settings is None:
-        settings = make_settings(ratio, min_prefix_tokens, min_hits, structure)
+        settings = make_settings(ratio, min_prefix_tokens, min_hits, structure, scorer, head_scores)
     return {
         "kv_connector": CONNECTOR_NAME,
         "kv_connector_module_path": CONNECTOR_MODULE,

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-from kvzip_plugin.integrations.vllm import EXTRA_CONFIG_KEY, KVCompressionSettings, make_settings, runner, stats
+from kvzip_plugin.integrations.vllm import EXTRA_CONFIG_KEY, KVCompressionSettings, runner, stats
 from kvzip_plugin.integrations.vllm.protocol import KVzipConnectorMetadata, KVzipWorkerMetadata
 from kvzip_plugin.integrations.vllm.scheduler import SchedulerState
 from kvzip_plugin.integrations.vllm.worker import WorkerState
@@ -101,9 +101,9 @@ class KVzipConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.get_from_extra_config(EXTRA_CONFIG_KEY, None) or {}
-        self.settings: KVCompressionSettings = make_settings(
-            extra.get("ratio"), extra.get("min_prefix_tokens"), extra.get("min_hits"), extra.get("structure"))
+        self.settings: KVCompressionSettings = KVCompressionSettings.from_dict(extra)
         config = KVzipConfig(structure=self.settings.structure or DEFAULT_STRUCTURE,
+                             scorer=self.settings.scorer or "kvzip", head_scores_path=self.settings.head_scores,
                              **({"ratio": self.settings.ratio} if self.settings.ratio else {}))
         policy = TriggerPolicy(**{k: v for k, v in (("min_prefix_tokens", self.settings.min_prefix_tokens),
                                                     ("min_hits", self.settings.min_hits)) if v is not None})

@@ -32,6 +32,9 @@ class CompactCommand:
     n_protected: int
     structure: str = "head"
     ratio: float = 1.0
+    head_scores: tuple[tuple[float, ...], ...] | None = None
+    """`[layers][KV heads]` for the `kvzip_head` scorer (no scoring pass: the worker makes the pair scores
+    with `head_scores.head_level_scores`); None for `kvzip` (the scores the worker captured)."""
 
 
 @dataclasses.dataclass

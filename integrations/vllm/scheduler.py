@@ -44,7 +44,7 @@ from kvzip_plugin.config import KVzipConfig
 from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.jobs import CompressionJob, JobStatus
 from kvzip_plugin.metrics import KVzipStats
-from kvzip_plugin.scoring.plan import Unservable, plan_scoring
+from kvzip_plugin.scoring.plan import Unservable, plan_scoring, protected_tokens
 from kvzip_plugin.store import max_store_blocks
 
 logger = logging.getLogger("vllm.kvzip_plugin.scheduler")
@@ -130,6 +130,12 @@ class SchedulerState:
         self.disabled: str | None = None
         self.covered: dict[Hashable, Hashable] = {}  # block hash in a compacted / in-flight prefix -> its key
         self._tokenizer: Any = None
+        self.head_scores: tuple[tuple[float, ...], ...] | None = None
+        if config.scorer == "kvzip_head":  # at start-up: a missing or mismatched file is a config error
+            from kvzip_plugin.head_scores import load_head_scores
+
+            scores = load_head_scores(vllm_config.model_config.hf_config, config.head_scores_path)
+            self.head_scores = tuple(tuple(float(x) for x in row) for row in scores.tolist())
 
     # ------------------------------------------------------------ binding
 
@@ -227,6 +233,11 @@ class SchedulerState:
                 raise RuntimeError("the prefix was evicted before its job started")
             j.src_blocks = [b[0] for b in blocks]
             self.pool.touch(j.src_blocks)  # pinned until commit or rollback
+            if self.head_scores is not None:  # kvzip_head: no scoring pass, compaction next step
+                j.n_protected = protected_tokens(j.prefix_ids, self._get_tokenizer(), self.config)
+                logger.info("kvzip-plugin: job %d: %d tokens (%d protected), head-level scores (no scoring pass)",
+                            j.job.job_id, L, j.n_protected)
+                return
             # a prompt shorter than max_model_len leaves room for the one generated token
             plan = plan_scoring(j.prefix_ids, self._get_tokenizer(), self.config,
                                 self.vllm_config.model_config.max_model_len - 1)
@@ -271,7 +282,8 @@ class SchedulerState:
         j.txn = txn
         j.job.advance(JobStatus.COMPACTING)
         self.commands.append(CompactCommand(j.job.job_id, tuple(b.block_id for b in j.src_blocks),
-                                            tuple(txn.dst_block_ids), j.n_protected, structure, ratio))
+                                            tuple(txn.dst_block_ids), j.n_protected, structure, ratio,
+                                            self.head_scores))
 
     def build_meta(self, scheduler_output: Any) -> KVzipConnectorMetadata:
         meta = KVzipConnectorMetadata(scoring=self.new_targets, compact=self.commands, drop_jobs=self.drop,

@@ -38,6 +38,7 @@ from kvzip_plugin.integrations.vllm.protocol import (
 
 from kvzip_plugin import envs
 from kvzip_plugin.compaction import apply_compaction, plan_compaction
+from kvzip_plugin.head_scores import head_level_scores
 from kvzip_plugin.metrics import KVzipStats, ScoringClock
 from kvzip_plugin.paged_store import PagedStore, StoreIndex, write_store
 from kvzip_plugin.scoring.kvzip import chunk_scores
@@ -276,6 +277,15 @@ class WorkerState:
         try:
             if self.unsupported:
                 raise RuntimeError(f"unsupported KV layout: {self.unsupported}")
+            if cmd.head_scores is not None:  # kvzip_head: no scoring pass
+                n_context = len(cmd.src_block_ids) * next(iter(self.specs.values())).block_size - cmd.n_protected
+                scores = head_level_scores(torch.tensor(cmd.head_scores), n_context)
+                if scores.shape[:2] != (len(self.kv_caches), next(iter(self.specs.values())).num_kv_heads):
+                    raise RuntimeError(f"head scores for {tuple(scores.shape[:2])} (layers, KV heads), this worker "
+                                       f"holds {len(self.kv_caches)} layers of "
+                                       f"{next(iter(self.specs.values())).num_kv_heads} KV heads (TP > 1 is not "
+                                       "supported by kvzip_head)")
+                job = _JobScores(scores, n_context + cmd.n_protected)
             if job is None:
                 raise RuntimeError("no scores were captured for this job")
             if envs.fault_injection() == "compaction":

@@ -80,3 +80,21 @@ def load_head_scores(model_config: Any, path: Path | None = None) -> torch.Tenso
     if tuple(scores.shape) != shape:
         raise ValueError(f"{path}: scores have shape {tuple(scores.shape)}, expected {shape}")
     return scores
+
+
+def head_level_scores(head_scores: torch.Tensor, n_context: int) -> torch.Tensor:
+    """Pair scores `[layers, KV heads, n_context]` under which KVzip's `pair` selection (one global
+    threshold) keeps the context-independent head-level plan: whole (layer, KV head) context spans in
+    the order of their head scores, then the most recent tokens of the boundary head. The engines serve
+    the `kvzip_head` scorer this way, through the same store as `kvzip`, with no scoring pass.
+
+    Scores are ranks, not the head scores themselves, so that every token of a higher head outranks every
+    token of a lower one however close their head scores are (ties: lower index first).
+    """
+    n_layers, n_heads = head_scores.shape
+    order = torch.argsort(head_scores.flatten().float(), stable=True)  # ascending: rank 0 = least useful
+    rank = torch.empty(n_layers * n_heads, dtype=torch.float64)
+    rank[order] = torch.arange(n_layers * n_heads, dtype=torch.float64)
+    # later tokens first; under half a rank, so float32 rounding never mixes two heads' tokens
+    within = 0.5 * torch.arange(n_context, dtype=torch.float64) / max(n_context, 1)
+    return ((rank.view(n_layers, n_heads, 1) + within.view(1, 1, -1)) / (n_layers * n_heads)).float()

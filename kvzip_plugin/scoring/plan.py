@@ -77,6 +77,21 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def protected_tokens(prefix_ids: Sequence[int], tokenizer: Any, config: KVzipConfig) -> int:
+    """How many leading tokens of the cached prefix are never evicted (the chat template's opening, or
+    `config.protected_prefix_tokens`). Raises `Unservable` when the rest is shorter than
+    `config.min_context_tokens`. (The `kvzip_head` scorer needs only this; `kvzip` plans its scoring pass.)"""
+    from kvzip_plugin.hf.template import template_parts
+
+    if config.protected_prefix_tokens is not None:
+        n_protected = min(config.protected_prefix_tokens, len(prefix_ids))
+    else:
+        n_protected = common_prefix_len(template_parts(tokenizer, config.system_prompt).prefix_ids, prefix_ids)
+    if len(prefix_ids) - n_protected < config.min_context_tokens:
+        raise Unservable(f"context of {len(prefix_ids) - n_protected} tokens < min_context_tokens")
+    return n_protected
+
+
 def plan_scoring(prefix_ids: Sequence[int], tokenizer: Any, config: KVzipConfig, max_input_len: int,
                  min_chunk: int = MIN_CHUNK) -> ScoringPlan:
     """Plan the scoring requests of the cached prefix `prefix_ids` (L tokens) for an engine whose
@@ -86,13 +101,8 @@ def plan_scoring(prefix_ids: Sequence[int], tokenizer: Any, config: KVzipConfig,
 
     L = len(prefix_ids)
     parts = template_parts(tokenizer, config.system_prompt)
-    if config.protected_prefix_tokens is not None:
-        n_protected = min(config.protected_prefix_tokens, L)
-    else:
-        n_protected = common_prefix_len(parts.prefix_ids, prefix_ids)
+    n_protected = protected_tokens(prefix_ids, tokenizer, config)
     context = list(prefix_ids[n_protected:])
-    if len(context) < config.min_context_tokens:
-        raise Unservable(f"context of {len(context)} tokens < min_context_tokens")
     chunk_size = min(config.chunk_size, max_input_len - L - SCORING_OVERHEAD - config.carry_tokens)
     if chunk_size < min_chunk:
         raise Unservable(f"a {L}-token prefix leaves no room for scoring chunks in inputs of at most "

@@ -116,3 +116,25 @@ def test_head_scores_from_single_run_and_not_mean():
 def test_head_scores_from_empty_raises():
     with pytest.raises(ValueError):
         head_scores_from([])
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_head_level_scores_make_pair_selection_keep_whole_heads(ratio):
+    """What the engines serve for `kvzip_head`: `select_runs(..., "pair")` over these scores keeps the
+    head-level plan's whole heads (ratios that fall on whole heads), and the boundary head's most recent
+    tokens otherwise."""
+    from kvzip_plugin.eviction import plan_head_level
+    from kvzip_plugin.head_scores import head_level_scores
+    from kvzip_plugin.store import select_runs
+
+    g = torch.Generator().manual_seed(3)
+    heads = torch.rand(4, 2, generator=g)
+    heads[1, 0] = heads[2, 1] + 1e-9  # nearly tied heads stay in order
+    keep = select_runs(head_level_scores(heads, 40), 2, ratio, "pair", 1)
+    assert bool(keep[..., :2].all())  # protected
+    want = plan_head_level(heads, 40, ratio, tuple(range(4))).keep
+    assert torch.equal(keep[..., 2:], want)
+    partial = select_runs(head_level_scores(heads, 40), 0, 0.3, "pair", 1)  # 2.4 heads: the next one in part
+    counts = sorted(partial.sum(-1).flatten().tolist())
+    assert counts[-2:] == [40, 40] and counts[-3] == 16 and bool(partial.flatten(0, 1)[partial.sum(-1).flatten()
+                                                                                       == 16][0, -16:].all())

@@ -57,3 +57,36 @@ def test_environment():
         settings_from_env({ENV_MODE: "kvzip", ENV_RATIO: "2"})
     with pytest.raises(ValueError, match=ENV_MODE):
         settings_from_env({ENV_MODE: "yes"})
+
+
+def test_scorer_and_head_scores(tmp_path):
+    import argparse
+    import logging
+
+    from kvzip_plugin.settings import add_kv_compression_args, settings_from_args
+
+    path = tmp_path / "heads.json"
+    path.write_text("{}")
+    s = make_settings(scorer="KVZIP_HEAD", head_scores=str(path))
+    assert (s.scorer, s.head_scores) == ("kvzip_head", str(path))
+    assert KVCompressionSettings.from_dict(s.to_dict()) == s  # what the engines pass to their processes
+    with pytest.raises(ValueError, match="scorer: invalid choice"):
+        make_settings(scorer="snapkv")
+    with pytest.raises(ValueError, match="needs structure 'pair'"):
+        make_settings(scorer="kvzip_head", structure="head")
+    with pytest.raises(ValueError, match="head_scores: no such file"):
+        make_settings(scorer="kvzip_head", head_scores=str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="only read by the scorer 'kvzip_head'"):
+        make_settings(head_scores=str(path))
+    env = {ENV_MODE: "kvzip", "KVZIP_KV_COMPRESSION_SCORER": "kvzip_head", "KVZIP_KV_COMPRESSION_STRUCTURE": "head"}
+    with pytest.raises(ValueError, match="^KVZIP_KV_COMPRESSION_SCORER: scorer: 'kvzip_head'"):
+        settings_from_env(env)
+    parser = add_kv_compression_args(argparse.ArgumentParser(), mode_help="", env_applies="")
+    args = parser.parse_args(["--kv-compression", "kvzip", "--kv-compression-scorer", "kvzip_head",
+                              "--kv-compression-head-scores", str(path)])
+    mode, got = settings_from_args(args, logging.getLogger("test"))
+    assert mode == "kvzip" and got.scorer == "kvzip_head" and got.head_scores == str(path)
+    args = parser.parse_args(["--kv-compression", "kvzip", "--kv-compression-scorer", "kvzip_head",
+                              "--kv-compression-structure", "layer_budget"])
+    with pytest.raises(ValueError, match="^--kv-compression-scorer: scorer"):
+        settings_from_args(args, logging.getLogger("test"))

@@ -92,6 +92,12 @@ def test_gpu_values(helm):
     assert vols["hf-cache"]["persistentVolumeClaim"]["claimName"] == "hf-cache"
 
 
+def test_head_level_scorer_value(helm):
+    args = _container(_render(helm, {"kvCompression": {"scorer": "kvzip_head"}}))["args"]
+    assert "--kv-compression-scorer=kvzip_head" in args
+    assert not any(a.startswith("--kv-compression-scorer") for a in _container(_render(helm))["args"])
+
+
 def test_dashboard_configmap_for_grafana_sidecar(helm):
     cm = _render(helm)["ConfigMap"]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"

@@ -351,3 +351,40 @@ def test_failed_job_leaves_the_cache_as_it_was(fault_seq, sglang_baseline):
     # every slot is free or in the tree again: the destination slots were freed, the tree lock released
     assert state["compacted"] == [] and state["jobs_live"] == 0 and state["scoring_targets"] == 0
     assert state["available"] + state["tree_evictable"] == state["total"] and state["tree_protected"] == 0
+
+
+def test_head_level_scorer_serves_whole_heads_without_a_scoring_pass(sglang_tiny_model_dir, tmp_path_factory):
+    """`--kv-compression-scorer kvzip_head`: no scoring request; the best half of the (layer, KV head)
+    spans by the head-score file are kept whole, the rest keep the protected tokens; the answers equal
+    transformers on the same kept pairs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvzip_plugin.head_scores import save_head_scores
+
+    cfg = AutoConfig.from_pretrained(sglang_tiny_model_dir)
+    n_runs = cfg.num_hidden_layers * cfg.num_key_value_heads
+    heads = torch.randperm(n_runs, generator=torch.Generator().manual_seed(0)).float().view(
+        cfg.num_hidden_layers, cfg.num_key_value_heads)
+    path = tmp_path_factory.mktemp("heads") / "heads.json"
+    save_head_scores(path, heads, cfg, "tiny", "test")
+    server = _server(sglang_tiny_model_dir, tmp_path_factory, "kvzip_head", "--kv-compression-ratio", "0.5",
+                     "--max-running-requests", "2", "--max-total-tokens", "1024", "--kv-compression-scorer",
+                     "kvzip_head", "--kv-compression-head-scores", str(path))
+    try:
+        seq = scenarios.run_sequence(server)
+        log = server.log
+        dump = torch.load(Path(server.dump_dir) / "job-0.pt")
+    finally:
+        server.stop()
+    assert "head-level scores (no scoring pass)" in log and "chunk(s)" not in log
+    keep, n_p, L1 = dump["keep"], dump["n_protected"], scenarios.PREFIX_LEN
+    whole = heads.flatten().argsort(descending=True)[:n_runs // 2]
+    lengths = keep.sum(-1).flatten()
+    assert sorted(lengths[whole].tolist()) == [L1] * (n_runs // 2)
+    others = [i for i in range(n_runs) if i not in set(whole.tolist())]
+    assert lengths[others].tolist() == [n_p] * len(others)  # page size 1: nothing rounds up
+    model = AutoModelForCausalLM.from_pretrained(sglang_tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    install(model.eval())
+    assert all(r["cached_tokens"] == L1 for r in _adopted(seq))
+    check_against_reference(model, seq["prefix"], L1, n_p, keep, _adopted(seq), seq["suffixes"][2:], 2e-4)

@@ -156,6 +156,33 @@ def test_nonuniform_outputs_equal_transformers_reference(kvzip_nonuniform, refer
     assert len(gaps) == 4 and max(gaps) > 1e-2  # the comparison can fail: the full cache gives other logprobs
 
 
+def test_head_level_scorer_compacts_without_a_scoring_pass(tiny_model_dir, tmp_path, reference_model):
+    """`--kv-compression-scorer kvzip_head`: no scoring request runs; the store keeps the top half of the
+    (layer, KV head) spans whole (by the head-score file) and the others only the protected tokens rounded
+    up to a page with their most recent context; outputs equal transformers on the same kept pairs."""
+    from transformers import AutoConfig
+
+    from kvzip_plugin.head_scores import save_head_scores
+
+    path = tmp_path / "heads.json"
+    save_head_scores(path, torch.tensor([[0.9, 0.1], [0.2, 0.8]]), AutoConfig.from_pretrained(tiny_model_dir),
+                     "tiny-llama", "test")
+    dump = tmp_path / "dump"
+    res = scenario(tiny_model_dir, "sequential", "kvzip", 0.5, KVZIP_KV_COMPRESSION_SCORER="kvzip_head",
+                   KVZIP_KV_COMPRESSION_HEAD_SCORES=str(path), KVZIP_DUMP_DIR=str(dump))
+    assert res["kvzip"]["finished"]["committed"] == 1
+    assert "head-level scores (no scoring pass)" in res["log"] and "chunk(s)" not in res["log"]
+    job = torch.load(next(iter(sorted(dump.glob("job-*.pt")))))
+    keep, n_p = job["keep"], job["n_protected"]
+    assert bool(keep[0, 0].all()) and bool(keep[1, 1].all())  # the two best heads keep everything
+    page = -(-n_p // 32) * 32
+    for layer, head in ((0, 1), (1, 0)):
+        kept = keep[layer, head].nonzero().flatten().tolist()
+        assert kept == list(range(n_p)) + list(range(L - (page - n_p), L))  # protected + most recent
+    assert len(_adopted(res)) == 4
+    _check_against_reference(reference_model, res["prefix"], keep, n_p, res["requests"], res["suffixes"])
+
+
 def test_mixed_steps_stay_correct(tiny_model_dir, tmp_path_factory, reference_model):
     """Requests on a compacted `pair` prefix, a request on a prefix whose scoring requests share its
     steps, and a plain request, in the same batches."""
