@@ -90,6 +90,10 @@ def launch_command(model_dir: Path | str, *args: str, port: int | None = None) -
     return [*cmd, *args]
 
 
+class _PortTaken(Exception):
+    """The server's port was taken between `free_port()` and its bind."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,19 +105,26 @@ class SGLangServer:
 
     def __init__(self, model_dir: Path | str, *args: str, log_path: Path, plugins: bool = True,
                  env: dict[str, str] | None = None, startup_timeout: float = 420.0) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            launch_command(model_dir, *args, port=self.port), cwd=REPO, env=server_env(plugins=plugins, **(env or {})),
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        try:
-            self._wait_ready(startup_timeout)
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in range(3):  # a free port can be taken by another process before the server binds it
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+            self.proc = subprocess.Popen(
+                launch_command(model_dir, *args, port=self.port), cwd=REPO,
+                env=server_env(plugins=plugins, **(env or {})), stdout=self._log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                self._wait_ready(startup_timeout)
+                return
+            except _PortTaken:
+                self.stop()
+                if attempt == 2:
+                    raise RuntimeError(f"SGLang server could not bind a port in 3 tries:\n{self.log[-3000:]}") from None
+            except BaseException:
+                self.stop()
+                raise
 
     @property
     def log(self) -> str:
@@ -125,8 +136,11 @@ class SGLangServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"SGLang server exited with {self.proc.returncode}:\n{self.log[-6000:]}")
-            if "The server is fired up and ready to roll!" in self.log:
+            log = self.log
+            if "The server is fired up and ready to roll!" in log:
                 return
+            if "address already in use" in log:  # uvicorn then waits for shutdown instead of exiting
+                raise _PortTaken(self.port)
             time.sleep(1.0)
         raise TimeoutError(f"SGLang server not ready after {timeout:.0f} s:\n{self.log[-6000:]}")
 
