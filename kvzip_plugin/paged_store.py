@@ -128,20 +128,11 @@ class PagedStore:
             def pages(buf: int, blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 k_view, v_view = views(buf)
                 return k_view[blocks, :, slots], v_view[blocks, :, slots]
+        runs = PageRuns([(*pages(g.buffer, g.blocks, g.slots), g.heads, g.mask) for g in gathers],
+                        [g.rows for g in gathers], lr.starts, lr.lengths)
         if ps > 1:
-            return PageRuns([(*pages(g.buffer, g.blocks, g.slots), g.heads, g.mask) for g in gathers],
-                            [g.rows for g in gathers], lr.starts, lr.lengths)
-        d = k0.shape[-1]
-        if len(gathers) == 1:  # every slot in one buffer, already in order
-            k, v = pages(gathers[0].buffer, gathers[0].blocks, gathers[0].slots)
-            return SegmentRuns(k.reshape(lr.n_pages, d), v.reshape(lr.n_pages, d), lr.starts, lr.lengths)
-        out_k = k0.new_empty((lr.n_pages, d))
-        out_v = k0.new_empty((lr.n_pages, d))
-        for g in gathers:  # together they cover every slot
-            k, v = pages(g.buffer, g.blocks, g.slots)
-            out_k[g.rows] = k.reshape(-1, d)
-            out_v[g.rows] = v.reshape(-1, d)
-        return SegmentRuns(out_k, out_v, lr.starts, lr.lengths)
+            return runs
+        return SegmentRuns(*runs.runs(), lr.starts, lr.lengths)  # pages of one token: always the copied runs
 
 
 def write_store(keep: torch.Tensor, layout: HeadPageLayout, src_block_ids: Sequence[int],
