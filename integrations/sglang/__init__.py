@@ -249,7 +249,7 @@ def kvzip_radix_cache_factory(ctx: Any):
     code, reason = check
     logger.warning("kvzip-plugin: %s; KV compression disabled, SGLang's default tree cache is used", reason)
     try:
-        from kvzip_plugin.integrations.sglang.radix_cache import report_fallback, served_model_name
+        from kvzip_plugin.integrations.sglang.metrics import report_fallback, served_model_name
 
         report_fallback(code, bool(getattr(ctx.params, "enable_metrics", False)),
                         served_model_name(getattr(ctx, "server_args", None)))

@@ -18,7 +18,7 @@ The plan of a batch is set by the `ForwardBatch.init_new` hook (`arm`) and match
 the copy SGLang runs the model on carries over from it (its tensors are replaced by the runner's static
 buffers): the forward mode, batch size, `seq_lens_sum` (grows every decode step) and, for extend batches,
 the `extend_seq_lens_cpu` list object. A CUDA-graph replay would run the backend alone: the cache
-refuses these structures when CUDA graphs are on (`radix_cache.unsupported_runtime_reason`).
+refuses these structures when CUDA graphs are on (`runtime.unsupported_runtime_reason`).
 """
 
 from __future__ import annotations

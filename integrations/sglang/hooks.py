@@ -59,22 +59,24 @@ def _after_init_new(result: Any, cls: Any, batch: Any, *args: Any, **kwargs: Any
 
 
 def _around_stream_output(original, streamer: Any, reqs, *args: Any, **kwargs: Any):
-    from kvzip_plugin.integrations.sglang.radix_cache import KVzipRadixCache, active_cache, is_scoring_rid
+    from kvzip_plugin.integrations.sglang.adoption import logical_view, physical_view
+    from kvzip_plugin.integrations.sglang.radix_cache import active_cache
+    from kvzip_plugin.integrations.sglang.scheduling import is_scoring_rid
 
     if active_cache() is None:
         return original(streamer, reqs, *args, **kwargs)
     kept = [r for r in reqs if not is_scoring_rid(r.rid)]
     if not kept:
         return None
-    saved = KVzipRadixCache.logical_view(kept)
+    saved = logical_view(kept)
     try:
         return original(streamer, kept, *args, **kwargs)
     finally:
-        KVzipRadixCache.physical_view(saved)
+        physical_view(saved)
 
 
 def _around_send_abort_output(original, scheduler: Any, abort_req: Any, req: Any, *args: Any, **kwargs: Any):
-    from kvzip_plugin.integrations.sglang.radix_cache import is_scoring_rid
+    from kvzip_plugin.integrations.sglang.scheduling import is_scoring_rid
 
     if req is not None and is_scoring_rid(getattr(req, "rid", None)):
         return None

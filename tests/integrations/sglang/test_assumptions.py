@@ -469,7 +469,7 @@ def test_unified_radix_cache_overridden_methods():
 
 
 def test_prefill_cuda_graph_settings_read_by_the_fail_closed_check():
-    """`radix_cache.prefill_graphs_on` reads these: prefill batches replay from breakable CUDA graphs by
+    """`runtime.prefill_graphs_on` reads these: prefill batches replay from breakable CUDA graphs by
     default on CUDA (only `_eager_attention` runs on replay), and the flags that turn that off."""
     from sglang.srt.model_executor import cuda_graph_config as cgc
     from sglang.srt.server_args import ServerArgs

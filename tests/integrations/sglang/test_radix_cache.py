@@ -17,7 +17,10 @@ from tests.integrations.sglang import harness
 harness.require_sglang()
 
 import torch  # noqa: E402
+from kvzip_plugin.integrations.sglang import adoption  # noqa: E402
 from kvzip_plugin.integrations.sglang import radix_cache as rc  # noqa: E402
+from kvzip_plugin.integrations.sglang.runtime import unsupported_runtime_reason  # noqa: E402
+from kvzip_plugin.integrations.sglang.store import CompactedPrefix  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
 
@@ -45,10 +48,10 @@ def _live(cache: rc.KVzipRadixCache) -> rc.KVzipRadixCache:
     return cache
 
 
-def _entry(cache, tokens: list[int], P: int) -> rc.CompactedPrefix:
+def _entry(cache, tokens: list[int], P: int) -> CompactedPrefix:
     slots = cache.token_to_kv_pool_allocator.alloc(P)
-    entry = rc.CompactedPrefix(99, ("k",), (None, None), array("q", tokens), slots, len(tokens), P)
-    cache.compacted.setdefault(entry.namespace, []).append(entry)
+    entry = CompactedPrefix(99, ("k",), (None, None), array("q", tokens), slots, len(tokens), P)
+    cache.entries.add(entry)
     return entry
 
 
@@ -82,15 +85,15 @@ def test_without_a_model_worker_the_cache_is_sglangs_default(pools, caplog):
     slots = alloc.alloc(6)
     cache.insert(InsertParams(key=RadixKey(array("q", range(10, 16))), value=slots))
     req = _req(list(range(10, 16)) + [1, 2])
-    assert _match(cache, req).device_prefix_len == 6 and not hasattr(req, rc.ADOPT_ATTR)
+    assert _match(cache, req).device_prefix_len == 6 and not hasattr(req, adoption.ADOPT_ATTR)
     assert cache.evict(EvictParams(num_tokens=6)).num_tokens_evicted == 6
 
 
 def test_fallback_is_one_log_line_and_one_metric(pools):
     observed = []
     cache = _live(_cache(pools))
-    cache.prom = SimpleNamespace(observe=lambda stats, labels: observed.append((stats, labels)))
-    cache.prom_labels = ["UnifiedRadixCache", "0", "0", "0"]
+    cache.metrics.prom = SimpleNamespace(observe=lambda stats, labels: observed.append((stats, labels)))
+    cache.metrics.labels = ["UnifiedRadixCache", "0", "0", "0"]
     cache._disable("speculative_decoding", "speculative decoding is not supported")
     cache._disable("other", "ignored: already disabled")
     assert cache.kvzip_disabled == "speculative_decoding"
@@ -124,7 +127,7 @@ def test_head_structure_runs_under_decode_cuda_graphs_but_not_prefill_graphs(poo
     cache.kvzip_config = cache.kvzip_config.model_copy(update={"structure": "head"})
 
     def reason(**args):
-        return rc.unsupported_runtime_reason(cache, SimpleNamespace(device="cuda", **args), None)[0]
+        return unsupported_runtime_reason(cache, SimpleNamespace(device="cuda", **args), None)[0]
 
     assert reason() == "prefill_cuda_graphs"
     assert reason(cuda_graph_backend_prefill="breakable", disable_prefill_cuda_graph=True) == "prefill_cuda_graphs"
@@ -144,7 +147,7 @@ def test_unsupported_kv_pool(pools):
         pass
 
     cache.kv_pool = object.__new__(OtherPool)
-    assert rc.unsupported_runtime_reason(cache, None, None)[0] == "kv_pool"
+    assert unsupported_runtime_reason(cache, None, None)[0] == "kv_pool"
 
 
 # --------------------------------------------------------------------------- accounting and eviction
@@ -165,7 +168,7 @@ def test_compacted_prefixes_are_evictable_or_protected_and_evicted_last(pools):
     assert entry.alive
     cache.unlock(lock)
     assert cache.evict(EvictParams(num_tokens=1)).num_tokens_evicted == 4  # then the compacted prefix
-    assert not entry.alive and cache.compacted == {} and alloc.available_size() == free0
+    assert not entry.alive and not cache.entries and alloc.available_size() == free0
     with pytest.raises(RuntimeError, match="after it was dropped"):
         cache.lock(entry.handle)
 
@@ -176,7 +179,7 @@ def test_reset_drops_compacted_prefixes(pools):
     free0 = alloc.available_size()
     entry = _entry(cache, list(range(300, 306)), 3)
     cache.reset()
-    assert cache.compacted == {} and not entry.alive and alloc.available_size() == free0
+    assert not cache.entries and not entry.alive and alloc.available_size() == free0
 
 
 # --------------------------------------------------------------------------- adoption
@@ -193,7 +196,7 @@ def test_adoption_uses_physical_ids_and_is_undone_when_the_prefix_goes(pools):
     result = _match(cache, req)
     # matched the compacted prefix, not the (longer-lived) tree copy: P slots, its handle as last node
     assert result.device_prefix_len == 4 and result.last_device_node is entry.handle
-    info = getattr(req, rc.ADOPT_ATTR)
+    info = getattr(req, adoption.ADOPT_ATTR)
     assert info.offset == 4 and list(info.logical_ids) == prefix + [1, 2, 3]
     assert list(req.origin_input_ids) == prefix[:4] + [1, 2, 3]  # row position == fill index
     assert list(req.full_untruncated_fill_ids) == list(req.origin_input_ids)
@@ -205,9 +208,9 @@ def test_adoption_uses_physical_ids_and_is_undone_when_the_prefix_goes(pools):
     # a second match (the request waited another round) is idempotent
     assert _match(cache, req).device_prefix_len == 4 and list(req.origin_input_ids) == prefix[:4] + [1, 2, 3]
     # the compacted prefix is evicted before the request is admitted: back to logical ids and the tree
-    cache._drop_entry(entry, free=True, reason="evicted")
+    cache.entries.drop(entry, free=True, reason="evicted")
     again = _match(cache, req)
-    assert again.device_prefix_len == 8 and not hasattr(req, rc.ADOPT_ATTR)
+    assert again.device_prefix_len == 8 and not hasattr(req, adoption.ADOPT_ATTR)
     assert list(req.origin_input_ids) == prefix + [1, 2, 3] and req.logprob_start_len == 11
     assert not req.skip_radix_cache_insert
 
@@ -218,7 +221,7 @@ def test_input_logprobs_inside_the_prefix_are_not_adopted(pools):
     _entry(cache, prefix, 4)
     req = _req(prefix + [1, 2], return_logprob=True)
     req.logprob_start_len = 2  # input logprobs of prefix tokens: needs the full prefix
-    assert _match(cache, req).device_prefix_len == 0 and not hasattr(req, rc.ADOPT_ATTR)
+    assert _match(cache, req).device_prefix_len == 0 and not hasattr(req, adoption.ADOPT_ATTR)
 
 
 def test_logical_positions_and_capture_plan(pools):

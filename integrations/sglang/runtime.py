@@ -1,0 +1,82 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Fail-closed checks of KVzip inside SGLang: why compression cannot run in this server (speculative
+decoding, pipeline parallelism, CUDA graph replays that would skip the plugin's capture or attention, a
+KV pool other than the plain MHA token pool, sliding-window or soft-capped attention, ...). Checked once,
+when `KVzipRadixCache` is built with the pools and the model; a reason turns compression off with one log
+line and one fallback count (`radix_cache.KVzipRadixCache._disable`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def unsupported_runtime_reason(cache: Any, server_args: Any, tp_worker: Any) -> tuple[str, str] | None:
+    """Why KVzip cannot run inside this cache (code, message), checked once the pools and the model exist."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    if cache.disable:
+        return "radix_cache_disabled", "the radix cache is disabled"
+    if server_args is not None:
+        if getattr(server_args, "speculative_algorithm", None):
+            return "speculative_decoding", "speculative decoding is not supported"
+        if int(getattr(server_args, "pp_size", 1) or 1) > 1:
+            return "pipeline_parallel", "pipeline parallelism is not supported"
+        if getattr(server_args, "enable_session_radix_cache", False) or getattr(
+                server_args, "enable_streaming_session", False):
+            return "sessions", "session radix caches / streaming sessions are not supported"
+        if getattr(server_args, "enable_unified_cache_external_linker", False):
+            return "external_linker", "the unified-cache external linker is not supported"
+        if getattr(server_args, "enable_lmcache", False) or getattr(server_args, "enable_flexkv", False):
+            return "external_kv_store", "LMCache / FlexKV are not supported"
+        if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):
+            return "disaggregation", "prefill/decode disaggregation is not supported"
+        structure = getattr(getattr(cache, "kvzip_config", None), "structure", "head")
+        if structure != "head" and getattr(server_args, "device", None) not in (None, "cpu") and not getattr(
+                server_args, "disable_cuda_graph", False):
+            # a replayed graph runs the backend's kernel alone: the head-page attention would be skipped
+            return "cuda_graphs", (f"the {structure} structure is served by the plugin's attention, which a CUDA "
+                                   "graph replay skips: use --disable-cuda-graph or --kv-compression-structure head")
+        if getattr(server_args, "device", None) not in (None, "cpu") and prefill_graphs_on(server_args):
+            # a replayed prefill graph runs only RadixAttention._eager_attention: the score capture around
+            # RadixAttention.forward would see nothing, or part of a job's chunks (cuda-review.md §2)
+            return "prefill_cuda_graphs", ("SGLang replays prefill batches from CUDA graphs, which skip the plugin's "
+                                           "score capture: use --disable-prefill-cuda-graph (or "
+                                           "--cuda-graph-backend-prefill disabled)")
+    kv_pool = cache.kv_pool
+    if type(kv_pool) is not MHATokenToKVPool:
+        return "kv_pool", f"KV pool {type(kv_pool).__name__} is not supported (plain MHATokenToKVPool only)"
+    if getattr(kv_pool, "use_hnd", False) or getattr(kv_pool, "layout", "NHD") not in ("NHD", None):
+        return "kv_pool", "the HND KV layout is not supported"
+    if getattr(kv_pool, "store_dtype", kv_pool.dtype) != kv_pool.dtype:
+        return "kv_pool", "quantized KV caches are not supported"
+    if tp_worker is None:
+        return "no_model", "no model worker was given to the cache"
+    model_config = getattr(getattr(tp_worker, "model_runner", None), "model_config", None)
+    if model_config is not None and getattr(model_config, "model_is_mrope", False):
+        return "mrope", "models with multimodal rotary positions (mrope) are not supported"
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    for module in tp_worker.model_runner.model.modules():
+        if isinstance(module, RadixAttention):
+            if (module.sliding_window_size or -1) > 0:
+                return "sliding_window", "sliding-window attention layers are not supported"
+            if module.logit_cap and module.logit_cap > 0:
+                return "logit_cap", "attention logit soft-capping is not supported"
+            if module.is_cross_attention or module.qk_head_dim != module.v_head_dim:
+                return "attention_layout", "cross attention / MLA-style head sizes are not supported"
+    return None
+
+
+def prefill_graphs_on(server_args: Any) -> bool:
+    """Whether SGLang (0.5.23) may replay prefill batches from CUDA graphs: the resolved
+    `cuda_graph_config.prefill.backend` when present, else the flags as SGLang resolves them (an explicit
+    `--cuda-graph-backend-prefill` wins over `--disable-prefill-cuda-graph` / `--disable-cuda-graph`;
+    the default on CUDA is `breakable`)."""
+    backend = getattr(getattr(getattr(server_args, "cuda_graph_config", None), "prefill", None), "backend", None)
+    if backend is None:
+        backend = getattr(server_args, "cuda_graph_backend_prefill", None)
+    if backend is None:
+        off = getattr(server_args, "disable_cuda_graph", False) or getattr(server_args, "disable_prefill_cuda_graph",
+                                                                            False)
+        backend = "disabled" if off else "breakable"
+    return backend != "disabled"
