@@ -30,7 +30,7 @@ class KVzipConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
-    ratio: float = Field(0.3, gt=0.0, le=1.0)
+    ratio: float = Field(0.3, gt=0.0, le=1.0, allow_inf_nan=False)
     """Fraction of the context's KV pairs kept, in (0, 1]. 0.3 keeps 30% (3.3x smaller)."""
 
     structure: Structure = "pair"

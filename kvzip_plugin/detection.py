@@ -28,6 +28,14 @@ class TriggerPolicy(BaseModel):
     min_hits: int = Field(2, ge=1)
     """A prefix must be hit by this many requests (the request that cached it counts as one)."""
 
+    def unreachable(self, max_model_len: int) -> str | None:
+        """Why no prefix can ever be compressed under a context length of `max_model_len` tokens (a
+        request that hits a prefix of L tokens holds at least L + 1), or None."""
+        if self.min_prefix_tokens >= max_model_len:
+            return (f"--kv-compression-min-prefix-tokens {self.min_prefix_tokens} is not below the context length "
+                    f"{max_model_len}: no prefix can ever be compressed")
+        return None
+
 
 @dataclass(frozen=True)
 class PrefixCandidate:

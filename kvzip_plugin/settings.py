@@ -32,11 +32,11 @@ context-independent head-level variant (one score per (layer, KV head) from a ca
 scoring pass, whole heads kept or dropped), served through the same `pair` store."""
 
 STRUCTURES = ("pair", "layer_budget", "head")
-DEFAULT_STRUCTURE = "pair"
-"""Both engines' default: KVzip's own, the one that keeps the answers (benchmarks/README.md)."""
 """What `--kv-compression-structure` accepts (`kvzip_plugin.store.SERVED_STRUCTURES`): `pair` (one
 global threshold: each (layer, KV head) keeps its own count; KVzip's default), `layer_budget` (each
 layer its own count, the same for its KV heads), `head` (the same count everywhere)."""
+DEFAULT_STRUCTURE = "pair"
+"""Both engines' default: KVzip's own, the one that keeps the answers (benchmarks/README.md)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +187,19 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> KVCompression
         field = str(exc).split(":", 1)[0]
         var = {"scorer": ENV_SCORER, "head_scores": ENV_HEAD_SCORES}.get(field, ENV_MODE)
         raise ValueError(f"{var}: {exc}") from None
+
+
+def check_env_for_cli(prog: str) -> None:
+    """On a server's command line (flags not given): invalid `KVZIP_KV_COMPRESSION*` values end the
+    program with one line naming the variable and exit status 2, as an invalid flag does (not a
+    traceback). Python API users (`LLM(...)`, `Engine(...)`) get the ValueError instead."""
+    try:
+        settings_from_env()
+    except ValueError as exc:
+        import sys
+
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 # ---------------------------------------------------------------------------------------------

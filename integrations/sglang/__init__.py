@@ -153,6 +153,8 @@ def _after_add_cli_args(result: Any, parser: argparse.ArgumentParser, *args: Any
 def _around_from_cli_args(original, cls, args: argparse.Namespace, *rest: Any, **kwargs: Any):
     """AROUND `ServerArgs.from_cli_args(cls, args)`: `--kv-compression kvzip` -> radix_cache_backend."""
     mode, settings = settings_from_args(args)
+    if mode == "unset":  # the environment applies: a bad value ends the CLI like a bad flag
+        shared_settings.check_env_for_cli("sglang.launch_server")
     if mode == "kvzip":
         _check_backend(getattr(args, "radix_cache_backend", None), "--kv-compression kvzip")
         args = argparse.Namespace(**vars(args))  # never mutate the caller's namespace

@@ -54,6 +54,12 @@ def unsupported_runtime_reason(cache: Any, server_args: Any, tp_worker: Any) -> 
     model_config = getattr(getattr(tp_worker, "model_runner", None), "model_config", None)
     if model_config is not None and getattr(model_config, "model_is_mrope", False):
         return "mrope", "models with multimodal rotary positions (mrope) are not supported"
+    trigger = getattr(cache, "kvzip_trigger", None)
+    context_len = getattr(model_config, "context_len", None)
+    if trigger is not None and context_len:
+        why = trigger.unreachable(int(context_len))
+        if why is not None:
+            return "min_prefix_tokens_above_context_length", why
     from sglang.srt.layers.radix_attention import RadixAttention
 
     for module in tp_worker.model_runner.model.modules():

@@ -188,6 +188,8 @@ def _wrap_engine_args() -> None:
 
         def from_cli_args(cls, args: argparse.Namespace):
             mode, settings = settings_from_args(args)
+            if mode == "unset":  # the environment applies: a bad value ends the CLI like a bad flag
+                shared_settings.check_env_for_cli("vllm serve")
             if mode == "kvzip":
                 args = argparse.Namespace(**vars(args))  # never mutate the caller's namespace
                 args.kv_transfer_config = _apply(

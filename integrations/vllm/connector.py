@@ -108,6 +108,9 @@ class KVzipConnector(KVConnectorBase_V1):
         policy = TriggerPolicy(**{k: v for k, v in (("min_prefix_tokens", self.settings.min_prefix_tokens),
                                                     ("min_hits", self.settings.min_hits)) if v is not None})
         self.disabled = unsupported_reason(vllm_config, kv_cache_config, config.structure)
+        unreachable = policy.unreachable(vllm_config.model_config.max_model_len) if vllm_config.model_config else None
+        if self.disabled is None and unreachable is not None:
+            self.disabled = "min_prefix_tokens_above_context_length"
         self._fallback_reported = False
         self._disabled_sent = False  # worker half: the scheduler was told this worker cannot compact
         self.sched: SchedulerState | None = None
@@ -120,17 +123,19 @@ class KVzipConnector(KVConnectorBase_V1):
             self.worker = WorkerState(config.score_query_block)
             if not self.disabled:
                 runner.install(self.worker)
-        if self.disabled == "full_cuda_graphs":
-            logger.warning("kvzip-plugin: KV compression disabled on this engine (full_cuda_graphs): the %s "
-                           "structure is served by the plugin's attention, which a full CUDA graph would skip; "
-                           "use --compilation-config '{\"cudagraph_mode\": \"PIECEWISE\"}' or "
-                           "--kv-compression-structure head", config.structure)
-        elif self.disabled:
-            logger.warning("kvzip-plugin: KV compression disabled on this engine (%s); prefixes are served "
-                           "uncompressed", self.disabled)
-        else:
+        if not self.disabled:
             logger.info("KVzipConnector (%s): ratio=%s structure=%s, %s", role.name, config.ratio, config.structure,
                         policy)
+        elif role == KVConnectorRole.SCHEDULER:  # once per engine (the worker half is built in the same process)
+            if self.disabled == "min_prefix_tokens_above_context_length":
+                why = unreachable
+            elif self.disabled == "full_cuda_graphs":
+                why = (f"the {config.structure} structure is served by the plugin's attention, which a full CUDA "
+                       "graph would skip; use --compilation-config '{\"cudagraph_mode\": \"PIECEWISE\"}' or "
+                       "--kv-compression-structure head")
+            else:
+                why = "prefixes are served uncompressed"
+            logger.warning("kvzip-plugin: KV compression disabled on this engine (%s): %s", self.disabled, why)
 
     @property
     def requires_kv_delivery(self) -> bool:

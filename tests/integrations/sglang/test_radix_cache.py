@@ -150,6 +150,21 @@ def test_unsupported_kv_pool(pools):
     assert unsupported_runtime_reason(cache, None, None)[0] == "kv_pool"
 
 
+def test_a_trigger_no_prefix_can_reach_is_refused(pools):
+    """min_prefix_tokens (default 1024) not below the model's context length: nothing could ever be compressed."""
+    cache = _cache(pools)
+
+    def worker(context_len):
+        return SimpleNamespace(model_runner=SimpleNamespace(
+            model_config=SimpleNamespace(context_len=context_len, model_is_mrope=False), model=torch.nn.Module()))
+
+    code, message = unsupported_runtime_reason(cache, None, worker(1024))
+    assert code == "min_prefix_tokens_above_context_length"
+    assert message == ("--kv-compression-min-prefix-tokens 1024 is not below the context length 1024: no prefix can "
+                       "ever be compressed")
+    assert unsupported_runtime_reason(cache, None, worker(1025)) is None
+
+
 # --------------------------------------------------------------------------- accounting and eviction
 
 

@@ -196,6 +196,18 @@ def test_invalid_env_fails_at_start(parser, tiny_model_dir, monkeypatch):
         _engine_args(tiny_model_dir).create_engine_config()
 
 
+def test_invalid_env_ends_the_cli_like_a_bad_flag(parser, tiny_model_dir, monkeypatch, capsys):
+    """On the command line (no --kv-compression flag) a bad KVZIP_* value is one line and exit 2, not a traceback."""
+    monkeypatch.setenv(plugin.ENV_MODE, "kvzip")
+    monkeypatch.setenv(plugin.ENV_RATIO, "nan")
+    args = parser.parse_args(["--model", str(tiny_model_dir), "--max-model-len", "256"])
+    with pytest.raises(SystemExit) as exc:
+        EngineArgs.from_cli_args(args)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("vllm serve: error: KVZIP_KV_COMPRESSION_RATIO: ratio: Input should be a finite "
+                                       "number (got 'nan')\n")
+
+
 # --------------------------------------------------------------------------- fail closed
 
 

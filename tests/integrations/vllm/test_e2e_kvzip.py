@@ -265,6 +265,17 @@ def test_unsupported_engine_runs_uncompressed(tiny_model_dir, none_seq):
     """Fail closed: without vLLM's prefix caching KVzip cannot share a compacted prefix."""
     res = scenario(tiny_model_dir, "sequential", "kvzip", 0.5, KVZIP_TEST_PREFIX_CACHING="0")
     assert res["kvzip"]["disabled"] == "prefix_caching_disabled" and res["kvzip"]["compacted"] == []
-    assert "KV compression disabled on this engine (prefix_caching_disabled)" in res["log"]
+    assert res["log"].count("KV compression disabled on this engine (prefix_caching_disabled)") == 1  # one line
     assert [r["tokens"] for r in res["requests"]] == [r["tokens"] for r in none_seq["requests"]]
     assert _adopted(res) == []
+
+
+def test_a_trigger_no_prefix_can_reach_turns_kvzip_off_with_one_line(tiny_model_dir, none_seq):
+    """`--kv-compression-min-prefix-tokens` not below the context length: no prefix could ever be compressed,
+    so the engine says so once at start (and counts the fallback) instead of starting silently."""
+    res = scenario(tiny_model_dir, "sequential", "kvzip", 0.5, KVZIP_KV_COMPRESSION_MIN_PREFIX_TOKENS="1024")
+    assert res["kvzip"]["disabled"] == "min_prefix_tokens_above_context_length"
+    line = "KV compression disabled on this engine (min_prefix_tokens_above_context_length)"
+    assert res["log"].count(line) == 1, res["log"][-3000:]
+    assert "--kv-compression-min-prefix-tokens 1024 is not below the context length 1024" in res["log"]
+    assert [r["tokens"] for r in res["requests"]] == [r["tokens"] for r in none_seq["requests"]]
