@@ -119,6 +119,7 @@ class KVzipConnector(KVConnectorBase_V1):
             self.sched = SchedulerState(config, policy, vllm_config)
             self.sched.disabled = self.disabled
             _wrap_schedule()
+            _wrap_reset_prefix_cache()
         else:
             self.worker = WorkerState(config.score_query_block)
             if not self.disabled:
@@ -296,3 +297,23 @@ def _wrap_schedule() -> None:
 
     setattr(schedule, _SCHEDULE_WRAPPED, True)
     Scheduler.schedule = schedule
+
+
+def _wrap_reset_prefix_cache() -> None:
+    """Let the connector release what its in-flight jobs hold right before vLLM resets its prefix cache
+    (`POST /reset_prefix_cache`, `LLM.reset_prefix_cache()`), once per process."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original = Scheduler.reset_prefix_cache
+    if getattr(original, _SCHEDULE_WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def reset_prefix_cache(self, reset_running_requests: bool = False, *args, **kwargs):
+        connector = getattr(self, "connector", None)
+        if isinstance(connector, KVzipConnector) and connector.sched is not None and not connector.disabled:
+            connector.sched.before_reset(self, reset_running_requests)
+        return original(self, reset_running_requests, *args, **kwargs)
+
+    setattr(reset_prefix_cache, _SCHEDULE_WRAPPED, True)
+    Scheduler.reset_prefix_cache = reset_prefix_cache

@@ -117,6 +117,7 @@ class SchedulerState:
         self.block_bytes = 0
         self.jobs: dict[int, _Job] = {}
         self.scoring_owner: dict[str, int] = {}  # scoring request id -> job id
+        self.scoring_prefix_blocks: dict[str, int] = {}  # scoring request id -> prefix blocks (until it ends)
         self.compacted: dict[Hashable, CompactedPrefix] = {}
         self.offsets: dict[str, CompactedPrefix] = {}  # request id -> the prefix it reads
         self.to_add: list[Any] = []  # scoring Requests to hand to the scheduler
@@ -257,6 +258,7 @@ class SchedulerState:
             for req in reqs:  # only once every chunk is valid: a failed start adds nothing
                 j.pending.add(req.request_id)
                 self.scoring_owner[req.request_id] = j.job.job_id
+                self.scoring_prefix_blocks[req.request_id] = L // bs
             self.to_add.extend(reqs)
             self.new_targets.update(j.targets)
             logger.info("kvzip-plugin: job %d scoring %d tokens (%d protected) in %d chunk(s)",
@@ -302,13 +304,14 @@ class SchedulerState:
     def request_finished(self, request: Any, block_ids: list[int]) -> None:
         rid = request.request_id
         self.offsets.pop(rid, None)
+        n_prefix_blocks = self.scoring_prefix_blocks.pop(rid, None)
         job_id = self.scoring_owner.pop(rid, None)
-        if job_id is None:
+        if n_prefix_blocks is None:
             return
-        j = self.jobs.get(job_id)
-        n_prefix_blocks = len(j.prefix_ids) // self.block_size if j else 0
-        # the repeat input's blocks must not serve later lookups (a rerun would skip its queries)
+        # the repeat input's blocks must not serve later lookups (a rerun would skip its queries), also
+        # when its job has already ended
         self.pool.evict_blocks({b for b in block_ids[n_prefix_blocks:] if b})
+        j = self.jobs.get(job_id) if job_id is not None else None
         if j is None:
             return
         j.pending.discard(rid)
@@ -443,13 +446,35 @@ class SchedulerState:
         out, self.stats = self.stats, KVzipStats()
         return out
 
-    def reset(self) -> None:
-        """vLLM's prefix cache was reset: cancel every job and forget the compacted prefixes."""
+    def before_reset(self, scheduler: Any, reset_running_requests: bool) -> None:
+        """vLLM is about to reset its prefix cache (`Scheduler.reset_prefix_cache`). A reset succeeds only
+        when no block is in use; in-flight jobs hold some (pinned source blocks, reserved destination
+        blocks, their scoring requests' blocks). When the reset goes ahead anyway (running requests are
+        preempted, or no client request holds blocks), the jobs are cancelled first and release all of
+        it, so the reset succeeds exactly as it does without the plugin. When client requests hold blocks
+        the reset fails as it would without the plugin, and the jobs go on."""
+        if not self.jobs:
+            return
+        clients = any(not is_scoring_request(r.request_id) for r in scheduler.running)
+        if clients and not reset_running_requests:
+            return
+        from vllm.v1.request import RequestStatus
+
+        scoring = [rid for j in self.jobs.values() for rid in j.pending if rid in scheduler.requests]
         for j in list(self.jobs.values()):
             self._end(j, JobStatus.CANCELLED, "prefix cache reset")
-        self.drop_stores.extend(p.store_id for p in self.compacted.values())
-        self.compacted.clear()
-        self.covered.clear()
+        for req in self.to_add:  # never handed to vLLM
+            self.scoring_prefix_blocks.pop(req.request_id, None)
+        self.to_add, self.commands, self.new_targets = [], [], {}
+        if scoring:  # their blocks go back to the pool (their outputs never reached a client)
+            scheduler.finish_requests(scoring, RequestStatus.FINISHED_ABORTED)
+
+    def reset(self) -> None:
+        """The connector's reset (vLLM calls it after its prefix-cache reset, successful or not): forget
+        the compacted prefixes vLLM dropped (all of them after a successful reset, none after a failed
+        one). Jobs are not touched: `before_reset` cancelled them when the reset could go ahead."""
+        for prefix in [p for p in self.compacted.values() if not p.alive()]:
+            self._forget(prefix)
 
     def shut_down(self, reason: str) -> None:
         """A worker cannot compact (`reason`, a fallback reason): end every job (blocks unpinned,

@@ -186,7 +186,12 @@ def churn(h: Harness, n_ops: int = 60, seed: int = 0) -> dict:
 
 
 def cancel(h: Harness) -> dict:
-    """The prefix cache is reset while a job scores: the job is cancelled and rolled back."""
+    """The prefix cache is reset while a job scores and a client request (r1) runs, as
+    `POST /reset_prefix_cache?reset_external=true` does: with `KVZIP_TEST_RESET=running` (+
+    `reset_running_requests=true`) vLLM preempts r1 and the reset must succeed, cancelling and rolling back
+    the job; with `KVZIP_TEST_RESET=refused` vLLM refuses the reset (r1 holds blocks) and the job must go
+    on to its commit."""
+    kind = os.environ.get("KVZIP_TEST_RESET", "running")
     prefix = prefix_ids()
     first = h.run("r0", prefix + list(SUFFIXES[0]))
     h.add("r1", prefix + list(SUFFIXES[1]))
@@ -197,12 +202,18 @@ def cancel(h: Harness) -> dict:
     else:
         raise RuntimeError("the job never started scoring")
     jobs_before = len(h.connector.sched.jobs)
-    reset = h.scheduler.reset_connector_cache()
+    try:
+        reset = h.scheduler.reset_prefix_cache(reset_running_requests=kind == "running", reset_connector=True)
+    except RuntimeError as exc:  # what `/reset_prefix_cache` turns into an HTTP 500
+        reset = f"RuntimeError: {exc}"
+    second = None
+    while second is None:  # r1 (preempted and recomputed after a reset) runs to its end
+        second = next((o for o in h.step() if o.request_id == "r1" and o.finished), None)
     h.drain()
     later = h.run("r2", prefix + list(SUFFIXES[2]))
     h.drain()
-    return {"requests": [first, later], "jobs_before_reset": jobs_before, "reset": reset,
-            "kvzip": h.kvzip_state(), "pool": h.pool_state()}
+    return {"requests": [first, later], "r1_tokens": list(second.outputs[0].token_ids),
+            "jobs_before_reset": jobs_before, "reset": reset, "kvzip": h.kvzip_state(), "pool": h.pool_state()}
 
 
 def mixed(h: Harness) -> dict:

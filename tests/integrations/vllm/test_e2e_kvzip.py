@@ -248,17 +248,36 @@ def test_no_block_leaks_after_random_requests_aborts_and_compactions(tiny_model_
     assert math.isfinite(res["finished"])
 
 
-def test_cancelled_job_rolls_back(tiny_model_dir, none_seq):
-    res = scenario(tiny_model_dir, "cancel", "kvzip", 0.5)
+def test_reset_with_running_requests_cancels_the_job_and_succeeds(tiny_model_dir, none_seq):
+    """`/reset_prefix_cache?reset_running_requests=true&reset_external=true` while a job scores: before the
+    fix vLLM raised "Failed to reset KV cache even when all the running requests are preempted" (HTTP 500)
+    because the job pinned its source blocks. Now the job is cancelled and rolled back first, the reset
+    succeeds as without the plugin, the preempted client request still gets its answer."""
+    res = scenario(tiny_model_dir, "cancel", "kvzip", 0.5, KVZIP_TEST_RESET="running")
     state = res["kvzip"]
-    assert res["jobs_before_reset"] == 1 and res["reset"] is True
+    assert res["jobs_before_reset"] == 1 and res["reset"] is True, res["reset"]
     assert state["finished"]["cancelled"] == 1 and state["finished"]["committed"] == 0
     assert state["compacted"] == [] and state["jobs_live"] == 0
     assert res["pool"]["referenced"] == [] and res["pool"]["free"] == res["pool"]["num_blocks"] - 1
     r0, r2 = res["requests"]
     assert r0["tokens"] == none_seq["requests"][0]["tokens"] and r2["tokens"] == none_seq["requests"][2]["tokens"]
+    assert res["r1_tokens"] == none_seq["requests"][1]["tokens"]
     assert r2["offset"] is None
     assert "job 0 cancelled: prefix cache reset" in res["log"]
+
+
+def test_a_refused_reset_leaves_the_job_and_the_compacted_prefix(tiny_model_dir, none_seq):
+    """`reset_external=true` alone while a client request runs: vLLM refuses the reset (success false, as
+    without the plugin). The plugin's state follows what vLLM did: before the fix it cancelled the job
+    and forgot every compacted prefix anyway (each document was then compressed again)."""
+    res = scenario(tiny_model_dir, "cancel", "kvzip", 0.5, KVZIP_TEST_RESET="refused")
+    state = res["kvzip"]
+    assert res["jobs_before_reset"] == 1 and res["reset"] is False, res["reset"]
+    assert state["finished"]["committed"] == 1 and state["finished"]["cancelled"] == 0
+    assert len(state["compacted"]) == 1 and state["compacted"][0]["alive"]
+    assert res["requests"][1]["offset"] is not None  # r2 is served by the compacted prefix
+    assert res["r1_tokens"] == none_seq["requests"][1]["tokens"]
+    assert res["pool"]["referenced"] == []
 
 
 def test_unsupported_engine_runs_uncompressed(tiny_model_dir, none_seq):
