@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 from kvzip_plugin.integrations.vllm import EXTRA_CONFIG_KEY, KVCompressionSettings, runner, stats
 from kvzip_plugin.integrations.vllm.protocol import KVzipConnectorMetadata, KVzipWorkerMetadata
-from kvzip_plugin.integrations.vllm.scheduler import SchedulerState
+from kvzip_plugin.integrations.vllm.scheduler import SchedulerState, is_scoring_request
 from kvzip_plugin.integrations.vllm.worker import WorkerState
 
 from kvzip_plugin.config import KVzipConfig
@@ -120,6 +120,7 @@ class KVzipConnector(KVConnectorBase_V1):
             self.sched.disabled = self.disabled
             _wrap_schedule()
             _wrap_reset_prefix_cache()
+            _wrap_make_stats()
         else:
             self.worker = WorkerState(config.score_query_block)
             if not self.disabled:
@@ -317,3 +318,28 @@ def _wrap_reset_prefix_cache() -> None:
 
     setattr(reset_prefix_cache, _SCHEDULE_WRAPPED, True)
     Scheduler.reset_prefix_cache = reset_prefix_cache
+
+
+def _wrap_make_stats() -> None:
+    """vLLM's request gauges (`vllm:num_requests_running` / `_waiting`) describe client requests only: the
+    connector's scoring requests are taken out of the counts `Scheduler.make_stats` reports (the KV usage
+    gauge keeps the blocks they hold: that memory is really in use). Once per process."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original = Scheduler.make_stats
+    if getattr(original, _SCHEDULE_WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def make_stats(self, *args, **kwargs):
+        stats = original(self, *args, **kwargs)
+        connector = getattr(self, "connector", None)
+        if stats is not None and isinstance(connector, KVzipConnector) and connector.sched is not None:
+            running = sum(is_scoring_request(r.request_id) for r in self.running)
+            waiting = sum(is_scoring_request(r.request_id) for r in self.waiting)
+            stats.num_running_reqs = max(0, stats.num_running_reqs - running)
+            stats.num_waiting_reqs = max(0, stats.num_waiting_reqs - waiting)
+        return stats
+
+    setattr(make_stats, _SCHEDULE_WRAPPED, True)
+    Scheduler.make_stats = make_stats

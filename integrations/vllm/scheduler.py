@@ -160,6 +160,11 @@ class SchedulerState:
             lambda request, *args, **kwargs: self._get_computed_blocks(get_computed, request, *args, **kwargs))
         kv_cache_manager.allocate_slots = (
             lambda request, *args, **kwargs: self._allocate_slots(allocate, request, *args, **kwargs))
+        record = getattr(kv_cache_manager, "record_prefix_cache_stats", None)
+        if record is not None:  # vLLM's prefix-cache counters describe client requests only
+            kv_cache_manager.record_prefix_cache_stats = (
+                lambda request, *args, **kwargs: None if is_scoring_request(request.request_id)
+                else record(request, *args, **kwargs))
         setattr(kv_cache_manager, _WRAPPED, True)
 
     # ------------------------------------------------------------ detection

@@ -39,7 +39,7 @@ def make_llm(model_dir: str):
     dtype = os.environ.get("KVZIP_TEST_DTYPE", "float32")  # GPU runs: bfloat16 (FlashAttention)
     return LLM(model=model_dir, tokenizer=model_dir, dtype=dtype, enable_prefix_caching=prefix_caching,
                block_size=BLOCK_SIZE, max_model_len=1024, max_num_seqs=4, enforce_eager=True, seed=0,
-               distributed_executor_backend="uni")
+               distributed_executor_backend="uni", disable_log_stats=False)
 
 
 class Harness:
@@ -52,6 +52,23 @@ class Harness:
         self.connector = self.scheduler.connector
         self.max_blocks: dict[str, int] = {}
         self.offsets: dict[str, int] = {}
+        # what vLLM's own series report (SchedulerStats of every step): prefix-cache counters, request gauges
+        self.engine_stats = {"prefix_requests": 0, "prefix_queries": 0, "prefix_hits": 0, "max_running": 0,
+                             "max_waiting": 0}
+        make_stats = self.scheduler.make_stats
+
+        def recording_make_stats(*args, **kwargs):
+            stats = make_stats(*args, **kwargs)
+            if stats is not None:
+                e, p = self.engine_stats, stats.prefix_cache_stats
+                e["prefix_requests"] += p.requests
+                e["prefix_queries"] += p.queries
+                e["prefix_hits"] += p.hits
+                e["max_running"] = max(e["max_running"], stats.num_running_reqs)
+                e["max_waiting"] = max(e["max_waiting"], stats.num_waiting_reqs)
+            return stats
+
+        self.scheduler.make_stats = recording_make_stats
 
     def blocks_of(self, rid: str) -> int:
         manager = self.kvcm.coordinator.single_type_managers[0]
@@ -140,7 +157,7 @@ def sequential(h: Harness) -> dict:
         results.append(res)
     h.drain()
     return {"prefix": prefix, "suffixes": [list(s) for s in SUFFIXES], "requests": results,
-            "kvzip": h.kvzip_state(), "pool": h.pool_state()}
+            "kvzip": h.kvzip_state(), "pool": h.pool_state(), "engine_stats": h.engine_stats}
 
 
 def salts(h: Harness) -> dict:

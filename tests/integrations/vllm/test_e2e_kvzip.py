@@ -113,6 +113,17 @@ def test_compacted_prefix_is_hit_with_fewer_blocks(kvzip_seq, none_seq):
     assert kvzip_seq["pool"]["referenced"] == [] and kvzip_seq["pool"]["cached"] == L // 2 // BLOCK_SIZE
 
 
+def test_engine_series_describe_client_requests_only(kvzip_seq, none_seq):
+    """vLLM's own prefix-cache counters and request gauges (what `vllm:prefix_cache_hits_total`,
+    `vllm:prefix_cache_queries_total`, `vllm:num_requests_running` / `_waiting` export) read the same with
+    KVzip as without it: the scoring requests are not counted (before the fix, one 3,968-token prefix's
+    scoring requests added ~290K "hit" tokens to the counters)."""
+    kvzip, none = kvzip_seq["engine_stats"], none_seq["engine_stats"]
+    assert kvzip_seq["kvzip"]["finished"]["committed"] == 1  # a scoring request ran beside r1
+    assert none["prefix_requests"] == len(none_seq["requests"])
+    assert kvzip == none, (kvzip, none)
+
+
 def test_outputs_on_compacted_prefix_equal_transformers_reference(kvzip_seq, dump_dir, reference_model):
     (dump_file,) = sorted(Path(dump_dir).glob("job-*.pt"))
     dump = torch.load(dump_file)
