@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Answers through the real vLLM engine on compacted prefixes, per structure and ratio, beside the
-transformers path on the same questions.
+"""Answers through the real engines (vLLM, SGLang) on compacted prefixes, per structure and ratio, beside
+the transformers path on the same questions.
 
 For every context of a data set, the engine (vLLM's CPU backend, `LLM` in this process's child,
 prefix caching on, `--kv-compression kvzip` with the given structure and ratio) first sees two short
@@ -11,6 +11,14 @@ answer prefix]` and it is right when vLLM's greedy tokens are exactly the answer
 `bench_accuracy.greedy_exact_match` checks on the transformers path). `none` runs the same load
 without compression. Each configuration runs in a fresh process (the plugin's settings are per engine).
 
+`--engine sglang`: the real SGLang server (`python -m sglang.launch_server`, CPU, torch_native attention,
+page size 1, float32, with the CI's test-harness shims) per configuration, `--kv-compression kvzip` with
+the structure and ratio, trigger 64 tokens / 1 hit. Each context is warmed up with the prompt part all
+its questions share (two prompts that continue it differently: the second hits it and queues the job),
+the job is run to its
+end (the plugin's state dump, `KVZIP_DUMP_DIR`), then all its questions go in one batched `/generate`;
+`sglang:kvzip_compressed_prefix_hits_total` counts how many were served by the compacted prefix.
+
 Beside it, the transformers path (`kvzip_plugin.hf`, the reference) answers the same questions from a
 cache compressed with the same structure and ratio by its own scoring pass (`bench_accuracy`).
 Differences to expect: the engine compresses the block-aligned part of the shared prompt (the tail of
@@ -19,6 +27,8 @@ the context up to 31 tokens stays uncompressed), and rounds every (layer, KV hea
 come from the engine's own attention (float32 CPU kernels): the same algorithm, not the same bits.
 
     PYTHONPATH=. python benchmarks/bench_engine_accuracy.py --out benchmarks/results/engine-accuracy-smollm2.json
+    PYTHONPATH=. python benchmarks/bench_engine_accuracy.py --engine sglang \
+        --out benchmarks/results/engine-accuracy-sglang-smollm2.json
 
 Writes the JSON (every question of every configuration, with the path that answered it) and a
 Markdown table next to it.
@@ -33,6 +43,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -132,6 +143,69 @@ def run_engine(model_dir: str, structure: str, ratio: float, contexts_file: Path
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def common_prefix(prompts: list[list[int]]) -> list[int]:
+    n = min(len(p) for p in prompts)
+    for i in range(n):
+        if any(p[i] != prompts[0][i] for p in prompts):
+            return prompts[0][:i]
+    return prompts[0][:n]
+
+
+def run_sglang(model_dir: str, structure: str, ratio: float, contexts: list[dict[str, Any]],
+               work_dir: Path) -> dict[str, Any]:
+    """Every context through one SGLang server (a subprocess of this one); per-question results."""
+    from tests.integrations.sglang import harness, scenarios
+
+    dump = work_dir / f"dump-{structure}-{ratio:g}"
+    dump.mkdir(parents=True, exist_ok=True)
+    args = ["--dtype", "float32", "--max-total-tokens", "16384", "--context-length", "2048", "--random-seed", "0",
+            "--enable-metrics", "--kv-compression", "none" if structure == "none" else "kvzip"]
+    if structure != "none":
+        args += ["--kv-compression-structure", structure, "--kv-compression-ratio", str(ratio),
+                 "--kv-compression-min-prefix-tokens", "64", "--kv-compression-min-hits", "1"]
+    server = harness.SGLangServer(model_dir, *args, log_path=work_dir / f"sglang-{structure}-{ratio:g}.log",
+                                  env={"KVZIP_DUMP_DIR": str(dump)})
+    results, jobs = [], []
+    t0 = time.perf_counter()
+    try:
+        for ctx in contexts:
+            qs = ctx["questions"]
+            shared = common_prefix([q["prompt"] for q in qs])
+            # two different prompts that continue the shared part by one token: the 2nd hits it (a whole
+            # prompt sent again is not a shared prefix) and, with min_hits=1, queues its job
+            following = sorted({q["prompt"][len(shared)] for q in qs if len(q["prompt"]) > len(shared)})[:2]
+            for token in following:
+                scenarios.generate(server, shared + [token], max_new=1, logprobs=False)
+            finished = None
+            if structure != "none":  # this context's job has ended (one job per context)
+                state = scenarios.read_state(dump, timeout=600)
+                deadline = time.monotonic() + 600
+                while (state["jobs_live"] or sum(state["finished"].values()) < len(jobs) + 1) \
+                        and time.monotonic() < deadline:
+                    state = scenarios.read_state(dump, timeout=600, after=state["seq"])
+                finished = state["finished"]
+            hits0 = server.metric("sglang:kvzip_compressed_prefix_hits_total")
+            payload = {"input_ids": [q["prompt"] for q in qs],
+                       "sampling_params": [{"temperature": 0.0, "max_new_tokens": len(q["answer"]), "ignore_eos": True}
+                                           for q in qs]}
+            outs = server.post("/generate", payload, timeout=1800)
+            time.sleep(1.5)  # the metrics are published at most once a second
+            hits = server.metric("sglang:kvzip_compressed_prefix_hits_total") - hits0
+            jobs.append({"sample": ctx["sample"], "finished": finished, "shared_tokens": len(shared),
+                         "questions_on_compacted_prefix": int(hits)})
+            for q_idx, (q, out) in enumerate(zip(qs, outs, strict=True)):
+                tokens = list(out["output_ids"])
+                results.append({"dataset": ctx["dataset"], "sample": ctx["sample"], "question": q_idx,
+                                "correct": int(tokens == q["answer"]), "reply": out["text"],
+                                "cached_tokens": out["meta_info"]["cached_tokens"]})
+        compacted = []
+        if structure != "none":
+            compacted = [{"L": e["L"], "P": e["P"]} for e in scenarios.read_state(dump, timeout=120)["compacted"]]
+    finally:
+        server.stop()
+    return {"results": results, "jobs": jobs, "compacted": compacted, "wall_s": time.perf_counter() - t0}
+
+
 # ---- the transformers side ----------------------------------------------------------------------------
 
 def transformers_path(structures: list[str], ratios: list[float], datasets: list[str]) -> list[dict[str, Any]]:
@@ -195,7 +269,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    lines = ["| data set | structure | ratio | vLLM engine | transformers | engine-only / transformers-only right |",
+    name = {"vllm": "vLLM", "sglang": "SGLang"}[doc["meta"].get("engine", "vllm")]
+    lines = [f"| data set | structure | ratio | {name} engine | transformers | engine-only / transformers-only right |",
              "|---|---|---|---|---|---|"]
     rows = {(r["engine"], r["dataset"], r["structure"], r["ratio"]): r for r in doc["summary"]}
     for (path, ds, structure, ratio), r in sorted(rows.items()):
@@ -217,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
     parser.add_argument("--structures", nargs="+", default=list(DEFAULT_STRUCTURES))
     parser.add_argument("--ratios", nargs="+", type=float, default=list(DEFAULT_RATIOS))
     parser.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS))
@@ -236,30 +312,39 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows, engine_runs = [], []
     configs = [("none", 1.0)] + [(s, r) for s in args.structures for r in args.ratios]
+    work_dir = Path(tempfile.mkdtemp(prefix="kvzip-engine-accuracy-"))  # server logs and state dumps
+    logger.info("server logs and state dumps in %s", work_dir)
     for structure, ratio in configs:
         t = time.perf_counter()
-        res = run_engine(model_dir, structure, ratio, contexts_file)
+        if args.engine == "vllm":
+            res = run_engine(model_dir, structure, ratio, contexts_file)
+        else:
+            res = run_sglang(model_dir, structure, ratio, contexts, work_dir)
         for r in res["results"]:
-            rows.append({"path": "vllm", "structure": structure, "ratio": ratio, **r})
+            rows.append({"path": args.engine, "structure": structure, "ratio": ratio, **r})
         engine_runs.append({"structure": structure, "ratio": ratio, "jobs": res["jobs"], "compacted": res["compacted"],
                             "wall_s": res["wall_s"]})
         acc = sum(r["correct"] for r in res["results"]) / max(1, len(res["results"]))
-        logger.info("vllm %s@%g: %.1f%% in %.0f s", structure, ratio, 100 * acc, time.perf_counter() - t)
+        logger.info("%s %s@%g: %.1f%% in %.0f s", args.engine, structure, ratio, 100 * acc, time.perf_counter() - t)
     if not args.skip_transformers:
         rows += transformers_path(args.structures, args.ratios, args.datasets)
     contexts_file.unlink()
+    from importlib.metadata import version
+
     import torch
     import transformers
-    import vllm
 
+    engine_version = version("sglang") if args.engine == "sglang" else __import__("vllm").__version__
     doc = {
         "meta": {"command": "PYTHONPATH=. python benchmarks/bench_engine_accuracy.py " + " ".join(argv),
+                 "engine": args.engine,
                  "model": DEMO_MODEL + " (SmolLM2-135M-Instruct, de-quantised from Q4_1 GGUF)",
-                 "commit": git_commit(), "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
+                 "commit": git_commit(), "versions": {args.engine: engine_version, "torch": torch.__version__,
                                                       "transformers": transformers.__version__},
                  "hardware": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                               "load_average_at_end": os.getloadavg()},
-                 "block_size": BLOCK_SIZE, "trigger": {"min_prefix_tokens": 64, "min_hits": 1},
+                 "block_size": BLOCK_SIZE if args.engine == "vllm" else 1,
+                 "trigger": {"min_prefix_tokens": 64, "min_hits": 1},
                  "wall_s": time.perf_counter() - t0},
         "engine_runs": engine_runs, "questions": rows,
     }

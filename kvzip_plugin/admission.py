@@ -6,6 +6,9 @@ The rules, shared so vLLM and SGLang behave the same:
 
 * a prefix is counted by `PrefixTracker`; the request that cached it counts as its first hit (it
   was computed, not hit, so it never reports itself);
+* a prefix is *shared* when different prompts continue it: every request's whole prompt is noted
+  (`note_prompt`) and a request whose prompt was seen before (the same prompt sent again, e.g. a
+  client's retry or a benchmark's warm-up) counts no hit;
 * once hot, a job is submitted to the bounded `JobQueue` (refused when full or already queued);
 * a failed or cancelled job reopens the prefix: it needs `min_hits` *new* hits before the next try
   (the caching request no longer counts);
@@ -19,6 +22,7 @@ in-flight one, the job's work, and the metrics it counts.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -27,6 +31,9 @@ from kvzip_plugin.jobs import CompressionJob, JobQueue, JobStatus
 
 MAX_RETRIES = 3
 """Failed jobs per prefix before it is given up."""
+
+MAX_SEEN_PROMPTS = 65536
+"""Whole prompts remembered to tell a repeated prompt from a new one (least recently seen dropped)."""
 
 
 @dataclass
@@ -60,9 +67,24 @@ class Admission:
     """Failed jobs per prefix."""
     unservable: set[Hashable] = field(default_factory=set)
     """Prefixes that can never be compressed by this engine instance."""
+    max_seen: int = MAX_SEEN_PROMPTS
+    seen: OrderedDict[Hashable, None] = field(default_factory=OrderedDict)
+    """Digests of the whole prompts seen, most recent last."""
 
     def __post_init__(self) -> None:
         self.tracker = PrefixTracker(self.policy)
+
+    def note_prompt(self, prompt: Hashable) -> bool:
+        """Record one new request's whole prompt (a digest the engine makes: tokens + namespace); True
+        if the same prompt was seen before, in which case its hit is no evidence of sharing."""
+        repeat = prompt in self.seen
+        if repeat:
+            self.seen.move_to_end(prompt)
+        else:
+            self.seen[prompt] = None
+            while len(self.seen) > self.max_seen:
+                self.seen.popitem(last=False)
+        return repeat
 
     def eligible(self, key: Hashable) -> bool:
         """False for prefixes given up on (unservable, or `max_retries` failed jobs)."""

@@ -55,6 +55,11 @@ def is_scoring_rid(rid: Any) -> bool:
     return isinstance(rid, str) and rid.startswith(SCORING_PREFIX)
 
 
+def _digest(namespace: Namespace, tokens: array) -> Hashable:
+    """A token sequence in a namespace: the key of a prefix, or the identity of a whole prompt."""
+    return (namespace, len(tokens), hashlib.blake2b(tokens.tobytes(), digest_size=16).digest())
+
+
 @dataclass
 class Job:
     job: CompressionJob
@@ -95,12 +100,16 @@ class Jobs:
         if getattr(req, SEEN_ATTR, False):
             return
         setattr(req, SEEN_ATTR, True)
-        L = device_prefix_len // cache.page_size * cache.page_size
-        if L < cache.kvzip_trigger.min_prefix_tokens or key.is_bigram or not plain_tokens(req):
+        if key.is_bigram or not plain_tokens(req):
             return
         namespace = namespace_of(key)
+        if self.admission.note_prompt(_digest(namespace, key.token_ids)):  # the same prompt again: not sharing
+            return
+        L = device_prefix_len // cache.page_size * cache.page_size
+        if L < cache.kvzip_trigger.min_prefix_tokens:
+            return
         tokens = key.token_ids[:L]
-        ckey = (namespace, len(tokens), hashlib.blake2b(tokens.tobytes(), digest_size=16).digest())
+        ckey = _digest(namespace, tokens)
         if not self.admission.eligible(ckey) or self._covered(namespace, tokens):
             return
         offer = self.admission.offer(ckey, L, key.cache_salt)

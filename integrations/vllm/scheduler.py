@@ -52,6 +52,7 @@ logger = logging.getLogger("vllm.kvzip_plugin.scheduler")
 SCORING_PREFIX = "kvzip-score-"
 ACK_TIMEOUT_S = 120.0
 _WRAPPED = "__kvzip_kvcm__"
+_OBSERVED = "_kvzip_observed"  # set on a vLLM Request once its first lookup was counted
 
 
 def is_scoring_request(request_id: str) -> bool:
@@ -173,6 +174,11 @@ class SchedulerState:
         """A new request hit `num_local_computed` cached tokens: count the hit, maybe queue a job."""
         if self.disabled or is_scoring_request(request.request_id) or not self.block_size:
             return
+        if getattr(request, _OBSERVED, False):  # looked up again at every step while it waits: count it once
+            return
+        setattr(request, _OBSERVED, True)
+        if self.admission.note_prompt(self._prompt_digest(request)):  # the same prompt again: not sharing
+            return
         n_blocks = num_local_computed // self.block_size
         if n_blocks == 0 or len(request.block_hashes) < n_blocks:
             return
@@ -195,6 +201,13 @@ class SchedulerState:
             self._cover(request.block_hashes[:n_blocks], key)
             logger.info("kvzip-plugin: job %d queued for a %d-token prefix hit by %d requests",
                         job.job_id, length, candidate.hits)
+
+    def _prompt_digest(self, request: Any) -> Hashable:
+        """The whole prompt: its last full block's chained hash (covers every block before it, the cache
+        salt and LoRA) and the tokens after it."""
+        hashes = request.block_hashes
+        n = len(hashes)
+        return (hashes[-1] if n else request.cache_salt, tuple(request.all_token_ids[n * self.block_size:]))
 
     # ------------------------------------------------------------ per schedule() call
 

@@ -104,3 +104,22 @@ def test_an_unservable_prefix_is_never_offered_again():
     assert _run(adm, "p", JobStatus.FAILED, unservable=True) == "failed"
     assert not adm.eligible("p")
     assert all(adm.offer("p", 128).candidate is None for _ in range(5))
+
+
+def test_a_prompt_sent_again_is_not_a_shared_prefix():
+    """`vllm bench serve` sends prompt 0 twice: the second send hits the whole prompt, but no other prompt
+    continues it, so it must not count (it made the 1,728-token prompt a job mid-run)."""
+    adm = Admission(TriggerPolicy(min_prefix_tokens=64, min_hits=2))
+    assert adm.note_prompt("prompt-A") is False  # first seen: computed, it caches the prefix
+    assert adm.note_prompt("prompt-A") is True  # the same prompt again: its hit is not offered
+    assert adm.note_prompt("prompt-B") is False  # another prompt on the same prefix counts
+    offer = adm.offer("prefix", 128)
+    assert offer.job is not None and offer.candidate.hits == 2
+
+
+def test_seen_prompts_are_bounded_least_recently_seen_first():
+    adm = Admission(TriggerPolicy(min_prefix_tokens=64, min_hits=2), max_seen=2)
+    for prompt in ("a", "b", "a", "c"):  # "a" seen again, so "b" is the least recent when "c" arrives
+        adm.note_prompt(prompt)
+    assert list(adm.seen) == ["a", "c"]
+    assert adm.note_prompt("b") is False

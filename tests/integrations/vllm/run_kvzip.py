@@ -233,6 +233,18 @@ def cancel(h: Harness) -> dict:
             "jobs_before_reset": jobs_before, "reset": reset, "kvzip": h.kvzip_state(), "pool": h.pool_state()}
 
 
+def repeat(h: Harness) -> dict:
+    """The same prompt twice (no job: nothing else continues its prefix), then another prompt on the prefix."""
+    prefix = prefix_ids()
+    first = h.run("r0", prefix + list(SUFFIXES[0]))
+    again = h.run("r0-again", prefix + list(SUFFIXES[0]))
+    h.drain()
+    after_repeat = h.kvzip_state()
+    other = h.run("r1", prefix + list(SUFFIXES[1]))
+    h.drain()
+    return {"requests": [first, again, other], "kvzip_after_repeat": after_repeat, "kvzip": h.kvzip_state()}
+
+
 def mixed(h: Harness) -> dict:
     """One batch mixing requests on a compacted prefix (A), a request on another prefix (B) whose
     scoring requests run in the same steps, and a plain request."""
@@ -265,7 +277,8 @@ def mixed(h: Harness) -> dict:
             "kvzip": h.kvzip_state(), "pool": h.pool_state()}
 
 
-SCENARIOS = {"mixed": mixed, "sequential": sequential, "salts": salts, "churn": churn, "cancel": cancel}
+SCENARIOS = {"mixed": mixed, "sequential": sequential, "salts": salts, "churn": churn, "cancel": cancel,
+             "repeat": repeat}
 
 
 def main(model_dir: str, scenario: str) -> dict:

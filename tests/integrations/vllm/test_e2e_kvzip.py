@@ -124,6 +124,16 @@ def test_engine_series_describe_client_requests_only(kvzip_seq, none_seq):
     assert kvzip == none, (kvzip, none)
 
 
+def test_a_prompt_sent_again_is_not_a_shared_prefix(tiny_model_dir):
+    """Admission means "shared": the same prompt sent twice hits its whole prefix but queues no job (before,
+    `vllm bench serve`'s repeated prompt 0 became a job mid-run); another prompt continuing it does."""
+    res = scenario(tiny_model_dir, "repeat", "kvzip", 0.5)
+    first, again, _ = res["requests"]
+    assert again["num_cached_tokens"] >= 6 * 32  # vLLM's prefix cache served the repeat
+    assert res["kvzip_after_repeat"]["jobs_live"] == 0 and sum(res["kvzip_after_repeat"]["finished"].values()) == 0
+    assert res["kvzip"]["finished"]["committed"] == 1
+
+
 def test_outputs_on_compacted_prefix_equal_transformers_reference(kvzip_seq, dump_dir, reference_model):
     (dump_file,) = sorted(Path(dump_dir).glob("job-*.pt"))
     dump = torch.load(dump_file)
