@@ -32,6 +32,10 @@ from dataclasses import dataclass
 import torch
 
 CPU_ISAS = ("vec",)
+FLOAT_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""KV dtypes the plugin can read as numbers. A quantized cache (`--kv-cache-dtype fp8*`: vLLM 0.33 views it
+as uint8, `STR_DTYPE_TO_TORCH_DTYPE`) holds codes that need the layer's scales: its scores and the head-page
+attention would be computed on raw bytes, so it fails closed."""
 
 
 class UnsupportedKVLayout(RuntimeError):
@@ -59,6 +63,9 @@ def detect(kv_cache: torch.Tensor, *, backend: str, isa: str | None, block_size:
         if kv_cache.dim() != 4 or tuple(kv_cache.shape[1:]) != want or not kv_cache.is_contiguous():
             raise UnsupportedKVLayout(f"CPU KV buffer {tuple(kv_cache.shape)}, expected [blocks, *{want}]")
         return LayoutSpec("cpu_vec", block_size, num_kv_heads, head_size)
+    if kv_cache.dtype not in FLOAT_KV_DTYPES:
+        raise UnsupportedKVLayout(f"quantized KV cache ({kv_cache.dtype}; --kv-cache-dtype fp8*): the plugin "
+                                  "reads keys and values as numbers, without their scales")
     if kv_cache.dim() == 4 and tuple(kv_cache.shape[1:]) == (num_kv_heads, block_size, 2 * head_size) and \
             kv_cache.stride(-1) == 1:
         return LayoutSpec("kv4d", block_size, num_kv_heads, head_size)

@@ -97,6 +97,18 @@ def test_nhd_views_and_unsupported_layouts_fail_closed():
                       head_size=8)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float8_e4m3fn])
+def test_quantized_kv_caches_fail_closed(dtype):
+    """An fp8 KV cache (vLLM 0.33 views it as uint8) holds codes that need the layer's scales: not addressed."""
+    kv = torch.zeros(8, 2, 16, 128).to(dtype)
+    with pytest.raises(layout.UnsupportedKVLayout, match="quantized"):
+        layout.detect(kv, backend="FLASH_ATTN", isa=None, block_size=16, num_kv_heads=2, head_size=64)
+    for float_dtype in (torch.float16, torch.bfloat16, torch.float32):
+        spec = layout.detect(torch.zeros(8, 2, 16, 128, dtype=float_dtype), backend="FLASH_ATTN", isa=None,
+                             block_size=16, num_kv_heads=2, head_size=64)
+        assert spec.kind == "kv4d"
+
+
 def test_worker_results_aggregate_over_ranks():
     a = KVzipWorkerMetadata([CompactionResult(1, True, None, 0.2, 1.0, 0.5), CompactionResult(2, True)])
     b = KVzipWorkerMetadata([CompactionResult(1, False, "rank 1: boom", 0.3, 0.8, 0.4)])
