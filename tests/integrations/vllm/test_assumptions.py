@@ -476,6 +476,28 @@ def test_scheduler_hooks_used_by_kvzip():
     assert re.search(r"self\.kv_cache_manager\.get_computed_blocks\(\s*request\s*[,)]", hit)
 
 
+def test_reset_and_stats_hooks_used_by_kvzip():
+    """`connector._wrap_reset_prefix_cache` runs before vLLM's reset (which must reset the KV cache manager
+    before it calls the connector's reset), `_wrap_make_stats` adjusts the request gauges of the
+    `SchedulerStats` it returns, the KV cache manager records prefix-cache stats per admitted request
+    (wrapped per instance to skip scoring requests), and scoring requests are aborted with
+    `finish_requests` (scheduler.py `before_reset`)."""
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    assert params(Scheduler.reset_prefix_cache)[:3] == ["self", "reset_running_requests", "reset_connector"]
+    reset = inspect.getsource(Scheduler.reset_prefix_cache)
+    assert reset.index("self.kv_cache_manager.reset_prefix_cache()") < reset.index("self.reset_connector_cache()")
+    assert "self.running.pop()" in reset
+    assert params(Scheduler.finish_requests)[:3] == ["self", "request_ids", "finished_status"]
+    assert params(KVCacheManager.record_prefix_cache_stats) == ["self", "request", "num_hits"]
+    assert "self.kv_cache_manager.record_prefix_cache_stats(" in inspect.getsource(Scheduler.schedule)
+    fields = {f.name for f in dataclasses.fields(SchedulerStats)}
+    assert {"num_running_reqs", "num_waiting_reqs", "prefix_cache_stats"} <= fields
+    assert "self.make_stats(" in inspect.getsource(Scheduler.update_from_output)
+
+
 def test_block_publication_primitives():
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_manager import KVCacheManager
