@@ -233,6 +233,13 @@ def _prefer_v1_model_runner() -> None:
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         logger.info("kvzip-plugin: VLLM_USE_V2_MODEL_RUNNER=0 (KVzip adapts the V1 model runner)")
+        # an engine built earlier in this process (e.g. an LLM(...) without KVzip) may have frozen vLLM's
+        # environment cache with the variable unset: re-read it, or this engine would land on V2
+        import vllm.envs as envs
+
+        cached = getattr(envs, "_is_envs_cache_enabled", None)
+        if cached is not None and cached():
+            envs.__getattr__.cache_clear()
 
 
 def _register_connector() -> None:

@@ -179,6 +179,23 @@ def test_env_turns_kvzip_on_in_create_engine_config(parser, tiny_model_dir, monk
     assert config.kv_transfer_config.kv_connector_extra_config == {"kvzip": {"ratio": 0.6}}
 
 
+def test_a_second_engine_with_kvzip_reads_the_v1_runner_choice_past_vllms_env_cache(monkeypatch):
+    """A first engine without KVzip freezes vLLM's environment cache with VLLM_USE_V2_MODEL_RUNNER unset; a
+    later engine with KVzip must still see the V1 choice the plugin sets (on 0.33 CUDA it landed on Model
+    Runner V2 and KVzip turned itself off)."""
+    import vllm.envs as envs
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "")  # restored after the test, whatever the plugin sets
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    envs.enable_envs_cache()  # what a first engine's start does (vllm/v1/engine/core.py)
+    try:
+        assert envs.VLLM_USE_V2_MODEL_RUNNER is None
+        plugin._prefer_v1_model_runner()
+        assert envs.VLLM_USE_V2_MODEL_RUNNER is False
+    finally:
+        envs.disable_envs_cache()
+
+
 def test_env_unset_leaves_config_alone(parser, tiny_model_dir):
     assert _engine_args(tiny_model_dir).create_engine_config().kv_transfer_config is None
 
