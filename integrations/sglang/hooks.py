@@ -9,7 +9,9 @@ never patched):
 * `SchedulerOutputStreamer.stream_output` (AROUND): outputs of the internal `kvzip-score-*` requests are dropped;
   requests on compacted prefixes are reported with their logical `prompt_tokens` / `cached_tokens`;
 * `Scheduler.send_abort_output` (AROUND): no abort message for internal scoring requests (the
-  TokenizerManager does not know them).
+  TokenizerManager does not know them);
+* `QueueCount.from_reqs` (AROUND): SGLang's request gauges (`sglang:num_running_reqs`,
+  `sglang:num_queue_reqs`) count client requests only, not the internal scoring requests.
 
 Each hook looks the cache up at call time and does nothing without an active one.
 """
@@ -27,6 +29,7 @@ TARGETS = {
     "init_new": "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
     "stream_output": "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output",
     "send_abort_output": "sglang.srt.managers.scheduler.Scheduler.send_abort_output",
+    "queue_count": "sglang.srt.observability.metrics_collector.QueueCount.from_reqs",
 }
 
 _lock = threading.Lock()
@@ -83,6 +86,12 @@ def _around_send_abort_output(original, scheduler: Any, abort_req: Any, req: Any
     return original(scheduler, abort_req, req, *args, **kwargs)
 
 
+def _around_queue_count(original, cls: Any, reqs, *args: Any, **kwargs: Any):
+    from kvzip_plugin.integrations.sglang.scheduling import is_scoring_rid
+
+    return original(cls, [r for r in reqs if not is_scoring_rid(getattr(r, "rid", None))], *args, **kwargs)
+
+
 def install() -> None:
     """Register and apply the hooks (once per process)."""
     with _lock:
@@ -94,6 +103,7 @@ def install() -> None:
         HookRegistry.register(TARGETS["init_new"], _after_init_new, HookType.AFTER)
         HookRegistry.register(TARGETS["stream_output"], _around_stream_output, HookType.AROUND)
         HookRegistry.register(TARGETS["send_abort_output"], _around_send_abort_output, HookType.AROUND)
+        HookRegistry.register(TARGETS["queue_count"], _around_queue_count, HookType.AROUND)
         HookRegistry.apply_hooks()
         missing = [t for t in TARGETS.values() if t not in HookRegistry._patched]
         if missing:

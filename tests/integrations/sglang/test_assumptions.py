@@ -382,6 +382,25 @@ def test_hook_targets_of_the_compression_path():
     assert "self.max_req_input_len" in init and "self.waiting_queue" in init and "self.chunked_req" in init
 
 
+def test_request_gauges_count_through_queue_count_and_the_hook_drops_scoring_requests():
+    """`sglang:num_running_reqs` / `sglang:num_queue_reqs` are `QueueCount.from_reqs(...)` of the running
+    batch and the waiting queue; the plugin's AROUND hook (hooks.py) leaves the scoring requests out."""
+    from types import SimpleNamespace
+
+    from kvzip_plugin.integrations.sglang import hooks
+    from sglang.srt.managers.scheduler_components import metrics_reporter
+    from sglang.srt.observability.metrics_collector import QueueCount
+
+    assert isinstance(inspect.getattr_static(QueueCount, "from_reqs"), classmethod)
+    assert params_of(QueueCount.from_reqs.__func__)[:3] == ["cls", "reqs", "enable_priority_scheduling"]
+    body = inspect.getsource(metrics_reporter)
+    assert "self.stats.num_queue_reqs = QueueCount.from_reqs(" in body
+    assert "self.stats.num_running_reqs = QueueCount.from_reqs(" in body
+    reqs = [SimpleNamespace(rid="kvzip-score-3-0", priority=None), SimpleNamespace(rid="client", priority=None)]
+    count = hooks._around_queue_count(QueueCount.from_reqs.__func__, QueueCount, reqs, False)
+    assert count.total == 1
+
+
 def test_outputs_report_origin_input_ids_and_cached_tokens():
     """The output hook shows logical `origin_input_ids` / `cached_tokens` of requests on compacted prefixes
     while SGLang builds their output; detokenization reads `origin_input_ids_unpadded`, which keeps the
