@@ -13,9 +13,10 @@ without compression. Each configuration runs in a fresh process (the plugin's se
 
 `--engine sglang`: the real SGLang server (`python -m sglang.launch_server`, CPU, torch_native attention,
 page size 1, float32, with the CI's test-harness shims) per configuration, `--kv-compression kvzip` with
-the structure and ratio, trigger 64 tokens / 1 hit. Each context is warmed up with the prompt part all
-its questions share (two prompts that continue it differently: the second hits it and queues the job),
-the job is run to its
+the structure and ratio, trigger 64 tokens / 1 hit. Each context is warmed up with the span the
+transformers path compresses (template opening + context; two prompts that continue it differently: the
+second hits it and queues the job; with pages of one token SGLang compresses exactly that span), the job
+is run to its
 end (the plugin's state dump, `KVZIP_DUMP_DIR`), then all its questions go in one batched `/generate`;
 `sglang:kvzip_compressed_prefix_hits_total` counts how many were served by the compacted prefix.
 
@@ -152,7 +153,7 @@ def common_prefix(prompts: list[list[int]]) -> list[int]:
 
 
 def run_sglang(model_dir: str, structure: str, ratio: float, contexts: list[dict[str, Any]],
-               work_dir: Path) -> dict[str, Any]:
+               work_dir: Path, tokenizer_vocab: int) -> dict[str, Any]:
     """Every context through one SGLang server (a subprocess of this one); per-question results."""
     from tests.integrations.sglang import harness, scenarios
 
@@ -170,11 +171,13 @@ def run_sglang(model_dir: str, structure: str, ratio: float, contexts: list[dict
     try:
         for ctx in contexts:
             qs = ctx["questions"]
-            shared = common_prefix([q["prompt"] for q in qs])
-            # two different prompts that continue the shared part by one token: the 2nd hits it (a whole
-            # prompt sent again is not a shared prefix) and, with min_hits=1, queues its job
-            following = sorted({q["prompt"][len(shared)] for q in qs if len(q["prompt"]) > len(shared)})[:2]
-            for token in following:
+            # the span the transformers path compresses (template opening + context); every question
+            # continues it. Two different prompts extend it by one token: the 2nd hits it (a whole prompt
+            # sent again is not a shared prefix) and, with min_hits=1, queues its job.
+            shared = qs[0]["prompt"][:ctx["n_prefix"] + ctx["n_context"]]
+            assert common_prefix([q["prompt"] for q in qs])[:len(shared)] == shared
+            nxt = qs[0]["prompt"][len(shared)]
+            for token in (nxt, nxt + 1 if nxt + 1 < tokenizer_vocab else nxt - 1):
                 scenarios.generate(server, shared + [token], max_new=1, logprobs=False)
             finished = None
             if structure != "none":  # this context's job has ended (one job per context)
@@ -319,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.engine == "vllm":
             res = run_engine(model_dir, structure, ratio, contexts_file)
         else:
-            res = run_sglang(model_dir, structure, ratio, contexts, work_dir)
+            res = run_sglang(model_dir, structure, ratio, contexts, work_dir, len(tokenizer))
         for r in res["results"]:
             rows.append({"path": args.engine, "structure": structure, "ratio": ratio, **r})
         engine_runs.append({"structure": structure, "ratio": ratio, "jobs": res["jobs"], "compacted": res["compacted"],
