@@ -239,6 +239,28 @@ def test_input_logprobs_inside_the_prefix_are_not_adopted(pools):
     assert _match(cache, req).device_prefix_len == 0 and not hasattr(req, adoption.ADOPT_ATTR)
 
 
+def test_a_prompt_sent_again_is_not_a_shared_prefix(pools):
+    """Admission counts a hit only for a prompt not seen before: the same prompt again hits its whole prefix
+    in the tree but queues no job; another prompt continuing the prefix does (with the request that cached
+    it, 2 hits)."""
+    from kvzip_plugin.integrations.sglang.scheduling import Jobs
+
+    from kvzip_plugin.detection import TriggerPolicy
+
+    _, alloc, _ = pools
+    cache = _live(_cache(pools))
+    cache.kvzip_trigger = TriggerPolicy(min_prefix_tokens=8, min_hits=2)
+    cache.jobs = Jobs(cache)
+    prompt = list(range(100, 108)) + [1, 2]
+    assert _match(cache, _req(prompt, rid="a")).device_prefix_len == 0  # computed: it caches the prompt
+    cache.insert(InsertParams(key=RadixKey(array("q", prompt)), value=alloc.alloc(len(prompt))))
+    assert _match(cache, _req(prompt, rid="a-again")).device_prefix_len == 9  # a hit, but the same prompt
+    assert cache.jobs.live == {}
+    assert _match(cache, _req(list(range(100, 108)) + [3, 4], rid="b")).device_prefix_len == 8
+    (job,) = cache.jobs.live.values()
+    assert len(job.tokens) == 8 and job.job.candidate.hits == 2
+
+
 def test_logical_positions_and_capture_plan(pools):
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
