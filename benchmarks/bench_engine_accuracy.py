@@ -85,6 +85,18 @@ def prompts(tokenizer: Any, dataset: str) -> list[dict[str, Any]]:
 
 # ---- the engine side (a child process per configuration) ----------------------------------------------
 
+HEAD_LEVEL = "kvzip_head"
+"""Pseudo-structure of `--structures`: the `pair` store with `--kv-compression-scorer kvzip_head` (the
+context-independent head-level variant: no scoring pass; the head-score file shipped for the model).
+Engine-only: the transformers side has no such configuration here."""
+
+
+def _structure_settings(structure: str) -> dict[str, str]:
+    if structure == HEAD_LEVEL:
+        return {"structure": "pair", "scorer": "kvzip_head"}
+    return {"structure": structure, "scorer": "kvzip"}
+
+
 def engine_child(model_dir: str, structure: str, ratio: float, contexts_file: str) -> dict[str, Any]:
     """Run every context through one vLLM engine; return per-question results."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler in this process: drain jobs
@@ -95,7 +107,7 @@ def engine_child(model_dir: str, structure: str, ratio: float, contexts_file: st
     kwargs: dict[str, Any] = {}
     if structure != "none":
         kwargs["kv_transfer_config"] = kv_transfer_config(ratio=ratio, min_prefix_tokens=64, min_hits=1,
-                                                          structure=structure)
+                                                          **_structure_settings(structure))
     llm = LLM(model=model_dir, dtype="float32", enable_prefix_caching=True, block_size=BLOCK_SIZE,
               max_model_len=2048, max_num_seqs=16, enforce_eager=True, seed=0, **kwargs)
     engine = llm.llm_engine
@@ -162,7 +174,9 @@ def run_sglang(model_dir: str, structure: str, ratio: float, contexts: list[dict
     args = ["--dtype", "float32", "--max-total-tokens", "16384", "--context-length", "2048", "--random-seed", "0",
             "--enable-metrics", "--kv-compression", "none" if structure == "none" else "kvzip"]
     if structure != "none":
-        args += ["--kv-compression-structure", structure, "--kv-compression-ratio", str(ratio),
+        flags = _structure_settings(structure)
+        args += ["--kv-compression-structure", flags["structure"], "--kv-compression-scorer", flags["scorer"],
+                 "--kv-compression-ratio", str(ratio),
                  "--kv-compression-min-prefix-tokens", "64", "--kv-compression-min-hits", "1"]
     server = harness.SGLangServer(model_dir, *args, log_path=work_dir / f"sglang-{structure}-{ratio:g}.log",
                                   env={"KVZIP_DUMP_DIR": str(dump)})
@@ -233,7 +247,7 @@ def transformers_path(structures: list[str], ratios: list[float], datasets: list
             full, prefill_s = prefill(compressor, layout)
             scores = compressor.score(layout, full)
             configs = [("none", 1.0, hf_context(layout, full, None, "none", prefill_s, 0.0))]
-            for structure in structures:
+            for structure in [x for x in structures if x != HEAD_LEVEL]:
                 for ratio in ratios:
                     plan = plan_eviction(scores, ratio, structure)
                     configs.append((structure, ratio, hf_context(layout, full, plan, "kvzip", prefill_s, 0.0)))
