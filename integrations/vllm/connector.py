@@ -281,65 +281,67 @@ class KVzipConnector(KVConnectorBase_V1):
         return stats.build_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
 
-def _wrap_schedule() -> None:
-    """Let the connector add its scoring requests right before each `schedule()` (once per process)."""
+def _active_state(scheduler: Any, include_disabled: bool = False) -> SchedulerState | None:
+    """The KVzip scheduler state of `scheduler`'s connector, if it is ours (and not disabled)."""
+    connector = getattr(scheduler, "connector", None)
+    if not isinstance(connector, KVzipConnector) or connector.sched is None:
+        return None
+    return connector.sched if include_disabled or not connector.disabled else None
+
+
+def _patch_scheduler(name: str, make: Any) -> None:
+    """Replace `Scheduler.<name>` by `make(original)` once per process (vLLM's V1 scheduler class)."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    original = Scheduler.schedule
+    original = getattr(Scheduler, name)
     if getattr(original, _SCHEDULE_WRAPPED, False):
         return
+    wrapped = functools.wraps(original)(make(original))
+    setattr(wrapped, _SCHEDULE_WRAPPED, True)
+    setattr(Scheduler, name, wrapped)
 
-    @functools.wraps(original)
-    def schedule(self, *args, **kwargs):
-        connector = getattr(self, "connector", None)
-        if isinstance(connector, KVzipConnector) and connector.sched is not None and not connector.disabled:
-            connector.sched.before_schedule(self)
-        return original(self, *args, **kwargs)
 
-    setattr(schedule, _SCHEDULE_WRAPPED, True)
-    Scheduler.schedule = schedule
+def _wrap_schedule() -> None:
+    """Let the connector add its scoring requests right before each `schedule()`."""
+
+    def make(original):
+        def schedule(self, *args, **kwargs):
+            if (state := _active_state(self)) is not None:
+                state.before_schedule(self)
+            return original(self, *args, **kwargs)
+        return schedule
+
+    _patch_scheduler("schedule", make)
 
 
 def _wrap_reset_prefix_cache() -> None:
     """Let the connector release what its in-flight jobs hold right before vLLM resets its prefix cache
-    (`POST /reset_prefix_cache`, `LLM.reset_prefix_cache()`), once per process."""
-    from vllm.v1.core.sched.scheduler import Scheduler
+    (`POST /reset_prefix_cache`, `LLM.reset_prefix_cache()`)."""
 
-    original = Scheduler.reset_prefix_cache
-    if getattr(original, _SCHEDULE_WRAPPED, False):
-        return
+    def make(original):
+        def reset_prefix_cache(self, reset_running_requests: bool = False, *args, **kwargs):
+            if (state := _active_state(self)) is not None:
+                state.before_reset(self, reset_running_requests)
+            return original(self, reset_running_requests, *args, **kwargs)
+        return reset_prefix_cache
 
-    @functools.wraps(original)
-    def reset_prefix_cache(self, reset_running_requests: bool = False, *args, **kwargs):
-        connector = getattr(self, "connector", None)
-        if isinstance(connector, KVzipConnector) and connector.sched is not None and not connector.disabled:
-            connector.sched.before_reset(self, reset_running_requests)
-        return original(self, reset_running_requests, *args, **kwargs)
-
-    setattr(reset_prefix_cache, _SCHEDULE_WRAPPED, True)
-    Scheduler.reset_prefix_cache = reset_prefix_cache
+    _patch_scheduler("reset_prefix_cache", make)
 
 
 def _wrap_make_stats() -> None:
     """vLLM's request gauges (`vllm:num_requests_running` / `_waiting`) describe client requests only: the
     connector's scoring requests are taken out of the counts `Scheduler.make_stats` reports (the KV usage
-    gauge keeps the blocks they hold: that memory is really in use). Once per process."""
-    from vllm.v1.core.sched.scheduler import Scheduler
+    gauge keeps the blocks they hold: that memory is really in use)."""
 
-    original = Scheduler.make_stats
-    if getattr(original, _SCHEDULE_WRAPPED, False):
-        return
+    def make(original):
+        def make_stats(self, *args, **kwargs):
+            stats = original(self, *args, **kwargs)
+            if stats is not None and _active_state(self, include_disabled=True) is not None:
+                running = sum(is_scoring_request(r.request_id) for r in self.running)
+                waiting = sum(is_scoring_request(r.request_id) for r in self.waiting)
+                stats.num_running_reqs = max(0, stats.num_running_reqs - running)
+                stats.num_waiting_reqs = max(0, stats.num_waiting_reqs - waiting)
+            return stats
+        return make_stats
 
-    @functools.wraps(original)
-    def make_stats(self, *args, **kwargs):
-        stats = original(self, *args, **kwargs)
-        connector = getattr(self, "connector", None)
-        if stats is not None and isinstance(connector, KVzipConnector) and connector.sched is not None:
-            running = sum(is_scoring_request(r.request_id) for r in self.running)
-            waiting = sum(is_scoring_request(r.request_id) for r in self.waiting)
-            stats.num_running_reqs = max(0, stats.num_running_reqs - running)
-            stats.num_waiting_reqs = max(0, stats.num_waiting_reqs - waiting)
-        return stats
-
-    setattr(make_stats, _SCHEDULE_WRAPPED, True)
-    Scheduler.make_stats = make_stats
+    _patch_scheduler("make_stats", make)

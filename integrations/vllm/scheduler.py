@@ -117,8 +117,9 @@ class SchedulerState:
         self.block_size = 0
         self.block_bytes = 0
         self.jobs: dict[int, _Job] = {}
-        self.scoring_owner: dict[str, int] = {}  # scoring request id -> job id
-        self.scoring_prefix_blocks: dict[str, int] = {}  # scoring request id -> prefix blocks (until it ends)
+        # scoring request id -> (its job's id, the prefix blocks it reads), until the request ends in vLLM
+        # (also after its job ended: its repeat-input blocks are evicted then)
+        self.scoring_requests: dict[str, tuple[int, int]] = {}
         self.compacted: dict[Hashable, CompactedPrefix] = {}
         self.offsets: dict[str, CompactedPrefix] = {}  # request id -> the prefix it reads
         self.to_add: list[Any] = []  # scoring Requests to hand to the scheduler
@@ -275,8 +276,7 @@ class SchedulerState:
                 j.targets[rid] = target
             for req in reqs:  # only once every chunk is valid: a failed start adds nothing
                 j.pending.add(req.request_id)
-                self.scoring_owner[req.request_id] = j.job.job_id
-                self.scoring_prefix_blocks[req.request_id] = L // bs
+                self.scoring_requests[req.request_id] = (j.job.job_id, L // bs)
             self.to_add.extend(reqs)
             self.new_targets.update(j.targets)
             logger.info("kvzip-plugin: job %d scoring %d tokens (%d protected) in %d chunk(s)",
@@ -322,14 +322,14 @@ class SchedulerState:
     def request_finished(self, request: Any, block_ids: list[int]) -> None:
         rid = request.request_id
         self.offsets.pop(rid, None)
-        n_prefix_blocks = self.scoring_prefix_blocks.pop(rid, None)
-        job_id = self.scoring_owner.pop(rid, None)
-        if n_prefix_blocks is None:
+        scoring = self.scoring_requests.pop(rid, None)
+        if scoring is None:
             return
+        job_id, n_prefix_blocks = scoring
         # the repeat input's blocks must not serve later lookups (a rerun would skip its queries), also
         # when its job has already ended
         self.pool.evict_blocks({b for b in block_ids[n_prefix_blocks:] if b})
-        j = self.jobs.get(job_id) if job_id is not None else None
+        j = self.jobs.get(job_id)  # None once the job ended (job ids are never reused)
         if j is None:
             return
         j.pending.discard(rid)
@@ -389,8 +389,6 @@ class SchedulerState:
             j.src_blocks = []
         outcome = self.admission.finish(j.job, status, error, unservable=unservable)
         self.jobs.pop(j.job.job_id, None)
-        for rid in j.pending:
-            self.scoring_owner.pop(rid, None)
         self.drop.append(j.job.job_id)
         self.stats.jobs[outcome] += 1
         if status is not JobStatus.COMMITTED:
@@ -481,9 +479,7 @@ class SchedulerState:
         scoring = [rid for j in self.jobs.values() for rid in j.pending if rid in scheduler.requests]
         for j in list(self.jobs.values()):
             self._end(j, JobStatus.CANCELLED, "prefix cache reset")
-        for req in self.to_add:  # never handed to vLLM
-            self.scoring_prefix_blocks.pop(req.request_id, None)
-        self.to_add, self.commands, self.new_targets = [], [], {}
+        self._drop_unsent()
         if scoring:  # their blocks go back to the pool (their outputs never reached a client)
             scheduler.finish_requests(scoring, RequestStatus.FINISHED_ABORTED)
 
@@ -501,6 +497,12 @@ class SchedulerState:
         self.disabled = reason
         for j in list(self.jobs.values()):
             self._end(j, JobStatus.FAILED, f"a worker disabled KV compression ({reason})", unservable=True)
+        self._drop_unsent()
+
+    def _drop_unsent(self) -> None:
+        """Forget what was not yet handed to vLLM or the workers (every job has ended)."""
+        for req in self.to_add:
+            self.scoring_requests.pop(req.request_id, None)
         self.to_add, self.commands, self.new_targets = [], [], {}
 
     def has_pending_work(self) -> bool:

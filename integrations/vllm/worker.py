@@ -278,13 +278,13 @@ class WorkerState:
             if self.unsupported:
                 raise RuntimeError(f"unsupported KV layout: {self.unsupported}")
             if cmd.head_scores is not None:  # kvzip_head: no scoring pass
-                n_context = len(cmd.src_block_ids) * next(iter(self.specs.values())).block_size - cmd.n_protected
+                spec = next(iter(self.specs.values()))
+                n_context = len(cmd.src_block_ids) * spec.block_size - cmd.n_protected
                 scores = head_level_scores(torch.tensor(cmd.head_scores), n_context)
-                if scores.shape[:2] != (len(self.kv_caches), next(iter(self.specs.values())).num_kv_heads):
+                if scores.shape[:2] != (len(self.kv_caches), spec.num_kv_heads):
                     raise RuntimeError(f"head scores for {tuple(scores.shape[:2])} (layers, KV heads), this worker "
-                                       f"holds {len(self.kv_caches)} layers of "
-                                       f"{next(iter(self.specs.values())).num_kv_heads} KV heads (TP > 1 is not "
-                                       "supported by kvzip_head)")
+                                       f"holds {len(self.kv_caches)} layers of {spec.num_kv_heads} KV heads "
+                                       "(TP > 1 is not supported by kvzip_head)")
                 job = _JobScores(scores, n_context + cmd.n_protected)
             if job is None:
                 raise RuntimeError("no scores were captured for this job")
