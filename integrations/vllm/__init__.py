@@ -242,6 +242,37 @@ def _prefer_v1_model_runner() -> None:
             envs.__getattr__.cache_clear()
 
 
+def _keep_cpu_thread_setup() -> None:
+    """vLLM CPU reserves one more core per local rank whenever a KV connector is configured (meant for
+    P/D transfer connectors, `OMPProcessManager.__init__`), so `--kv-compression kvzip` would run the
+    model on a different set of OMP threads than `none` (on a 2-core machine: 2 threads against 1).
+    KVzip's connector moves no KV between processes and needs no core of its own: undo that extra
+    reservation for it, so both modes run the same thread setup. An explicit
+    `VLLM_CPU_NUM_OF_RESERVED_CPU` is the user's choice and is left as it is."""
+    try:
+        from vllm.utils.ompmultiprocessing import OMPProcessManager
+    except ImportError:  # a build without the manager: nothing reserved for connectors
+        return
+    orig = OMPProcessManager.__dict__["__init__"]
+    if getattr(orig, _WRAPPED, False):
+        return
+
+    def __init__(self, config, *args, **kwargs):
+        orig(self, config, *args, **kwargs)
+        if (
+            hasattr(self, "reserve_cpu_num")  # the CPU platform (the manager returns early elsewhere)
+            and os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU") is None
+            and _connector_name(getattr(config, "kv_transfer_config", None)) == CONNECTOR_NAME
+        ):
+            self.reserve_cpu_num -= self.local_world_size
+            self._parse_omp_threads_bind_env()  # recompute the bound and reserved CPU lists
+
+    __init__.__doc__ = orig.__doc__
+    __init__.__wrapped__ = orig  # type: ignore[attr-defined]
+    setattr(__init__, _WRAPPED, True)
+    OMPProcessManager.__init__ = __init__
+
+
 def _register_connector() -> None:
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
@@ -258,6 +289,7 @@ def _vllm_version() -> str:
 def _patch_vllm() -> None:
     _register_connector()
     _wrap_engine_args()
+    _keep_cpu_thread_setup()
 
 
 def register() -> None:

@@ -196,6 +196,35 @@ def test_a_second_engine_with_kvzip_reads_the_v1_runner_choice_past_vllms_env_ca
         envs.disable_envs_cache()
 
 
+def _omp_manager(connector: str | None, monkeypatch, reserved: str | None = None):
+    """vLLM's own CPU thread planner for a config with `connector` (it reads only these fields)."""
+    from types import SimpleNamespace
+
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    if reserved is None:
+        monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", reserved)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    parallel = SimpleNamespace(local_world_size=1, data_parallel_rank_local=None, _api_process_count=1)
+    kv = None if connector is None else SimpleNamespace(kv_connector=connector)
+    return OMPProcessManager(SimpleNamespace(parallel_config=parallel, kv_transfer_config=kv))
+
+
+def test_kvzip_runs_the_same_cpu_threads_as_none(parser, monkeypatch):
+    """vLLM CPU reserves a core more for any KV connector (P/D transfer); KVzip's connector needs none, so
+    `--kv-compression kvzip` and `none` must bind the same OMP threads (a fair comparison; on 2 cores
+    kvzip got 2 threads and none 1 before). Another connector keeps vLLM's extra reservation."""
+    none = _omp_manager(None, monkeypatch)
+    kvzip = _omp_manager(plugin.CONNECTOR_NAME, monkeypatch)
+    other = _omp_manager("NixlConnector", monkeypatch)
+    assert (kvzip.reserve_cpu_num, kvzip.cpu_lists, kvzip.reserved_cpu_list) == (
+        none.reserve_cpu_num, none.cpu_lists, none.reserved_cpu_list)
+    assert other.reserve_cpu_num == none.reserve_cpu_num + 1
+    assert _omp_manager(plugin.CONNECTOR_NAME, monkeypatch, reserved="0").reserve_cpu_num == 0  # the user's choice
+
+
 def test_env_unset_leaves_config_alone(parser, tiny_model_dir):
     assert _engine_args(tiny_model_dir).create_engine_config().kv_transfer_config is None
 
