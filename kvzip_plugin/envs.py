@@ -29,3 +29,16 @@ def fault_injection() -> str | None:
     if value is not None and value not in FAULTS:
         raise ValueError(f"KVZIP_FAULT_INJECTION={value!r}; expected one of {FAULTS}")
     return value
+
+
+PREFIX_ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
+def prefix_attention_backend() -> str:
+    """KVZIP_PREFIX_ATTENTION=auto|torch|triton: how requests on a head-page store attend to its runs.
+    `auto` (default): the Triton kernel on CUDA when Triton is installed, torch elsewhere; `triton`
+    forces the kernel (on CPU only under TRITON_INTERPRET=1: the tests); `torch` forces torch."""
+    value = os.environ.get("KVZIP_PREFIX_ATTENTION") or "auto"
+    if value not in PREFIX_ATTENTION_BACKENDS:
+        raise ValueError(f"KVZIP_PREFIX_ATTENTION={value!r}; expected one of {PREFIX_ATTENTION_BACKENDS}")
+    return value

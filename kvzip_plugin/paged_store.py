@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvzip_plugin.kernel_runs import KernelRuns, kernel_runs, use_kernel
 from kvzip_plugin.prefix_attention import PageRuns, SegmentRuns
 from kvzip_plugin.store import HeadPageLayout, copy_plan, run_gather_index
 
@@ -72,7 +73,8 @@ class PagedStore:
     layout: HeadPageLayout
     block_ids: torch.Tensor
     layers: tuple[_LayerRuns, ...]
-    _on: dict = field(default_factory=dict, repr=False)  # (layer, device) -> the gathers' tensors there
+    # (layer, device) -> the gathers' tensors there; ("kernel", layer, device) -> KernelRuns, or None
+    _on: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_slots(self) -> int:
@@ -113,16 +115,25 @@ class PagedStore:
             self._on[(layer, device)] = got
         return got
 
-    def read_runs(self, layer: int, views: Views, pages: PageReader | None = None) -> PageRuns | SegmentRuns:
+    def read_runs(self, layer: int, views: Views,
+                  pages: PageReader | None = None) -> PageRuns | SegmentRuns | KernelRuns:
         """`layer`'s runs for `prefix_attention.attend_rows`, read from the engine's buffers once per layer
-        and step and shared by every request on the prefix: page by page (`PageRuns`: the pages as they
-        are, no copy into runs) when pages hold several tokens; one after another (`SegmentRuns`, one
+        and step and shared by every request on the prefix. With the Triton kernel (CUDA, or forced by
+        `KVZIP_PREFIX_ATTENTION=triton`): the pages read in place by one launch (`KernelRuns`, its page
+        table built once per layer and device). Otherwise torch: page by page (`PageRuns`: the pages as
+        they are, no copy into runs) when pages hold several tokens; one after another (`SegmentRuns`, one
         gather of exactly the used slots) for pages of one token (SGLang's token pool)."""
         lr = self.layers[layer]
         ps = self.layout.page_size
         if not lr.gathers:  # the layer keeps nothing (no protected tokens, no kept pairs)
             return PageRuns([], [], lr.starts, lr.lengths)
         k0, _ = views(lr.gathers[0].buffer)
+        if use_kernel(k0.device):
+            key = ("kernel", layer, k0.device)
+            if key not in self._on:  # None: buffers the kernel cannot address (torch path)
+                self._on[key] = kernel_runs(self.layout, layer, self.block_ids, views)
+            if self._on[key] is not None:
+                return self._on[key]
         gathers = self._on_device(layer, k0.device)
         if pages is None:
             def pages(buf: int, blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

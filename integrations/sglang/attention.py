@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from kvzip_plugin.kernel_runs import backend_name
 from kvzip_plugin.paged_store import PagedStore
 from kvzip_plugin.prefix_attention import attend_rows, own_positions
 
@@ -63,6 +64,7 @@ class PagedAttention:
         self.req_to_token = req_to_token
         self.page_size = page_size
         self.armed: tuple[Any, list[list[PagedRow]]] | None = None
+        self.backend: str | None = None  # what read the runs last (logged when it changes)
 
     def views(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-major `[num_pages, page_size, H_kv, D]` views of layer `idx`'s key and value buffers."""
@@ -112,7 +114,11 @@ class PagedAttention:
                     slots = self.req_to_token[r.row, first:r.seq_len].long()
                     prefill.append((r.q_start, r.q_start + r.n_q, k_buf[slots].transpose(0, 1),
                                     v_buf[slots].transpose(0, 1)))  # [H_kv, T, D]
-            attend_rows(q_all, out_all, store.read_runs(idx, self.views), scale,
+            runs = store.read_runs(idx, self.views)
+            if backend_name(runs) != self.backend:
+                self.backend = backend_name(runs)
+                logger.info("kvzip-plugin: requests on head-page entries attend to the runs through %s", self.backend)
+            attend_rows(q_all, out_all, runs, scale,
                         torch.tensor([r.q_start for r in decode], dtype=torch.long), own, prefill)
 
 

@@ -24,14 +24,27 @@ writes the runs into the leading `layout.n_blocks` of them and reports that coun
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from kvzip_plugin.integrations.vllm import layout
 
+from kvzip_plugin.kernel_runs import backend_name
 from kvzip_plugin.paged_store import PagedStore, PageReader, Views
 from kvzip_plugin.prefix_attention import attend_rows, own_positions
+
+logger = logging.getLogger("vllm.kvzip_plugin.attention")
+_backend: str | None = None  # what read the runs last (logged when it changes)
+
+
+def _log_backend(runs: object) -> None:
+    global _backend
+    name = backend_name(runs)
+    if name != _backend:
+        _backend = name
+        logger.info("kvzip-plugin: requests on head-page stores attend to the runs through %s", name)
 
 
 @dataclass(frozen=True)
@@ -104,5 +117,7 @@ def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, groups: 
                 table, n_own = meta.block_table[row][first:], int(meta.seq_lens[row])
                 prefill.append((qs, qe, layout.read_tokens(own_views[0], table, n_own),  # [H_kv, n_own, D]
                                 layout.read_tokens(own_views[1], table, n_own)))
-        attend_rows(q_all, out_all, grp.store.read_runs(layer, views, pages), scale, grp.decode_q, own, prefill)
+        runs = grp.store.read_runs(layer, views, pages)
+        _log_backend(runs)
+        attend_rows(q_all, out_all, runs, scale, grp.decode_q, own, prefill)
 

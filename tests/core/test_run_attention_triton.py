@@ -190,3 +190,49 @@ def test_rejects_bad_head_dim():
     with pytest.raises(ValueError, match="power of two"):
         paged_run_attention(torch.randn(1, 1, 24), runs.storage, runs.k_pages, runs.v_pages, runs.lengths, 4,
                             runs.k_strides, runs.v_strides, 1.0)
+
+
+# ------------------------------------------------------------------ the kernel behind PagedStore.read_runs
+
+
+def _pools(kind: str, n_layers: int, n_blocks: int, page_size: int, h_kv: int, d: int, gen: torch.Generator):
+    """Per layer token-major `[n_blocks, page, H_kv, D]` (keys, values) views, laid out as an engine does:
+    `separate` one allocation per layer and per keys/values (SGLang's token pool); `vllm_cpu` one
+    allocation for all layers, a (block, head) row holding its keys transposed `[D, page]` then its values."""
+    if kind == "separate":
+        return [(torch.randn(n_blocks, page_size, h_kv, d, generator=gen),
+                 torch.randn(n_blocks, page_size, h_kv, d, generator=gen)) for _ in range(n_layers)]
+    raw = torch.randn(n_layers, n_blocks, h_kv, 2, page_size * d, generator=gen)
+    return [(raw[i, :, :, 0].unflatten(-1, (d, page_size)).permute(0, 3, 1, 2),
+             raw[i, :, :, 1].unflatten(-1, (page_size, d)).permute(0, 2, 1, 3)) for i in range(n_layers)]
+
+
+@pytest.mark.parametrize("kind,page_size", [("separate", 1), ("separate", 4), ("vllm_cpu", 4)])
+def test_store_reads_through_the_kernel_like_torch(kind, page_size, monkeypatch):
+    """A `pair` store spread over several layers' buffers: with KVZIP_PREFIX_ATTENTION=triton
+    `read_runs` hands the kernel's runs (pages read in place across separate allocations), whose
+    attention equals the torch path's on the same store."""
+    from kvzip_plugin.kernel_runs import KernelRuns
+    from kvzip_plugin.paged_store import PagedStore, write_store
+    from kvzip_plugin.store import place_runs, select_runs
+
+    gen = torch.Generator().manual_seed(page_size)
+    n_layers, h_kv, h_q, d, length, n_blocks = 3, 2, 4, 16, 24, 40
+    scores = torch.rand(n_layers, h_kv, length, generator=gen) * torch.tensor([0.01, 1.0, 3.0]).view(-1, 1, 1)
+    keep = select_runs(scores, 0, 0.4, "pair", page_size)
+    layout = place_runs(keep.sum(-1), page_size)
+    pool = _pools(kind, n_layers, n_blocks, page_size, h_kv, d, gen)
+    dst = list(range(n_blocks - layout.n_blocks, n_blocks))
+    write_store(keep, layout, list(range(length // page_size)), dst, lambda i: pool[i])
+    store = PagedStore.build(layout, dst)
+    assert any(len(lr.gathers) > 1 for lr in store.layers)  # some layer's runs span buffers
+    q = torch.randn(3, h_q, d, generator=gen)
+    for layer in range(n_layers):
+        monkeypatch.setenv("KVZIP_PREFIX_ATTENTION", "torch")
+        want = store.read_runs(layer, lambda i: pool[i]).attention(q, 0.4)
+        monkeypatch.setenv("KVZIP_PREFIX_ATTENTION", "triton")
+        runs = store.read_runs(layer, lambda i: pool[i])
+        if not store.layers[layer].gathers:
+            continue  # a layer that keeps nothing: no pages to read
+        assert isinstance(runs, KernelRuns)
+        check(*runs.attention(q, 0.4), *want)

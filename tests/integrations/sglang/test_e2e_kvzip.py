@@ -167,11 +167,11 @@ def test_outputs_on_compacted_prefix_equal_transformers_reference(kvzip_server, 
     assert gaps and max(gaps) > 1e-2  # the comparison can fail: the full cache gives other logprobs
 
 
-@pytest.fixture(scope="module")
-def pair_seq(sglang_tiny_model_dir, tmp_path_factory):
+def _pair_seq(model_dir, tmp_path_factory, name: str, **env: str):
     """A `pair` server (page size 1: every head page is one slot of one KV head of one layer)."""
-    server = _server(sglang_tiny_model_dir, tmp_path_factory, "pair", "--kv-compression-ratio", "0.5",
-                     "--max-running-requests", "2", "--max-total-tokens", "1024", "--kv-compression-structure", "pair")
+    server = _server(model_dir, tmp_path_factory, name, "--kv-compression-ratio", "0.5",
+                     "--max-running-requests", "2", "--max-total-tokens", "1024", "--kv-compression-structure", "pair",
+                     **env)
     try:
         before = scenarios.state_seq(server.dump_dir)
         seq = scenarios.run_sequence(server)
@@ -183,7 +183,28 @@ def pair_seq(sglang_tiny_model_dir, tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def pair_seq(sglang_tiny_model_dir, tmp_path_factory):
+    yield from _pair_seq(sglang_tiny_model_dir, tmp_path_factory, "pair")
+
+
 def test_pair_prefix_owns_exactly_its_head_pages_and_answers_like_transformers(pair_seq, sglang_tiny_model_dir):
+    assert "attend to the runs through torch" in pair_seq["log"]  # CPU default (KVZIP_PREFIX_ATTENTION=auto)
+    _check_pair_seq(pair_seq, sglang_tiny_model_dir)
+
+
+def test_pair_through_the_triton_kernel_answers_like_transformers(sglang_tiny_model_dir, tmp_path_factory):
+    """The CUDA path of head-page attention (the Triton kernel reading the per-layer key and value
+    buffers in place), forced on CPU under Triton's interpreter: the same store and answers."""
+    pytest.importorskip("triton")
+    for seq in _pair_seq(sglang_tiny_model_dir, tmp_path_factory, "pair_triton", KVZIP_PREFIX_ATTENTION="triton",
+                         TRITON_INTERPRET="1"):
+        assert "attend to the runs through the Triton kernel" in seq["log"]
+        assert "through torch" not in seq["log"]
+        _check_pair_seq(seq, sglang_tiny_model_dir)
+
+
+def _check_pair_seq(pair_seq, sglang_tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from kvzip_plugin.store import place_runs

@@ -145,7 +145,21 @@ class Harness:
             "finished": {s.value: n for s, n in sched.queue.finished.items()},
             "offsets": {rid: p.logical_length - p.physical_length for rid, p in sched.offsets.items()},
             "disabled": self.connector.disabled,
+            "prefix_attention": self.prefix_attention(),
         }
+
+    @staticmethod
+    def prefix_attention() -> str | None:
+        """How the worker's head-page stores were read ("KernelRuns": the Triton kernel; "torch"); the
+        worker is in this process (executor "uni"). None without a store."""
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+        worker = getattr(get_kv_transfer_group(), "worker", None) if has_kv_transfer_group() else None
+        stores = list(worker.store_index.stores.values()) if worker is not None else []
+        if not stores:
+            return None
+        kernel = any(k[0] == "kernel" and v is not None for s in stores for k, v in s._on.items())
+        return "KernelRuns" if kernel else "torch"
 
 
 def sequential(h: Harness) -> dict:

@@ -150,6 +150,7 @@ def test_nonuniform_prefix_holds_exactly_its_head_pages(kvzip_nonuniform, none_s
     structure, res, dump = kvzip_nonuniform
     state = res["kvzip"]
     assert state["structure"] == structure and state["finished"] == {"committed": 1, "failed": 0, "cancelled": 0}
+    assert state["prefix_attention"] == "torch"  # CPU default (KVZIP_PREFIX_ATTENTION=auto)
     (prefix,) = state["compacted"]
     keep = dump["keep"]
     lengths = keep.sum(-1)
@@ -175,6 +176,20 @@ def test_nonuniform_outputs_equal_transformers_reference(kvzip_nonuniform, refer
     gaps = _check_against_reference(reference_model, res["prefix"], dump["keep"], dump["n_protected"],
                                     res["requests"], res["suffixes"])
     assert len(gaps) == 4 and max(gaps) > 1e-2  # the comparison can fail: the full cache gives other logprobs
+
+
+def test_pair_through_the_triton_kernel_equals_transformers(tiny_model_dir, tmp_path, reference_model):
+    """The CUDA path of head-page attention (the Triton kernel reading vLLM's blocks in place), forced on
+    CPU under Triton's interpreter: the same outputs as transformers on the same kept pairs."""
+    pytest.importorskip("triton")
+    res = scenario(tiny_model_dir, "sequential", "kvzip", 0.5, KVZIP_DUMP_DIR=str(tmp_path),
+                   KVZIP_KV_COMPRESSION_STRUCTURE="pair", KVZIP_PREFIX_ATTENTION="triton", TRITON_INTERPRET="1")
+    assert res["kvzip"]["finished"]["committed"] == 1 and res["kvzip"]["compacted"][0]["head_pages"]
+    assert res["kvzip"]["prefix_attention"] == "KernelRuns"
+    dump = torch.load(next(iter(sorted(tmp_path.glob("job-*.pt")))))
+    gaps = _check_against_reference(reference_model, res["prefix"], dump["keep"], dump["n_protected"],
+                                    res["requests"], res["suffixes"])
+    assert len(gaps) == 4
 
 
 def test_head_level_scorer_compacts_without_a_scoring_pass(tiny_model_dir, tmp_path, reference_model):
