@@ -25,6 +25,7 @@ ENV_MIN_HITS = "KVZIP_KV_COMPRESSION_MIN_HITS"
 ENV_STRUCTURE = "KVZIP_KV_COMPRESSION_STRUCTURE"
 ENV_SCORER = "KVZIP_KV_COMPRESSION_SCORER"
 ENV_HEAD_SCORES = "KVZIP_KV_COMPRESSION_HEAD_SCORES"
+ENV_SCORING_STEP_TOKENS = "KVZIP_KV_COMPRESSION_SCORING_STEP_TOKENS"
 
 SCORERS = ("kvzip", "kvzip_head")
 """`kvzip`: KVzip's context-dependent scores (a scoring pass per prefix). `kvzip_head`: the
@@ -55,6 +56,8 @@ class KVCompressionSettings:
     """`SCORERS`; None = `kvzip`."""
     head_scores: str | None = None
     """Head-score file for `kvzip_head` (`kvzip_plugin.head_scores`); None = the file shipped for the model."""
+    scoring_step_tokens: int | None = None
+    """Scoring tokens per engine step (`slicing.ScoringBudget.step_tokens`; 0 = no slicing); None = default."""
 
     def to_dict(self) -> dict[str, Any]:
         """The values that were set (what an engine stores in its config and passes to its processes)."""
@@ -66,7 +69,8 @@ class KVCompressionSettings:
     def from_dict(cls, data: Mapping[str, Any] | None) -> KVCompressionSettings:
         data = dict(data or {})
         return make_settings(data.get("ratio"), data.get("min_prefix_tokens"), data.get("min_hits"),
-                             data.get("structure"), data.get("scorer"), data.get("head_scores"))
+                             data.get("structure"), data.get("scorer"), data.get("head_scores"),
+                             data.get("scoring_step_tokens"))
 
 
 def _first_error(exc: Exception) -> str:
@@ -127,6 +131,13 @@ def validate_scorer(value: Any) -> str:
     return text
 
 
+def validate_scoring_step_tokens(value: Any) -> int:
+    """A token count accepted by `ScoringBudget.step_tokens` (>= 0; 0 = no slicing)."""
+    from kvzip_plugin.slicing import ScoringBudget
+
+    return int(_validated(ScoringBudget, "step_tokens", value))
+
+
 def validate_head_scores(value: Any) -> str:
     """An existing head-score file; raises ValueError naming the field."""
     path = os.path.expanduser(str(value).strip())
@@ -137,7 +148,7 @@ def validate_head_scores(value: Any) -> str:
 
 def make_settings(
     ratio: Any = None, min_prefix_tokens: Any = None, min_hits: Any = None, structure: Any = None,
-    scorer: Any = None, head_scores: Any = None,
+    scorer: Any = None, head_scores: Any = None, scoring_step_tokens: Any = None,
 ) -> KVCompressionSettings:
     """Validated settings; raises ValueError naming the offending field."""
     settings = KVCompressionSettings(
@@ -147,6 +158,7 @@ def make_settings(
         structure=None if structure is None else validate_structure(structure),
         scorer=None if scorer is None else validate_scorer(scorer),
         head_scores=None if head_scores is None else validate_head_scores(head_scores),
+        scoring_step_tokens=None if scoring_step_tokens is None else validate_scoring_step_tokens(scoring_step_tokens),
     )
     if settings.scorer == "kvzip_head" and (settings.structure or DEFAULT_STRUCTURE) != "pair":
         raise ValueError(f"scorer: 'kvzip_head' keeps whole heads through the pair store and needs structure "
@@ -173,6 +185,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> KVCompression
         (ENV_STRUCTURE, "structure", validate_structure),
         (ENV_SCORER, "scorer", validate_scorer),
         (ENV_HEAD_SCORES, "head_scores", validate_head_scores),
+        (ENV_SCORING_STEP_TOKENS, "scoring_step_tokens", validate_scoring_step_tokens),
     ):
         raw = env.get(var, "").strip()
         if not raw:
@@ -213,6 +226,7 @@ FLAGS = {
     "structure": "--kv-compression-structure",
     "scorer": "--kv-compression-scorer",
     "head_scores": "--kv-compression-head-scores",
+    "scoring_step_tokens": "--kv-compression-scoring-step-tokens",
 }
 """Settings field -> its flag (the argparse destination is the flag without dashes)."""
 
@@ -238,7 +252,7 @@ def add_kv_compression_args(parser: argparse.ArgumentParser, *, mode_help: str,
         title="KVzip",
         description="KVzip compression of shared prefixes (kvzip-plugin). Environment variables "
         f"{ENV_MODE}, {ENV_RATIO}, {ENV_MIN_PREFIX}, {ENV_MIN_HITS}, {ENV_STRUCTURE}, {ENV_SCORER}, "
-        f"{ENV_HEAD_SCORES} apply {env_applies}.",
+        f"{ENV_HEAD_SCORES}, {ENV_SCORING_STEP_TOKENS} apply {env_applies}.",
     )
     group.add_argument("--kv-compression", choices=MODES, default=None, help=mode_help)
     group.add_argument(
@@ -286,6 +300,16 @@ def add_kv_compression_args(parser: argparse.ArgumentParser, *, mode_help: str,
         metavar="PATH",
         help="Head-score file for --kv-compression-scorer kvzip_head (`kvzip calibrate-heads` makes one); "
         "default: the file shipped for the model, matched by its architecture.",
+    )
+    group.add_argument(
+        FLAGS["scoring_step_tokens"],
+        type=_argparse_type(validate_scoring_step_tokens),
+        default=None,
+        metavar="INT",
+        help="Scoring tokens a compression job may add to one engine step, >= 0 (default 256). Scoring runs "
+        "as a low-priority workload: never in a step where a client request waits or prefills (for at most "
+        "2 s), then in slices of this many tokens beside the running requests. 0: no slicing (a job's "
+        "scoring prefills run whole, as fast as possible, stalling the requests that share their steps).",
     )
     return parser
 

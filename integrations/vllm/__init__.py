@@ -77,13 +77,15 @@ def kv_transfer_config(
     structure: str | None = None,
     scorer: str | None = None,
     head_scores: str | None = None,
+    scoring_step_tokens: int | None = None,
     *,
     settings: KVCompressionSettings | None = None,
 ) -> dict[str, Any]:
     """The `kv_transfer_config` that turns KVzip on, as a dict (pass it to `LLM(kv_transfer_config=...)`
     or JSON-encode it for `--kv-transfer-config`). Validates like the CLI flags."""
     if settings is None:
-        settings = make_settings(ratio, min_prefix_tokens, min_hits, structure, scorer, head_scores)
+        settings = make_settings(ratio, min_prefix_tokens, min_hits, structure, scorer, head_scores,
+                                 scoring_step_tokens)
     return {
         "kv_connector": CONNECTOR_NAME,
         "kv_connector_module_path": CONNECTOR_MODULE,

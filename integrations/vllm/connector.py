@@ -45,12 +45,14 @@ if TYPE_CHECKING:
 from kvzip_plugin.integrations.vllm import EXTRA_CONFIG_KEY, KVCompressionSettings, runner, stats
 from kvzip_plugin.integrations.vllm.protocol import KVzipConnectorMetadata, KVzipWorkerMetadata
 from kvzip_plugin.integrations.vllm.scheduler import SchedulerState, is_scoring_request
+from kvzip_plugin.integrations.vllm.slicing import scoring_step
 from kvzip_plugin.integrations.vllm.worker import WorkerState
 
 from kvzip_plugin.config import KVzipConfig
 from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.metrics import KVzipStats
 from kvzip_plugin.settings import DEFAULT_STRUCTURE
+from kvzip_plugin.slicing import ScoringBudget
 
 # under the "vllm" logger so the lines get vLLM's handler (INFO shows by default)
 logger = init_logger("vllm.kvzip_plugin.connector")
@@ -116,7 +118,9 @@ class KVzipConnector(KVConnectorBase_V1):
         self.sched: SchedulerState | None = None
         self.worker: WorkerState | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self.sched = SchedulerState(config, policy, vllm_config)
+            budget = ScoringBudget(**({} if self.settings.scoring_step_tokens is None
+                                      else {"step_tokens": self.settings.scoring_step_tokens}))
+            self.sched = SchedulerState(config, policy, vllm_config, budget)
             self.sched.disabled = self.disabled
             _wrap_schedule()
             _wrap_reset_prefix_cache()
@@ -302,13 +306,16 @@ def _patch_scheduler(name: str, make: Any) -> None:
 
 
 def _wrap_schedule() -> None:
-    """Let the connector add its scoring requests right before each `schedule()`."""
+    """Let the connector add its scoring requests right before each `schedule()`, and run the call under
+    this step's scoring decision (held for client prefills, or sliced: `slicing.py`)."""
 
     def make(original):
         def schedule(self, *args, **kwargs):
-            if (state := _active_state(self)) is not None:
-                state.before_schedule(self)
-            return original(self, *args, **kwargs)
+            if (state := _active_state(self)) is None:
+                return original(self, *args, **kwargs)
+            state.before_schedule(self)
+            with scoring_step(state.gate, self, bool(self.scheduler_config.enable_chunked_prefill)):
+                return original(self, *args, **kwargs)
         return schedule
 
     _patch_scheduler("schedule", make)

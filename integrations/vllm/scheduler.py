@@ -45,6 +45,7 @@ from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.jobs import CompressionJob, JobStatus
 from kvzip_plugin.metrics import KVzipStats
 from kvzip_plugin.scoring.plan import Unservable, plan_scoring, protected_tokens
+from kvzip_plugin.slicing import ScoringBudget, ScoringGate
 from kvzip_plugin.store import max_store_blocks
 
 logger = logging.getLogger("vllm.kvzip_plugin.scheduler")
@@ -107,8 +108,10 @@ class _PoolAllocator:
 class SchedulerState:
     """KVzip bookkeeping of one EngineCore."""
 
-    def __init__(self, config: KVzipConfig, policy: TriggerPolicy, vllm_config: Any) -> None:
+    def __init__(self, config: KVzipConfig, policy: TriggerPolicy, vllm_config: Any,
+                 budget: ScoringBudget | None = None) -> None:
         self.config = config
+        self.gate = ScoringGate(budget or ScoringBudget())  # scoring: low priority, in slices (slicing.py)
         self.admission = Admission(policy)  # hit counting, job queue, retries (shared with SGLang)
         self.tracker, self.queue = self.admission.tracker, self.admission.queue
         self.vllm_config = vllm_config
@@ -213,12 +216,17 @@ class SchedulerState:
     # ------------------------------------------------------------ per schedule() call
 
     def before_schedule(self, scheduler: Any) -> None:
-        """Start queued jobs (scoring requests into the scheduler), send compactions."""
+        """Start queued jobs, hand their scoring requests to the scheduler, send compactions. With slicing
+        on, one scoring request at a time (the next once the previous one ended in vLLM), so a step holds
+        at most one scoring prefill chunk (`slicing.scoring_step` caps it)."""
         while self._can_start(scheduler) and (job := self.queue.start_next()) is not None:
             self._start(self.jobs[job.job_id])
-        for req in self.to_add:
-            scheduler.add_request(req)
-        self.to_add = []
+        if self.gate.budget.step_tokens == 0:
+            for req in self.to_add:
+                scheduler.add_request(req)
+            self.to_add = []
+        elif self.to_add and not any(rid in scheduler.requests for rid in self.scoring_requests):
+            scheduler.add_request(self.to_add.pop(0))
         for j in list(self.jobs.values()):
             if j.job.status is JobStatus.SCORING and not j.pending:
                 self._prepare_compaction(j)
@@ -387,6 +395,11 @@ class SchedulerState:
         if j.src_blocks:
             self.pool.free_blocks(j.src_blocks)  # unpin (after evict_blocks on commit)
             j.src_blocks = []
+        unsent = [r.request_id for r in self.to_add
+                  if self.scoring_requests.get(r.request_id, (None,))[0] == j.job.job_id]
+        for rid in unsent:  # scoring requests never handed to vLLM: nothing to score for a job that ended
+            self.scoring_requests.pop(rid, None)
+        self.to_add = [r for r in self.to_add if r.request_id not in unsent]
         outcome = self.admission.finish(j.job, status, error, unservable=unservable)
         self.jobs.pop(j.job.job_id, None)
         self.drop.append(j.job.job_id)

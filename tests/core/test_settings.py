@@ -90,3 +90,25 @@ def test_scorer_and_head_scores(tmp_path):
                               "--kv-compression-structure", "layer_budget"])
     with pytest.raises(ValueError, match="^--kv-compression-scorer: scorer"):
         settings_from_args(args, logging.getLogger("test"))
+
+
+def test_scoring_step_tokens():
+    import argparse
+    import logging
+
+    from kvzip_plugin.settings import add_kv_compression_args, settings_from_args
+
+    s = make_settings(scoring_step_tokens="128")
+    assert s.scoring_step_tokens == 128 and KVCompressionSettings.from_dict(s.to_dict()) == s
+    assert make_settings(scoring_step_tokens=0).scoring_step_tokens == 0  # slicing off
+    with pytest.raises(ValueError, match="step_tokens"):
+        make_settings(scoring_step_tokens=-1)
+    env = {"KVZIP_KV_COMPRESSION": "kvzip", "KVZIP_KV_COMPRESSION_SCORING_STEP_TOKENS": "64"}
+    assert settings_from_env(env) == KVCompressionSettings(scoring_step_tokens=64)
+    with pytest.raises(ValueError, match="KVZIP_KV_COMPRESSION_SCORING_STEP_TOKENS"):
+        settings_from_env({**env, "KVZIP_KV_COMPRESSION_SCORING_STEP_TOKENS": "lots"})
+    parser = add_kv_compression_args(argparse.ArgumentParser(), mode_help="", env_applies="")
+    args = parser.parse_args(["--kv-compression", "kvzip", "--kv-compression-scoring-step-tokens", "512"])
+    assert settings_from_args(args, logging.getLogger("t"))[1].scoring_step_tokens == 512
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-compression-scoring-step-tokens", "-5"])

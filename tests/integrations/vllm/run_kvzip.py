@@ -10,8 +10,9 @@ inspected between steps. Prints `RESULT <json>` on the last line. Not a test mod
 Scenarios: `sequential` (one request at a time on a shared prefix), `mixed` (one batch of requests
 on a compacted prefix, on a prefix being scored, and plain), `salts` (two tenants, same
 prefix, different cache salts), `churn` (random admissions and aborts while prefixes compress),
-`cancel` (the prefix cache is reset while a job scores). `KVZIP_TEST_PREFIX_CACHING=0` turns vLLM's
-prefix caching off.
+`cancel` (the prefix cache is reset while a job scores), `repeat` (the same prompt twice), `sliced`
+(a job scores beside decoding clients and a late client prefill; every step's scheduled tokens).
+`KVZIP_TEST_PREFIX_CACHING=0` turns vLLM's prefix caching off.
 """
 
 from __future__ import annotations
@@ -291,8 +292,47 @@ def mixed(h: Harness) -> dict:
             "kvzip": h.kvzip_state(), "pool": h.pool_state()}
 
 
-SCENARIOS = {"mixed": mixed, "sequential": sequential, "salts": salts, "churn": churn, "cancel": cancel,
-             "repeat": repeat}
+def sliced(h: Harness) -> dict:
+    """A job scores while client requests decode, and a new client request arrives mid-job. Records every
+    step's scheduled tokens (scoring vs client, and which client requests prefilled in it)."""
+    from kvzip_plugin.integrations.vllm.scheduler import is_scoring_request
+
+    prefix = prefix_ids(0)
+    steps: list[dict] = []
+    schedule = h.scheduler.schedule
+
+    def recording_schedule(*args, **kwargs):
+        prefilling = {r.request_id for r in h.scheduler.running if r.num_computed_tokens < r.num_prompt_tokens}
+        prefilling |= {r.request_id for r in h.scheduler.waiting}
+        out = schedule(*args, **kwargs)
+        n = out.num_scheduled_tokens
+        steps.append({"scoring": sum(v for k, v in n.items() if is_scoring_request(k)),
+                      "clients": {k.split("-")[0]: v for k, v in n.items() if not is_scoring_request(k)},
+                      "client_prefill": sorted(k.split("-")[0] for k in n if not is_scoring_request(k)
+                                               and (k in prefilling or n[k] > 1))})
+        return out
+
+    h.scheduler.schedule = recording_schedule
+    h.run("r0", prefix + list(SUFFIXES[0]))  # caches the prefix
+    h.add("r1", prefix + list(SUFFIXES[1]), max_tokens=60)  # the second hit queues the job
+    h.add("c1", prefix_ids(5)[:40], max_tokens=60)
+    late_added = False
+    for _ in range(400):
+        sched = h.connector.sched
+        scoring = any(j.pending for j in sched.jobs.values())
+        if scoring and not late_added and sum(st["scoring"] for st in steps) > 0:
+            h.add("c2", prefix_ids(6)[:72], max_tokens=4)  # arrives mid-job: its prefill goes first
+            late_added = True
+        h.step()
+        if not h.scheduler.has_requests():
+            break
+    h.drain()
+    return {"steps": steps, "late_added": late_added, "kvzip": h.kvzip_state(), "pool": h.pool_state(),
+            "gate": {"held_steps": h.connector.sched.gate.held_steps, "forced": h.connector.sched.gate.forced}}
+
+
+SCENARIOS = {"sliced": sliced, "mixed": mixed, "sequential": sequential, "salts": salts, "churn": churn,
+             "cancel": cancel, "repeat": repeat}
 
 
 def main(model_dir: str, scenario: str) -> dict:

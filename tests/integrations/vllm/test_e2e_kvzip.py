@@ -239,6 +239,43 @@ def test_mixed_steps_stay_correct(tiny_model_dir, tmp_path_factory, reference_mo
             assert max(abs(x - y) for x, y in zip(r["logprobs"], b["logprobs"], strict=True)) < 1e-4
 
 
+@pytest.fixture(scope="module")
+def sliced_runs(tiny_model_dir, tmp_path_factory):
+    """The `sliced` scenario with scoring slices of 32 tokens, and with slicing off (0)."""
+    out = {}
+    for step in (32, 0):
+        dump = tmp_path_factory.mktemp(f"kvzip_sliced_{step}")
+        res = scenario(tiny_model_dir, "sliced", "kvzip", 0.5, KVZIP_DUMP_DIR=str(dump),
+                       KVZIP_KV_COMPRESSION_SCORING_STEP_TOKENS=str(step))
+        out[step] = (res, torch.load(next(iter(sorted(dump.glob("job-*.pt"))))))
+    return out
+
+
+def test_scoring_runs_in_slices_after_client_prefills(sliced_runs):
+    """Issue 17: a job's scoring never shares a step with a client prefill (held), and beside decoding
+    clients it adds at most the step budget; the job still commits."""
+    res, _ = sliced_runs[32]
+    steps = res["steps"]
+    assert res["kvzip"]["finished"]["committed"] == 1 and res["late_added"]
+    with_clients = [st for st in steps if st["scoring"] and st["clients"]]
+    assert len(with_clients) >= 3  # scoring went on beside the decoding clients, in several slices
+    assert all(st["scoring"] <= 32 for st in with_clients)
+    assert all(st["scoring"] == 0 for st in steps if st["client_prefill"])  # client prefills first
+    assert any("c2" in st["client_prefill"] for st in steps)  # the late request was admitted mid-job
+    assert res["gate"]["held_steps"] >= 1 and res["gate"]["forced"] == 0
+    assert res["pool"]["referenced"] == []
+    # without slicing, a scoring prefill runs whole beside the decoding clients
+    full, _ = sliced_runs[0]
+    assert max(st["scoring"] for st in full["steps"] if st["clients"]) > 32
+
+
+def test_sliced_scoring_keeps_the_same_pairs(sliced_runs):
+    """Scores do not depend on the slicing (each repeat query sees the same keys): the same kept pairs."""
+    (_, sliced), (_, whole) = sliced_runs[32], sliced_runs[0]
+    assert torch.equal(sliced["keep"], whole["keep"])
+    torch.testing.assert_close(sliced["scores"], whole["scores"], rtol=1e-5, atol=1e-6)
+
+
 def test_failed_job_leaves_the_cache_as_it_was(tiny_model_dir, none_seq):
     failed = scenario(tiny_model_dir, "sequential", "kvzip", 0.5, KVZIP_FAULT_INJECTION="compaction")
     state = failed["kvzip"]

@@ -1,0 +1,80 @@
+# SPDX-License-Identifier: Apache-2.0
+"""KVzip's scoring requests as a low-priority, sliced workload inside vLLM's scheduler (the decisions:
+`kvzip_plugin.slicing.ScoringGate`).
+
+Around each `Scheduler.schedule()` call (the connector's `schedule` wrapper), after the scheduler state
+handed vLLM at most one scoring request at a time (`SchedulerState.before_schedule`):
+
+* `hold` (a client request waits for admission or is still prefilling): the scoring requests are taken
+  out of `scheduler.running` / `scheduler.waiting` for this call and put back after it (at the end of
+  `running`: the first to be preempted). vLLM schedules client work alone; a running request that is not
+  scheduled in a step is ordinary for vLLM (it happens whenever the token budget runs out);
+* `slice`: the call runs with `scheduler_config.long_prefill_token_threshold` lowered to the step budget
+  (or the user's own threshold if lower) and the adaptive floor off, restored after. Client prefills
+  would have held the step, so only the scoring request's prefill chunk is cut (except in a slice forced
+  after the bounded wait). vLLM applies the cap only when more than one request is eligible: on an idle
+  server the scoring prefill runs whole;
+* `full` (slicing off, or chunked prefill off: vLLM cannot split a prefill then): unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from kvzip_plugin.slicing import Decision, ScoringGate
+
+
+def _is_scoring(request: Any) -> bool:
+    from kvzip_plugin.integrations.vllm.scheduler import is_scoring_request
+
+    return is_scoring_request(request.request_id)
+
+
+def client_prefill_pending(scheduler: Any) -> bool:
+    """A client request waits for admission or has prompt tokens left to compute."""
+    waiting = list(scheduler.waiting) + list(getattr(scheduler, "kv_holding_waiting", ()))
+    if any(not _is_scoring(r) for r in waiting):
+        return True
+    return any(not _is_scoring(r) and r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running)
+
+
+@contextmanager
+def scoring_step(gate: ScoringGate, scheduler: Any, chunked_prefill: bool) -> Iterator[Decision | None]:
+    """Apply this step's decision to `scheduler` for the duration of its `schedule()` call; yields it
+    (None when no scoring request is in the scheduler)."""
+    running = [r for r in scheduler.running if _is_scoring(r)]
+    waiting = [r for r in scheduler.waiting if _is_scoring(r)]
+    if not running and not waiting:
+        gate.idle()
+        yield None
+        return
+    decision: Decision = gate.decide(client_prefill_pending(scheduler), time.monotonic()) if chunked_prefill \
+        else "full"
+    if decision == "hold":
+        scheduler.running[:] = [r for r in scheduler.running if not _is_scoring(r)]
+        for r in waiting:
+            scheduler.waiting.remove_request(r)
+        try:
+            yield decision
+        finally:
+            scheduler.running.extend(r for r in running if r.request_id in scheduler.requests)
+            for r in waiting:
+                if r.request_id in scheduler.requests:
+                    scheduler.waiting.add_request(r)
+        return
+    if decision == "full":
+        yield decision
+        return
+    config = scheduler.scheduler_config
+    threshold, adaptive = config.long_prefill_token_threshold, scheduler.adaptive_long_prefill_threshold
+    step = gate.budget.step_tokens
+    config.long_prefill_token_threshold = step if threshold == 0 else min(threshold, step)
+    scheduler.adaptive_long_prefill_threshold = False
+    try:
+        yield decision
+    finally:
+        config.long_prefill_token_threshold = threshold
+        scheduler.adaptive_long_prefill_threshold = adaptive
