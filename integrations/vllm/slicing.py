@@ -9,8 +9,8 @@ handed vLLM at most one scoring request at a time (`SchedulerState.before_schedu
   out of `scheduler.running` / `scheduler.waiting` for this call and put back after it (at the end of
   `running`: the first to be preempted). vLLM schedules client work alone; a running request that is not
   scheduled in a step is ordinary for vLLM (it happens whenever the token budget runs out);
-* `slice`: the call runs with `scheduler_config.long_prefill_token_threshold` lowered to the step budget
-  (or the user's own threshold if lower) and the adaptive floor off, restored after. Client prefills
+* `slice`: the call runs with `scheduler_config.long_prefill_token_threshold` lowered to the gate's
+  adaptive slice (or the user's own threshold if lower) and vLLM's adaptive floor off, restored after. Client prefills
   would have held the step, so only the scoring request's prefill chunk is cut (except in a slice forced
   after the bounded wait). vLLM applies the cap only when more than one request is eligible: on an idle
   server the scoring prefill runs whole;
@@ -33,12 +33,18 @@ def _is_scoring(request: Any) -> bool:
     return is_scoring_request(request.request_id)
 
 
-def client_prefill_pending(scheduler: Any) -> bool:
-    """A client request waits for admission or has prompt tokens left to compute."""
+def client_activity(scheduler: Any) -> tuple[bool, bool]:
+    """(a client request waits for admission or has prompt tokens left to compute, client requests decode)."""
     waiting = list(scheduler.waiting) + list(getattr(scheduler, "kv_holding_waiting", ()))
-    if any(not _is_scoring(r) for r in waiting):
-        return True
-    return any(not _is_scoring(r) and r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running)
+    prefill = any(not _is_scoring(r) for r in waiting)
+    decoding = False
+    for r in scheduler.running:
+        if not _is_scoring(r):
+            if r.num_computed_tokens < r.num_prompt_tokens:
+                prefill = True
+            else:
+                decoding = True
+    return prefill, decoding
 
 
 @contextmanager
@@ -47,12 +53,12 @@ def scoring_step(gate: ScoringGate, scheduler: Any, chunked_prefill: bool) -> It
     (None when no scoring request is in the scheduler)."""
     running = [r for r in scheduler.running if _is_scoring(r)]
     waiting = [r for r in scheduler.waiting if _is_scoring(r)]
+    prefill, decoding = client_activity(scheduler)
     if not running and not waiting:
-        gate.idle()
+        gate.idle(prefill, decoding, time.monotonic())
         yield None
         return
-    decision: Decision = gate.decide(client_prefill_pending(scheduler), time.monotonic()) if chunked_prefill \
-        else "full"
+    decision: Decision = gate.decide(prefill, decoding, time.monotonic()) if chunked_prefill else "full"
     if decision == "hold":
         scheduler.running[:] = [r for r in scheduler.running if not _is_scoring(r)]
         for r in waiting:
@@ -70,7 +76,7 @@ def scoring_step(gate: ScoringGate, scheduler: Any, chunked_prefill: bool) -> It
         return
     config = scheduler.scheduler_config
     threshold, adaptive = config.long_prefill_token_threshold, scheduler.adaptive_long_prefill_threshold
-    step = gate.budget.step_tokens
+    step = gate.step_tokens
     config.long_prefill_token_threshold = step if threshold == 0 else min(threshold, step)
     scheduler.adaptive_long_prefill_threshold = False
     try:

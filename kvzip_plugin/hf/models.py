@@ -89,19 +89,25 @@ def gguf_to_safetensors(src: Path, gguf_file: str, target: Path, name: str,
     return target
 
 
+def model_dir(name_or_path: str) -> str | Path:
+    """The local folder of an offline model name (the demo model, an evidence model: fetched and
+    converted on first use); anything else is returned as given (a folder or a hub name)."""
+    from kvzip_plugin.hf.evidence_models import EVIDENCE_MODELS, evidence_model_dir
+
+    if name_or_path == DEMO_MODEL:
+        return demo_model_dir()
+    if name_or_path in EVIDENCE_MODELS:
+        return evidence_model_dir(name_or_path)
+    return name_or_path
+
+
 def load_model(name_or_path: str = DEMO_MODEL, dtype: torch.dtype = torch.float32,
                attn_implementation: str = "sdpa") -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode. `smollm2-135m-instruct` is the offline demo model; the names
     in `kvzip_plugin.hf.evidence_models.EVIDENCE_MODELS` (`qwen2.5-coder-0.5b-instruct`, ...) are the
     offline evidence models (weights de-quantised from 4-bit Q4_K_M); anything else goes to
     `from_pretrained` (a local folder or, where reachable, the hub)."""
-    from kvzip_plugin.hf.evidence_models import EVIDENCE_MODELS, evidence_model_dir
-
-    path: str | Path = name_or_path
-    if name_or_path == DEMO_MODEL:
-        path = demo_model_dir()
-    elif name_or_path in EVIDENCE_MODELS:
-        path = evidence_model_dir(name_or_path)
+    path = model_dir(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     return model.eval(), tokenizer

@@ -476,6 +476,27 @@ def test_scheduler_hooks_used_by_kvzip():
     assert re.search(r"self\.kv_cache_manager\.get_computed_blocks\(\s*request\s*[,)]", hit)
 
 
+def test_scoring_slicing_hooks_used_by_kvzip():
+    """`integrations/vllm/slicing.py`: a held step takes scoring requests out of `running` (a list) and the
+    waiting queue (`remove_request` / `add_request`) around one `schedule()` call; a sliced step lowers
+    `scheduler_config.long_prefill_token_threshold`, which `schedule()` reads at each call and applies to
+    running and waiting requests alike, with the instance's adaptive floor switched off."""
+    from vllm.config import SchedulerConfig
+    from vllm.v1.core.sched.request_queue import FCFSRequestQueue, PriorityRequestQueue
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    src = inspect.getsource(Scheduler.schedule)
+    assert "self.scheduler_config.long_prefill_token_threshold" in src
+    assert src.count("0 < long_prefill_token_threshold < num_new_tokens") == 2  # running, then waiting
+    assert "self.adaptive_long_prefill_threshold" in src
+    assert "self.adaptive_long_prefill_threshold" in inspect.getsource(Scheduler.__init__)
+    assert "self.running: list[Request] = []" in inspect.getsource(Scheduler.__init__)
+    for queue in (FCFSRequestQueue, PriorityRequestQueue):
+        assert params(queue.remove_request) == params(queue.add_request) == ["self", "request"]
+    fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
+    assert {"long_prefill_token_threshold", "enable_chunked_prefill"} <= fields
+
+
 def test_reset_and_stats_hooks_used_by_kvzip():
     """`connector._wrap_reset_prefix_cache` runs before vLLM's reset (which must reset the KV cache manager
     before it calls the connector's reset), `_wrap_make_stats` adjusts the request gauges of the
