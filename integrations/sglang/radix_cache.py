@@ -89,6 +89,9 @@ class KVzipRadixCache(UnifiedRadixCache):
             min_prefix_tokens=self.kvzip_settings.min_prefix_tokens or policy.min_prefix_tokens,
             min_hits=self.kvzip_settings.min_hits or policy.min_hits,
         )
+        if self.kvzip_settings.scoring_step_tokens is not None:
+            logger.warning("kvzip-plugin: --kv-compression-scoring-step-tokens is not applied on SGLang yet: a job's "
+                           "scoring prefills run whole, in SGLang's own prefill batches (vLLM slices them)")
         self.jobs = Jobs(self)
         self.entries = CompactedEntries(self.token_to_kv_pool_allocator.free, self._entry_dropped)
         self.metrics = MetricsPublisher(params.enable_metrics, served_model_name(server_args))

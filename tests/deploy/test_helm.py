@@ -92,6 +92,13 @@ def test_gpu_values(helm):
     assert vols["hf-cache"]["persistentVolumeClaim"]["claimName"] == "hf-cache"
 
 
+def test_scoring_step_tokens_value(helm):
+    assert not any(a.startswith("--kv-compression-scoring-step-tokens") for a in _container(_render(helm))["args"])
+    for value in (0, 128):  # 0 (slicing off) is a value, not "unset"
+        args = _container(_render(helm, {"kvCompression": {"scoringStepTokens": value}}))["args"]
+        assert f"--kv-compression-scoring-step-tokens={value}" in args
+
+
 def test_head_level_scorer_value(helm):
     args = _container(_render(helm, {"kvCompression": {"scorer": "kvzip_head"}}))["args"]
     assert "--kv-compression-scorer=kvzip_head" in args

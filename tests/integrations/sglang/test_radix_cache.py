@@ -32,14 +32,14 @@ def pools():
     return harness.cpu_pools(torch.float32, max_context_len=64)
 
 
-def _cache(pools, server_args=None, core: str = "rust") -> rc.KVzipRadixCache:
+def _cache(pools, server_args=None, core: str = "rust", settings=None) -> rc.KVzipRadixCache:
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.unified_cache.components import ComponentType
 
     kv, alloc, req_to_token = pools
     params = CacheInitParams(disable=False, req_to_token_pool=req_to_token, token_to_kv_pool_allocator=alloc,
                              page_size=1, tree_components=(ComponentType.FULL,), tree_core_backend=core)
-    return rc.KVzipRadixCache(params, settings=None, tp_worker=None, server_args=server_args)
+    return rc.KVzipRadixCache(params, settings=settings, tp_worker=None, server_args=server_args)
 
 
 def _live(cache: rc.KVzipRadixCache) -> rc.KVzipRadixCache:
@@ -71,6 +71,18 @@ def _match(cache, req):
 
 
 # --------------------------------------------------------------------------- fail closed
+
+
+def test_scoring_step_tokens_is_said_to_be_not_applied_on_sglang(pools, caplog):
+    """The flag is shared with vLLM, which slices scoring; SGLang does not yet, and says so at start."""
+    from kvzip_plugin.settings import make_settings
+
+    with caplog.at_level(logging.WARNING, logger="sglang.kvzip_plugin"):
+        _cache(pools)
+        assert not [r for r in caplog.records if "scoring-step-tokens" in r.getMessage()]
+        _cache(pools, settings=make_settings(scoring_step_tokens=64))
+    assert [r for r in caplog.records if "--kv-compression-scoring-step-tokens is not applied on SGLang yet"
+            in r.getMessage()]
 
 
 def test_without_a_model_worker_the_cache_is_sglangs_default(pools, caplog):
