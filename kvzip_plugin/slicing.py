@@ -16,8 +16,9 @@ the gate:
 The slice adapts to the step time: the gate times each step (the interval between the engine's
 consecutive scheduling calls) and keeps a running mean of the steps where clients decode without
 scoring; after a step where clients decoded beside a slice, the slice halves if that step took more
-than `target_slowdown` times the mean, and grows by a quarter otherwise, between `MIN_STEP_TOKENS` and
-the budget's `step_tokens`. So the running requests' inter-token latency stays within about
+than `target_slowdown` times the mean, grows by half if it stayed within half that margin, and stays
+otherwise, between `MIN_STEP_TOKENS` and the budget's `step_tokens`, starting small
+(`INITIAL_STEP_TOKENS`: a first slice of the full budget stalled the clients for a second on a CPU). So the running requests' inter-token latency stays within about
 `target_slowdown` of the same load without a job on a fast GPU and on a slow CPU alike.
 
 Scores do not depend on the slicing: each repeat query's score is a max over the keys before it, and a
@@ -31,10 +32,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_STEP_TOKENS = 256
-"""Largest slice by default (the adaptive slice starts there)."""
+"""Largest slice by default."""
 
 MIN_STEP_TOKENS = 8
 """Smallest adaptive slice: a job always progresses by this much per step it is allowed."""
+
+INITIAL_STEP_TOKENS = 16
+"""First slice (then adapted): small, since the step time it adds is unknown until measured."""
 
 Decision = Literal["hold", "slice", "full"]
 
@@ -61,7 +65,7 @@ class ScoringGate:
 
     def __init__(self, budget: ScoringBudget) -> None:
         self.budget = budget
-        self.step_tokens = budget.step_tokens
+        self.step_tokens = min(budget.step_tokens, INITIAL_STEP_TOKENS)
         """The current slice (adapted between `MIN_STEP_TOKENS` and `budget.step_tokens`)."""
         self.plain_step_s: float | None = None
         """Running mean of steps where clients decoded without scoring."""
@@ -81,10 +85,11 @@ class ScoringGate:
         if kind == "plain":
             self.plain_step_s = elapsed if self.plain_step_s is None else 0.8 * self.plain_step_s + 0.2 * elapsed
         elif kind == "slice" and self.plain_step_s is not None:
-            if elapsed > self.budget.target_slowdown * self.plain_step_s:
+            slowdown = elapsed / self.plain_step_s
+            if slowdown > self.budget.target_slowdown:
                 self.step_tokens = max(MIN_STEP_TOKENS, self.step_tokens // 2)
-            else:
-                self.step_tokens = min(self.budget.step_tokens, self.step_tokens + max(1, self.step_tokens // 4))
+            elif slowdown <= 1 + (self.budget.target_slowdown - 1) / 2:
+                self.step_tokens = min(self.budget.step_tokens, self.step_tokens + max(1, self.step_tokens // 2))
 
     def decide(self, client_prefill: bool, clients_decoding: bool, now: float) -> Decision:
         """This step's decision for scoring work that is waiting to run.

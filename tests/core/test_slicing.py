@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvzip_plugin.slicing import MIN_STEP_TOKENS, ScoringBudget, ScoringGate
+from kvzip_plugin.slicing import INITIAL_STEP_TOKENS, MIN_STEP_TOKENS, ScoringBudget, ScoringGate
 
 
 def test_client_prefills_hold_scoring_for_a_bounded_time():
@@ -43,10 +43,11 @@ def _run(gate: ScoringGate, plain_s: float, cost_per_token_s: float, steps: int)
 def test_slice_shrinks_on_a_slow_machine_and_stays_large_on_a_fast_one():
     # CPU-like: 175 ms decode steps, 3 ms per scoring token: 20 % slowdown allows ~11 tokens
     slow = _run(ScoringGate(ScoringBudget(step_tokens=256)), 0.175, 0.003, 40)
-    assert slow[0] == 256 and max(slow[-20:]) <= 16 and min(slow) >= MIN_STEP_TOKENS
-    # GPU-like: 20 ms steps, 5 us per token: 256 tokens cost 1.3 ms, the slice stays at the budget
+    assert slow[0] == INITIAL_STEP_TOKENS and max(slow) <= 16 and min(slow) >= MIN_STEP_TOKENS
+    assert sum(s > 11 for s in slow[-20:]) <= 10  # over the 20 % margin at most every other step
+    # GPU-like: 20 ms steps, 5 us per token: 256 tokens cost 1.3 ms, the slice grows to the budget
     fast = _run(ScoringGate(ScoringBudget(step_tokens=256)), 0.020, 0.000005, 20)
-    assert fast == [256] * 20
+    assert fast[0] == INITIAL_STEP_TOKENS and fast == sorted(fast) and fast[-10:] == [256] * 10
 
 
 @pytest.mark.parametrize("kwargs", [{"step_tokens": -1}, {"max_wait_s": 0}, {"max_wait_s": float("inf")},
