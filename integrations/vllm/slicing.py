@@ -7,8 +7,10 @@ handed vLLM at most one scoring request at a time (`SchedulerState.before_schedu
 
 * `hold` (a client request waits for admission or is still prefilling): the scoring requests are taken
   out of `scheduler.running` / `scheduler.waiting` for this call and put back after it (at the end of
-  `running`: the first to be preempted). vLLM schedules client work alone; a running request that is not
-  scheduled in a step is ordinary for vLLM (it happens whenever the token budget runs out);
+  `running`: the first to be preempted), and `max_num_active_reqs` is lowered by the running ones for the
+  call, since they keep their rows (else vLLM would admit past `max_num_seqs`). vLLM schedules client work
+  alone; a running request that is not scheduled in a step is ordinary for vLLM (it happens whenever the
+  token budget runs out);
 * `slice`: the call runs with `scheduler_config.long_prefill_token_threshold` lowered to the gate's
   adaptive slice (or the user's own threshold if lower) and vLLM's adaptive floor off, restored after. Client prefills
   would have held the step, so only the scoring request's prefill chunk is cut (except in a slice forced
@@ -63,9 +65,12 @@ def scoring_step(gate: ScoringGate, scheduler: Any, chunked_prefill: bool) -> It
         scheduler.running[:] = [r for r in scheduler.running if not _is_scoring(r)]
         for r in waiting:
             scheduler.waiting.remove_request(r)
+        active = scheduler.max_num_active_reqs
+        scheduler.max_num_active_reqs = active - len(running)  # the held requests keep their rows
         try:
             yield decision
         finally:
+            scheduler.max_num_active_reqs = active
             scheduler.running.extend(r for r in running if r.request_id in scheduler.requests)
             for r in waiting:
                 if r.request_id in scheduler.requests:

@@ -491,6 +491,9 @@ def test_scoring_slicing_hooks_used_by_kvzip():
     assert "self.adaptive_long_prefill_threshold" in src
     assert "self.adaptive_long_prefill_threshold" in inspect.getsource(Scheduler.__init__)
     assert "self.running: list[Request] = []" in inspect.getsource(Scheduler.__init__)
+    # admission into running is bounded by max_num_active_reqs (lowered by the held requests during a hold)
+    assert "num_running >= self.max_num_active_reqs" in src
+    assert "assert len(self.running) <= self.max_num_running_reqs" in src
     for queue in (FCFSRequestQueue, PriorityRequestQueue):
         assert params(queue.remove_request) == params(queue.add_request) == ["self", "request"]
     fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
