@@ -11,7 +11,9 @@ never patched):
 * `Scheduler.send_abort_output` (AROUND): no abort message for internal scoring requests (the
   TokenizerManager does not know them);
 * `QueueCount.from_reqs` (AROUND): SGLang's request gauges (`sglang:num_running_reqs`,
-  `sglang:num_queue_reqs`) count client requests only, not the internal scoring requests.
+  `sglang:num_queue_reqs`) count client requests only, not the internal scoring requests;
+* the graph runners' `can_run_graph` (AROUND, `graphs.RUNNERS`): no graph replay for a batch with scoring
+  rows or requests on head-page entries (`graphs.py`).
 
 Each hook looks the cache up at call time and does nothing without an active one.
 """
@@ -21,6 +23,8 @@ from __future__ import annotations
 import logging
 import threading
 from typing import Any
+
+from kvzip_plugin.integrations.sglang import graphs
 
 logger = logging.getLogger("sglang.kvzip_plugin")
 
@@ -104,8 +108,10 @@ def install() -> None:
         HookRegistry.register(TARGETS["stream_output"], _around_stream_output, HookType.AROUND)
         HookRegistry.register(TARGETS["send_abort_output"], _around_send_abort_output, HookType.AROUND)
         HookRegistry.register(TARGETS["queue_count"], _around_queue_count, HookType.AROUND)
+        for target in graphs.RUNNERS:
+            HookRegistry.register(target, graphs.around_can_run_graph, HookType.AROUND)
         HookRegistry.apply_hooks()
-        missing = [t for t in TARGETS.values() if t not in HookRegistry._patched]
+        missing = [t for t in (*TARGETS.values(), *graphs.RUNNERS) if t not in HookRegistry._patched]
         if missing:
             raise RuntimeError(f"hooks not applied: {missing}")
         _installed.append(True)

@@ -31,7 +31,7 @@ import weakref
 from typing import Any
 
 import torch
-from kvzip_plugin.integrations.sglang import KVCompressionSettings, adoption
+from kvzip_plugin.integrations.sglang import KVCompressionSettings, adoption, graphs
 from kvzip_plugin.integrations.sglang.attention import PagedAttention
 from kvzip_plugin.integrations.sglang.capture import ScoreCapture
 from kvzip_plugin.integrations.sglang.metrics import MetricsPublisher, StepClock, served_model_name, write_state
@@ -401,13 +401,15 @@ class KVzipRadixCache(UnifiedRadixCache):
             if tokens:
                 self.step_clock.start_scoring(tokens, int(sum(lens)),
                                               {job_id: self._capture_seconds(job_id) for job_id in tokens})
+        paged = plan = None
         if self.paged is not None:
-            self.paged.arm(ret, adoption.paged_rows(ret, reqs))
+            paged = adoption.paged_rows(ret, reqs)
+            self.paged.arm(ret, paged)
         if self.capture is not None:
-            plan = None
             if self.capture.targets and mode.is_extend() and not mode.is_decode():
                 plan = self.capture.plan(reqs, list(ret.extend_prefix_lens_cpu), list(ret.extend_seq_lens_cpu))
             self.capture.arm(getattr(ret, "extend_seq_lens_cpu", None), plan)
+        graphs.mark(ret, bool(paged) or bool(plan))
 
     # ------------------------------------------------------------------ stats, metrics, dumps
 
@@ -451,4 +453,5 @@ class KVzipRadixCache(UnifiedRadixCache):
             "jobs_live": len(self.jobs.live),
             "finished": {s.value: n for s, n in self.jobs.admission.queue.finished.items()},
             "scoring_targets": len(self.capture.targets) if self.capture is not None else 0,
+            "graph_marks": dict(graphs.marks),
         }

@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Fail-closed checks of KVzip inside SGLang: why compression cannot run in this server (speculative
-decoding, pipeline parallelism, CUDA graph replays that would skip the plugin's capture or attention, a
-KV pool other than the plain MHA token pool, sliding-window or soft-capped attention, ...). Checked once,
+decoding, pipeline parallelism, graph replays the plugin cannot decline (`graphs.py` declines those of
+SGLang's CUDA and CPU graph runners), a KV pool other than the plain MHA token pool, sliding-window or
+soft-capped attention, ...). Checked once,
 when `KVzipRadixCache` is built with the pools and the model; a reason turns compression off with one log
 line and one fallback count (`radix_cache.KVzipRadixCache._disable`)."""
 
@@ -30,18 +31,16 @@ def unsupported_runtime_reason(cache: Any, server_args: Any, tp_worker: Any) -> 
             return "external_kv_store", "LMCache / FlexKV are not supported"
         if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):
             return "disaggregation", "prefill/decode disaggregation is not supported"
-        structure = getattr(getattr(cache, "kvzip_config", None), "structure", "head")
-        if structure != "head" and getattr(server_args, "device", None) not in (None, "cpu") and not getattr(
-                server_args, "disable_cuda_graph", False):
-            # a replayed graph runs the backend's kernel alone: the head-page attention would be skipped
-            return "cuda_graphs", (f"the {structure} structure is served by the plugin's attention, which a CUDA "
-                                   "graph replay skips: use --disable-cuda-graph or --kv-compression-structure head")
-        if getattr(server_args, "device", None) not in (None, "cpu") and prefill_graphs_on(server_args):
-            # a replayed prefill graph runs only RadixAttention._eager_attention: the score capture around
-            # RadixAttention.forward would see nothing, or part of a job's chunks (cuda-review.md §2)
-            return "prefill_cuda_graphs", ("SGLang replays prefill batches from CUDA graphs, which skip the plugin's "
-                                           "score capture: use --disable-prefill-cuda-graph (or "
-                                           "--cuda-graph-backend-prefill disabled)")
+        device = getattr(server_args, "device", None)
+        graphs_on = not getattr(server_args, "disable_cuda_graph", False) or prefill_graphs_on(server_args)
+        if device not in (None, "cpu", "cuda") and graphs_on:
+            # graphs.py declines the replays of SGLang's CUDA and CPU graph runners only
+            return "device_graphs", (f"graph replays on device {device!r} would skip the plugin's score capture and "
+                                     "attention: use --disable-cuda-graph --disable-prefill-cuda-graph")
+        if getattr(server_args, "enable_dp_attention", False) and graphs_on:
+            # a declined replay on one DP rank beside replays on the others is not a tested combination
+            return "dp_attention_graphs", ("data-parallel attention with CUDA graphs is not supported: use "
+                                           "--disable-cuda-graph --disable-prefill-cuda-graph")
     kv_pool = cache.kv_pool
     if type(kv_pool) is not MHATokenToKVPool:
         return "kv_pool", f"KV pool {type(kv_pool).__name__} is not supported (plain MHATokenToKVPool only)"

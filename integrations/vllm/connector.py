@@ -143,6 +143,20 @@ class KVzipConnector(KVConnectorBase_V1):
                 why = "prefixes are served uncompressed"
             logger.warning("kvzip-plugin: KV compression disabled on this engine (%s): %s", self.disabled, why)
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Ask vLLM for PIECEWISE CUDA graphs when the structure is served by the plugin's attention.
+
+        `pair` and `layer_budget` prefixes are attended by the worker's wrapper of each attention layer's
+        `impl.forward`, which runs eagerly between the pieces of a PIECEWISE graph but is skipped when a
+        FULL graph (vLLM's CUDA default FULL_AND_PIECEWISE) replays a decode batch. vLLM calls this in
+        `VllmConfig.__post_init__` and lowers a mode with full graphs to PIECEWISE (with a warning), so
+        `--kv-compression kvzip` serves those structures on a default GPU server instead of switching
+        itself off (`unsupported_reason` "full_cuda_graphs" remains the guard). `head` prefixes are read
+        by vLLM's own kernel and keep full graphs."""
+        settings = KVCompressionSettings.from_dict((extra_config or {}).get(EXTRA_CONFIG_KEY) or {})
+        return (settings.structure or DEFAULT_STRUCTURE) != "head"
+
     @property
     def requires_kv_delivery(self) -> bool:
         # KVzip hands no KV to another instance (the base says True for kv_both, vllm 0.32 base.py:196)

@@ -52,7 +52,10 @@ def client_activity(scheduler: Any) -> tuple[bool, bool]:
 @contextmanager
 def scoring_step(gate: ScoringGate, scheduler: Any, chunked_prefill: bool) -> Iterator[Decision | None]:
     """Apply this step's decision to `scheduler` for the duration of its `schedule()` call; yields it
-    (None when no scoring request is in the scheduler)."""
+    (None when no scoring request is in the scheduler). With slicing off nothing is read or changed."""
+    if gate.budget.step_tokens == 0:  # every decision would be "full": skip the walk over the requests
+        yield "full"
+        return
     running = [r for r in scheduler.running if _is_scoring(r)]
     waiting = [r for r in scheduler.waiting if _is_scoring(r)]
     prefill, decoding = client_activity(scheduler)

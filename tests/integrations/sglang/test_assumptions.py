@@ -7,6 +7,7 @@ SGLang moved: re-read DESIGN.md's hook points before touching the integration.""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 from array import array
 
@@ -499,3 +500,23 @@ def test_prefill_cuda_graph_settings_read_by_the_fail_closed_check():
                  "cuda_graph_config"):  # ServerArgs is a msgspec Struct: its fields are class attributes
         assert name in ServerArgs.__struct_fields__, name
     assert "prefill" in {f.name for f in dataclasses.fields(cgc.CudaGraphConfig)}
+
+
+def test_graph_replays_are_decided_by_the_runners_checks_the_plugin_wraps():
+    """`graphs.py` declines replays through the runners' `can_run_graph`: SGLang's model runner replays a
+    decode batch only when `decode_cuda_graph_runner.can_run_graph(forward_batch)` says so, and a prefill
+    batch only when `prefill_cuda_graph_runner.can_run_graph(forward_batch)` does (else the eager runner);
+    the batch it asks about is the one `ForwardBatch.init_new` built (where `on_forward_batch` marks it)."""
+    from kvzip_plugin.integrations.sglang import graphs
+    from sglang.srt.managers.tp_worker import TpModelWorker
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+    raw = inspect.getsource(ModelRunner._forward_raw)
+    assert "self.decode_cuda_graph_runner.can_run_graph(forward_batch)" in raw
+    assert "self.prefill_cuda_graph_runner.can_run_graph(forward_batch)" in raw
+    assert "ret = self.eager_runner.execute(" in raw
+    gen = inspect.getsource(TpModelWorker.forward_batch_generation)
+    assert "forward_batch = ForwardBatch.init_new(" in gen and "self.model_runner.forward(" in gen
+    for target in graphs.RUNNERS:  # importable and a function on its class
+        module, cls, meth = target.rsplit(".", 2)
+        assert callable(getattr(getattr(importlib.import_module(module), cls), meth)), target

@@ -214,6 +214,10 @@ def _check_pair_seq(pair_seq, sglang_tiny_model_dir):
     keep = dump["keep"]
     lengths = keep.sum(-1)
     assert dump["structure"] == "pair" and dump["head_pages"] and dump["prefix_len"] == L1
+    # the scoring batches and the batches with requests on the entry were marked to decline graph replays,
+    # the other batches (client prefills of the full prefix) were not
+    marks = pair_seq["state"]["graph_marks"]
+    assert marks["eager"] > 0 and marks["graphs"] > 0, marks
     assert len(set(lengths.flatten().tolist())) > 1  # each (layer, KV head) its own count
     n_slots = place_runs(lengths, 1).n_blocks  # one slot = n_layers * H_kv head pages
     assert dump["physical_length"] == n_slots == -(-int(lengths.sum()) // lengths.numel()) < L1

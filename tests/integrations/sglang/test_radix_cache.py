@@ -121,8 +121,11 @@ def test_fallback_is_one_log_line_and_one_metric(pools):
     ({"enable_unified_cache_external_linker": True}, "external_linker"),
     ({"enable_lmcache": True}, "external_kv_store"),
     ({"disaggregation_mode": "prefill"}, "disaggregation"),
-    ({"device": "cuda"}, "cuda_graphs"),  # pair (the default): a graph replay would skip the plugin's attention
+    ({"device": "cuda"}, "no_model"),  # graphs on: their replays are declined for KVzip's batches (graphs.py)
     ({"device": "cuda", "disable_cuda_graph": True}, "no_model"),  # (the next check: no model in this test)
+    ({"device": "npu"}, "device_graphs"),  # runners whose replays the plugin does not decline
+    ({"device": "npu", "disable_cuda_graph": True, "disable_prefill_cuda_graph": True}, "no_model"),
+    ({"device": "cuda", "enable_dp_attention": True}, "dp_attention_graphs"),
     ({"device": "cpu"}, "no_model"),
     ({}, "no_model"),
 ])
@@ -131,23 +134,15 @@ def test_unsupported_runtime_features(pools, server_args, code):
     assert cache.kvzip_disabled == code
 
 
-def test_head_structure_runs_under_decode_cuda_graphs_but_not_prefill_graphs(pools):
-    """`head` is read by SGLang's own kernel, so decode graphs do not matter to it; prefill graphs (on by
-    default on CUDA, `breakable`) replay only `_eager_attention`, which the score capture never sees."""
+def test_graphs_stay_on_for_every_structure_on_cuda(pools):
+    """Decode and prefill graphs (SGLang's CUDA defaults) no longer turn KVzip off: the plugin declines the
+    replays of its own batches instead (`graphs.py`, tested in test_graphs.py)."""
     cache = _cache(pools, server_args=SimpleNamespace(device="cuda"))
-    assert cache.kvzip_disabled == "cuda_graphs"  # the default, pair
-    cache.kvzip_config = cache.kvzip_config.model_copy(update={"structure": "head"})
-
-    def reason(**args):
-        return unsupported_runtime_reason(cache, SimpleNamespace(device="cuda", **args), None)[0]
-
-    assert reason() == "prefill_cuda_graphs"
-    assert reason(cuda_graph_backend_prefill="breakable", disable_prefill_cuda_graph=True) == "prefill_cuda_graphs"
-    assert reason(disable_prefill_cuda_graph=True) == "no_model"  # (the next check: no model in this test)
-    assert reason(cuda_graph_backend_prefill="disabled") == "no_model"
-    resolved = SimpleNamespace(prefill=SimpleNamespace(backend="disabled"))
-    assert reason(cuda_graph_config=resolved) == "no_model"
-    assert reason(cuda_graph_config=SimpleNamespace(prefill=SimpleNamespace(backend="full"))) == "prefill_cuda_graphs"
+    for structure in ("pair", "layer_budget", "head"):
+        cache.kvzip_config = cache.kvzip_config.model_copy(update={"structure": structure})
+        for args in ({}, {"cuda_graph_backend_prefill": "breakable"},
+                     {"cuda_graph_config": SimpleNamespace(prefill=SimpleNamespace(backend="full"))}):
+            assert unsupported_runtime_reason(cache, SimpleNamespace(device="cuda", **args), None)[0] == "no_model"
 
 
 def test_unsupported_kv_pool(pools):

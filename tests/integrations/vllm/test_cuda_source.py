@@ -392,3 +392,24 @@ def test_compaction_round_trip(layout_name, structure):
         for kind in (0, 1):
             fa_now[name][kind][used] = fa_before[name][kind][used]
     assert torch.equal(raw, before)
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+
+@pytest.mark.parametrize("structure", ["pair", "layer_budget", "head"])
+def test_a_default_gpu_server_keeps_kvzip_on(monkeypatch, structure):
+    """vLLM 0.33's GPU default (FULL_AND_PIECEWISE, compiled) with the connector: `pair` / `layer_budget`
+    resolve to PIECEWISE through the connector hook (config/vllm.py:1976-2000), so the plugin's attention
+    runs eagerly between the pieces and `unsupported_reason` lets KVzip run; `head` keeps full graphs."""
+    from kvzip_plugin.integrations.vllm import kv_transfer_config, register
+    from kvzip_plugin.integrations.vllm.connector import unsupported_reason
+    from tests.integrations.vllm.test_layout_protocol import _config, _resolved_cudagraph_mode
+    from vllm.config import CUDAGraphMode
+
+    register()
+    assert _resolved_cudagraph_mode(monkeypatch, None) is CUDAGraphMode.FULL_AND_PIECEWISE
+    mode = _resolved_cudagraph_mode(monkeypatch, kv_transfer_config(structure=structure))
+    want = CUDAGraphMode.FULL_AND_PIECEWISE if structure == "head" else CUDAGraphMode.PIECEWISE
+    assert mode is want
+    assert unsupported_reason(_config(mode), None, structure) is None

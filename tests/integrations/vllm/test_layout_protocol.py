@@ -149,6 +149,42 @@ def test_full_cuda_graphs_refuse_the_structures_served_by_the_plugins_attention(
         assert unsupported_reason(_config(mode), None, "pair") is None
 
 
+def _resolved_cudagraph_mode(monkeypatch, kv_transfer: dict | None):
+    """The cudagraph mode vLLM's own `VllmConfig.__post_init__` resolves from its GPU default
+    (FULL_AND_PIECEWISE), as on a platform with static graphs (CUDA), with or without the connector."""
+    from vllm.config import CompilationConfig, CUDAGraphMode, DeviceConfig, KVTransferConfig, VllmConfig
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(type(current_platform), "support_static_graph_mode", classmethod(lambda cls: True))
+    # DeviceConfig "auto" fails where no device can be inferred (the CUDA wheel without a GPU)
+    cfg = VllmConfig(device_config=DeviceConfig(device="cpu"), compilation_config=CompilationConfig(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE),
+                     kv_transfer_config=None if kv_transfer is None else KVTransferConfig(**kv_transfer))
+    return cfg.compilation_config.cudagraph_mode
+
+
+@pytest.mark.parametrize("structure", [None, "pair", "layer_budget", "head"])
+def test_the_connector_asks_vllm_for_piecewise_graphs(monkeypatch, structure):
+    """On a default GPU server (FULL_AND_PIECEWISE) `pair` / `layer_budget` (the default is `pair`) must get
+    no full graphs, through vLLM's own connector hook `requires_piecewise_for_cudagraph`, so KVzip runs
+    instead of failing closed with "full_cuda_graphs"; `head` (vLLM's kernel) keeps what vLLM resolves
+    without a connector (full decode graphs)."""
+    from kvzip_plugin.integrations.vllm import kv_transfer_config, register
+    from kvzip_plugin.integrations.vllm.connector import KVzipConnector, unsupported_reason
+
+    register()
+    plain = _resolved_cudagraph_mode(monkeypatch, None)
+    assert plain.has_full_cudagraphs()  # the setting under test: without the plugin vLLM keeps full graphs
+    kv = kv_transfer_config(**({} if structure is None else {"structure": structure}))
+    mode = _resolved_cudagraph_mode(monkeypatch, kv)
+    if structure == "head":
+        assert mode == plain
+        assert not KVzipConnector.requires_piecewise_for_cudagraph(kv["kv_connector_extra_config"])
+    else:
+        assert not mode.has_full_cudagraphs(), mode
+        assert KVzipConnector.requires_piecewise_for_cudagraph(kv["kv_connector_extra_config"])
+    assert unsupported_reason(_config(mode), None, structure or "pair") is None
+
+
 def test_compilation_config_exposes_the_cuda_graph_mode():
     from vllm.config import CompilationConfig, CUDAGraphMode
 
