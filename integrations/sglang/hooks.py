@@ -12,6 +12,9 @@ never patched):
   TokenizerManager does not know them);
 * `QueueCount.from_reqs` (AROUND): SGLang's request gauges (`sglang:num_running_reqs`,
   `sglang:num_queue_reqs`) count client requests only, not the internal scoring requests;
+* `Scheduler.get_next_batch_to_run`, `Scheduler._should_defer_prefill`, `PrefillAdder.add_one_req`,
+  `SchedulePolicy.shortest_prefill_chunk_limit` (AROUND): scoring prefills in slices between decode steps
+  (`slicing.py`);
 * the graph runners' `can_run_graph` (AROUND, `graphs.RUNNERS`): no graph replay for a batch with scoring
   rows or requests on head-page entries (`graphs.py`).
 
@@ -34,6 +37,10 @@ TARGETS = {
     "stream_output": "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output",
     "send_abort_output": "sglang.srt.managers.scheduler.Scheduler.send_abort_output",
     "queue_count": "sglang.srt.observability.metrics_collector.QueueCount.from_reqs",
+    "next_batch": "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run",
+    "defer_prefill": "sglang.srt.managers.scheduler.Scheduler._should_defer_prefill",
+    "add_one_req": "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req",
+    "chunk_limit": "sglang.srt.managers.schedule_policy.SchedulePolicy.shortest_prefill_chunk_limit",
 }
 
 _lock = threading.Lock()
@@ -96,6 +103,42 @@ def _around_queue_count(original, cls: Any, reqs, *args: Any, **kwargs: Any):
     return original(cls, [r for r in reqs if not is_scoring_rid(getattr(r, "rid", None))], *args, **kwargs)
 
 
+def _slicing(tree_cache: Any):
+    from kvzip_plugin.integrations.sglang.radix_cache import KVzipRadixCache
+
+    if isinstance(tree_cache, KVzipRadixCache) and not tree_cache.kvzip_disabled:
+        return tree_cache.slicing
+    return None
+
+
+def _around_next_batch(original, scheduler: Any, *args: Any, **kwargs: Any):
+    cache = _cache_of(scheduler)
+    if cache is None or cache.slicing is None:
+        return original(scheduler, *args, **kwargs)
+    return cache.slicing.round(original, scheduler, *args, **kwargs)
+
+
+def _around_defer_prefill(original, scheduler: Any, *args: Any, **kwargs: Any):
+    cache = _cache_of(scheduler)
+    if cache is None or cache.slicing is None:
+        return original(scheduler, *args, **kwargs)
+    return cache.slicing.defer_prefill(original, scheduler, *args, **kwargs)
+
+
+def _around_add_one_req(original, adder: Any, *args: Any, **kwargs: Any):
+    slicing = _slicing(getattr(adder, "tree_cache", None))
+    if slicing is None:
+        return original(adder, *args, **kwargs)
+    return slicing.add_one_req(original, adder, *args, **kwargs)
+
+
+def _around_chunk_limit(original, policy: Any, *args: Any, **kwargs: Any):
+    slicing = _slicing(getattr(policy, "tree_cache", None))
+    if slicing is None:
+        return original(policy, *args, **kwargs)
+    return slicing.chunk_limit(original, policy, *args, **kwargs)
+
+
 def install() -> None:
     """Register and apply the hooks (once per process)."""
     with _lock:
@@ -108,6 +151,10 @@ def install() -> None:
         HookRegistry.register(TARGETS["stream_output"], _around_stream_output, HookType.AROUND)
         HookRegistry.register(TARGETS["send_abort_output"], _around_send_abort_output, HookType.AROUND)
         HookRegistry.register(TARGETS["queue_count"], _around_queue_count, HookType.AROUND)
+        HookRegistry.register(TARGETS["next_batch"], _around_next_batch, HookType.AROUND)
+        HookRegistry.register(TARGETS["defer_prefill"], _around_defer_prefill, HookType.AROUND)
+        HookRegistry.register(TARGETS["add_one_req"], _around_add_one_req, HookType.AROUND)
+        HookRegistry.register(TARGETS["chunk_limit"], _around_chunk_limit, HookType.AROUND)
         for target in graphs.RUNNERS:
             HookRegistry.register(target, graphs.around_can_run_graph, HookType.AROUND)
         HookRegistry.apply_hooks()

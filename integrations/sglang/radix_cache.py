@@ -37,6 +37,7 @@ from kvzip_plugin.integrations.sglang.capture import ScoreCapture
 from kvzip_plugin.integrations.sglang.metrics import MetricsPublisher, StepClock, served_model_name, write_state
 from kvzip_plugin.integrations.sglang.runtime import unsupported_runtime_reason
 from kvzip_plugin.integrations.sglang.scheduling import Jobs, is_scoring_rid
+from kvzip_plugin.integrations.sglang.slicing import Slicing
 from kvzip_plugin.integrations.sglang.store import CompactedEntries, CompactedNode, CompactedPrefix, namespace_of
 from sglang.srt.mem_cache.base_prefix_cache import (
     DecLockRefParams,
@@ -55,6 +56,7 @@ from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.head_scores import load_head_scores
 from kvzip_plugin.metrics import KVzipStats
 from kvzip_plugin.settings import DEFAULT_STRUCTURE
+from kvzip_plugin.slicing import ScoringBudget
 
 logger = logging.getLogger("sglang.kvzip_plugin")
 
@@ -89,9 +91,9 @@ class KVzipRadixCache(UnifiedRadixCache):
             min_prefix_tokens=self.kvzip_settings.min_prefix_tokens or policy.min_prefix_tokens,
             min_hits=self.kvzip_settings.min_hits or policy.min_hits,
         )
-        if self.kvzip_settings.scoring_step_tokens is not None:
-            logger.warning("kvzip-plugin: --kv-compression-scoring-step-tokens is not applied on SGLang yet: a job's "
-                           "scoring prefills run whole, in SGLang's own prefill batches (vLLM slices them)")
+        budget = ScoringBudget(**({} if self.kvzip_settings.scoring_step_tokens is None
+                                  else {"step_tokens": self.kvzip_settings.scoring_step_tokens}))
+        self.slicing = Slicing(budget, self.page_size) if budget.step_tokens > 0 else None
         self.jobs = Jobs(self)
         self.entries = CompactedEntries(self.token_to_kv_pool_allocator.free, self._entry_dropped)
         self.metrics = MetricsPublisher(params.enable_metrics, served_model_name(server_args))
@@ -454,4 +456,5 @@ class KVzipRadixCache(UnifiedRadixCache):
             "finished": {s.value: n for s, n in self.jobs.admission.queue.finished.items()},
             "scoring_targets": len(self.capture.targets) if self.capture is not None else 0,
             "graph_marks": dict(graphs.marks),
+            "slicing": self.slicing.describe() if self.slicing is not None else None,
         }

@@ -70,6 +70,7 @@ class Job:
     lock: TreeLock | None = None
     node: Any = None
     reqs: dict[str, Any] = field(default_factory=dict)  # pending scoring Req objects
+    unsent: list[Any] = field(default_factory=list)  # sliced scoring: requests not handed to SGLang yet
     scoring_started: float = 0.0
     clock: ScoringClock = field(default_factory=ScoringClock)  # forward time of its scoring requests
     txn: CompactionTxn | None = None
@@ -144,6 +145,7 @@ class Jobs:
         """Notice finished scoring requests, commit compactions, start queued jobs."""
         if sched is not None:
             self._check_scoring(sched)
+            self._send_next(sched)
         for j in list(self.live.values()):
             if j.job.status is JobStatus.SCORING and j.reqs == {} and j.scoring_started:
                 self._compact(j)
@@ -201,6 +203,8 @@ class Jobs:
                 j.reqs[req.rid] = req
                 self.scoring_len[req.rid] = L
             j.scoring_started = time.perf_counter()
+            if cache.slicing is not None:  # one scoring request in SGLang at a time (`pump` sends the next)
+                reqs, j.unsent = reqs[:1], reqs[1:]
             for req in reqs:
                 sched._add_request_to_queue(req)
             cache.mark_dirty()
@@ -229,12 +233,21 @@ class Jobs:
         sched.init_req_max_new_tokens(req)
         return req
 
+    def _send_next(self, sched: Any) -> None:
+        """Sliced scoring: a job's next scoring request once the previous one ended."""
+        for j in self.live.values():
+            if j.unsent and j.job.status is JobStatus.SCORING and len(j.reqs) == len(j.unsent):
+                sched._add_request_to_queue(j.unsent.pop(0))
+
     def _check_scoring(self, sched: Any) -> None:
         waiting = {id(r) for r in sched.waiting_queue}
         for j in list(self.live.values()):
             if j.job.status is not JobStatus.SCORING:
                 continue
+            unsent = {id(r) for r in j.unsent}
             for rid, req in list(j.reqs.items()):
+                if id(req) in unsent:
+                    continue
                 if req.finished() and not req.kv.holds_kv:
                     del j.reqs[rid]
                     self.scoring_len.pop(rid, None)
@@ -320,9 +333,12 @@ class Jobs:
         if ratio is not None:
             stats.scoring_to_prefill.append(ratio)
         self.end(j, JobStatus.COMMITTED)
-        logger.info("kvzip-plugin: job %d committed (%s): %d -> %d tokens (%d slots saved, %s) in %.3f s",
+        sliced = "" if cache.slicing is None else (" (scoring slices: {step_tokens} tokens now, {slices} slices, "
+                                                   "{held_steps} held, {deferred} decode rounds between, {drained} "
+                                                   "drained)".format(**cache.slicing.describe()))
+        logger.info("kvzip-plugin: job %d committed (%s): %d -> %d tokens (%d slots saved, %s) in %.3f s%s",
                     j.job.job_id, cache.kvzip_config.structure, L, P, L - P,
-                    "head pages" if store is not None else "SGLang's own slots", seconds)
+                    "head pages" if store is not None else "SGLang's own slots", seconds, sliced)
 
     # ------------------------------------------------------------------ the end of a job
 
@@ -344,7 +360,7 @@ class Jobs:
             # scoring requests still queued are taken out; running ones finish on their own (ignored)
             ids = {id(r) for r in j.reqs.values()}
             sched.waiting_queue[:] = [r for r in sched.waiting_queue if id(r) not in ids]
-        j.reqs = {}
+        j.reqs, j.unsent = {}, []
         outcome = self.admission.finish(j.job, status, error, unservable=unservable)
         self.live.pop(j.job.job_id, None)
         cache.mark_dirty()

@@ -69,8 +69,21 @@ def wait_until(condition, timeout: float = 30.0, interval: float = 0.2) -> bool:
     return False
 
 
-def run_sequence(server, wait_job: bool = True, seed: int = 0) -> dict:
-    """Send SEQUENCE one request at a time; after r1, wait (up to 60 s) for its job to end."""
+def wait_jobs_ended(server, timeout: float = 60.0) -> None:
+    """Wait until every job the log says was queued has ended (committed, failed or cancelled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = server.log
+        queued = len(re.findall(r"kvzip-plugin: job \d+ queued", log))
+        if len(re.findall(r"kvzip-plugin: job \d+ (?:committed|failed|cancelled)", log)) >= queued:
+            return
+        time.sleep(0.2)
+
+
+def run_sequence(server, wait_job: bool = True, seed: int = 0, settle_each: bool = False) -> dict:
+    """Send SEQUENCE one request at a time; after r1, wait (up to 60 s) for its job to end. `settle_each`: after
+    every request, wait until no job is left (a job retried on a later hit then never shares a batch with
+    the next request, whose outputs must then not depend on timing)."""
     prefix = prefix_ids(seed)
     results = []
     for i, sfx in enumerate(SUFFIXES):
@@ -90,6 +103,8 @@ def run_sequence(server, wait_job: bool = True, seed: int = 0) -> dict:
         })
         if i == 1 and wait_job:
             wait_for_log(server, r"kvzip-plugin: job \d+ (committed|failed|cancelled)")
+        if settle_each:
+            wait_jobs_ended(server)
     return {"prefix": prefix, "suffixes": [list(s) for s in SUFFIXES], "requests": results}
 
 

@@ -520,3 +520,34 @@ def test_graph_replays_are_decided_by_the_runners_checks_the_plugin_wraps():
     for target in graphs.RUNNERS:  # importable and a function on its class
         module, cls, meth = target.rsplit(".", 2)
         assert callable(getattr(getattr(importlib.import_module(module), cls), meth)), target
+
+
+def test_scoring_slicing_hooks():
+    """`slicing.py` relies on these (SGLang 0.5.23): the round and its prefill deferral, the adder's chunk
+    budget and its one tracked chunked request, and the chunk limit of the chunked request."""
+    from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder, SchedulePolicy
+    from sglang.srt.managers.scheduler import Scheduler
+
+    assert list(inspect.signature(Scheduler.get_next_batch_to_run).parameters) == ["self", "running_batch",
+                                                                                   "last_batch"]
+    assert list(inspect.signature(Scheduler._should_defer_prefill).parameters) == ["self", "running_batch"]
+    nxt = inspect.getsource(Scheduler.get_next_batch_to_run)
+    assert "elif self._should_defer_prefill(running_batch):" in nxt
+    assert "prefill_plan = self.get_new_batch_prefill(running_batch)" in nxt
+    raw = inspect.getsource(Scheduler._get_new_batch_prefill_raw)
+    assert "chunked_prefill_size = self.chunked_prefill_size" in raw
+    assert "adder.chunked_req_limit = self.policy.shortest_prefill_chunk_limit(" in raw
+    assert "self.chunked_req = adder.add_chunked_req(self.chunked_req)" in raw
+    assert "res = adder.add_one_req(" in raw
+    assert "assert self.chunked_req is None" in raw  # one chunked request: why a client waits beside a slice
+    assert list(inspect.signature(PrefillAdder.add_one_req).parameters) == ["self", "req", "has_chunked_req",
+                                                                           "truncation_align_size"]
+    assert list(inspect.signature(SchedulePolicy.shortest_prefill_chunk_limit).parameters) == [
+        "self", "chunked_req", "waiting_queue", "budget", "page_size"]
+    add = inspect.getsource(PrefillAdder.add_chunked_req)
+    assert "_rem_tokens = min(_rem_tokens, self.chunked_req_limit)" in add
+    init = inspect.getsource(PrefillAdder.__init__)
+    assert "self.rem_chunk_tokens = rem_chunk_tokens" in init and "self.tree_cache = tree_cache" in init
+    assert "self.new_chunked_req" in inspect.getsource(PrefillAdder)
+    assert callable(PrefillAdder.ceil_paged_tokens) and AddReqResult.OTHER
+    assert "self.tree_cache = tree_cache" in inspect.getsource(SchedulePolicy.__init__)

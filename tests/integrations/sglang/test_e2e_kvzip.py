@@ -236,27 +236,80 @@ def _check_pair_seq(pair_seq, sglang_tiny_model_dir):
     assert len(gaps) == 4 and max(gaps) > 1e-2  # the comparison can fail: the full cache gives other logprobs
 
 
-def test_scores_equal_the_transformers_scoring_pass(kvzip_server, kvzip_seq, sglang_tiny_model_dir):
-    """The scores captured inside SGLang (from the paged pool, over two chunked-prefill steps of the repeat
-    input) equal KVzipCompressor.score's on the same prefix, per (layer, KV head, context token)."""
+def _assert_scores_equal_transformers(dump: dict, prefix: list[int], model_dir, min_repeat: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvzip_plugin.hf.cache import KVzipCache as Cache
     from kvzip_plugin.hf.compressor import KVzipCompressor
     from kvzip_plugin.hf.template import ContextLayout, template_parts
 
-    dump = torch.load(Path(kvzip_server.dump_dir) / "job-0.pt")
-    tok = AutoTokenizer.from_pretrained(sglang_tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(sglang_tiny_model_dir, dtype=torch.float32,
-                                                 attn_implementation="sdpa").eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     comp = KVzipCompressor(model, tok)
-    n_p, ids = dump["n_protected"], kvzip_seq["prefix"][:L]
+    n_p, ids = dump["n_protected"], prefix[:L]
     layout = ContextLayout(tuple(ids[:n_p]), tuple(ids[n_p:]), template_parts(tok).postfix_ids)
     repeat_len = sum(len(c) for c in [layout.postfix_ids]) + L - n_p
-    assert repeat_len > CHUNK  # the server prefilled the scoring request's repeat input in several steps
+    assert repeat_len > min_repeat  # the server prefilled the scoring request's repeat input in several steps
     ref = comp.score(layout, Cache.from_dynamic(comp.prefill(layout.input_ids))).scores
     assert ref.shape == dump["scores"].shape
     torch.testing.assert_close(dump["scores"], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_scores_equal_the_transformers_scoring_pass(kvzip_server, kvzip_seq, sglang_tiny_model_dir):
+    """The scores captured inside SGLang (from the paged pool, over two chunked-prefill steps of the repeat
+    input) equal KVzipCompressor.score's on the same prefix, per (layer, KV head, context token)."""
+    dump = torch.load(Path(kvzip_server.dump_dir) / "job-0.pt")
+    _assert_scores_equal_transformers(dump, kvzip_seq["prefix"], sglang_tiny_model_dir, CHUNK)
+
+
+def test_scoring_runs_in_slices_between_decode_steps(sglang_tiny_model_dir, tmp_path_factory):
+    """With clients decoding, a job's scoring prefill goes in slices of at most the step tokens, with a decode
+    round between two slices (slicing.py); the scores still equal the transformers scoring pass (slicing moves
+    where the repeat input is cut, not what is scored), and every client request is answered."""
+    import re
+
+    step = 32
+    server = _server(sglang_tiny_model_dir, tmp_path_factory, "sliced", "--kv-compression-ratio", "0.5",
+                     "--max-running-requests", "4", "--max-total-tokens", "2048", "--page-size", str(PAGE),
+                     "--chunked-prefill-size", str(CHUNK), "--kv-compression-structure", "head",
+                     "--kv-compression-scoring-step-tokens", str(step))
+    stop, answered, errors = threading.Event(), [], []
+
+    def decode_client(seed: int) -> None:
+        while not stop.is_set():
+            try:
+                out = scenarios.generate(server, scenarios.prefix_ids(100 + seed, 40), max_new=60, logprobs=False)
+                answered.append(len(out["output_ids"]))
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(repr(exc))
+                return
+
+    threads = [threading.Thread(target=decode_client, args=(i,), daemon=True) for i in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2.0)  # the clients decode before the job starts
+        prefix = scenarios.prefix_ids()
+        start = server.log_offset()
+        for sfx in scenarios.SUFFIXES[:2]:  # the second hit queues the job
+            scenarios.generate(server, prefix + list(sfx))
+        found = scenarios.wait_for_log(server, r"kvzip-plugin: job \d+ committed.*", timeout=240, start=start)
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        log = server.log
+        assert found, log[-4000:]
+        m = re.search(r"scoring slices: (\d+) tokens now, (\d+) slices, (\d+) held, (\d+) decode rounds between",
+                      found.group(0))
+        assert m, found.group(0)
+        now, slices, _, deferred = map(int, m.groups())
+        assert now <= step and slices > 2 and deferred > 0, found.group(0)
+        assert not errors and answered and set(answered) == {60}, (errors, answered)
+        _assert_scores_equal_transformers(torch.load(Path(server.dump_dir) / "job-0.pt"), prefix,
+                                          sglang_tiny_model_dir, step)
+    finally:
+        stop.set()
+        server.stop()
 
 
 def test_cancelled_job_rolls_back(kvzip_server, kvzip_seq):
@@ -353,7 +406,7 @@ def fault_seq(sglang_tiny_model_dir, tmp_path_factory):
                      KVZIP_FAULT_INJECTION="compaction")
     try:
         before = scenarios.state_seq(server.dump_dir)
-        seq = scenarios.run_sequence(server)
+        seq = scenarios.run_sequence(server, settle_each=True)  # retried jobs never share a client's batch
         seq["state"] = scenarios.read_state(server.dump_dir, after=before)
         seq["metrics"] = server.metrics()
         seq["log"] = server.log

@@ -73,16 +73,13 @@ def _match(cache, req):
 # --------------------------------------------------------------------------- fail closed
 
 
-def test_scoring_step_tokens_is_said_to_be_not_applied_on_sglang(pools, caplog):
-    """The flag is shared with vLLM, which slices scoring; SGLang does not yet, and says so at start."""
+def test_scoring_step_tokens_sets_the_slicing(pools):
+    """The flag shared with vLLM: SGLang slices scoring too (slicing.py), default 256, 0 = off."""
     from kvzip_plugin.settings import make_settings
 
-    with caplog.at_level(logging.WARNING, logger="sglang.kvzip_plugin"):
-        _cache(pools)
-        assert not [r for r in caplog.records if "scoring-step-tokens" in r.getMessage()]
-        _cache(pools, settings=make_settings(scoring_step_tokens=64))
-    assert [r for r in caplog.records if "--kv-compression-scoring-step-tokens is not applied on SGLang yet"
-            in r.getMessage()]
+    assert _cache(pools).slicing.gate.budget.step_tokens == 256
+    assert _cache(pools, settings=make_settings(scoring_step_tokens=64)).slicing.gate.budget.step_tokens == 64
+    assert _cache(pools, settings=make_settings(scoring_step_tokens=0)).slicing is None
 
 
 def test_without_a_model_worker_the_cache_is_sglangs_default(pools, caplog):
