@@ -1,0 +1,251 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A seeded fault run against a real CPU server with `--kv-compression kvzip` (vLLM or SGLang).
+
+The plan: `n` requests over `prefixes` shared prefixes (random token ids, 160-240 tokens, so every prefix
+is long enough to compress and is hit often enough to become a job), each with its own short suffix and
+output length; about a fifth are aborted by the client mid-stream, about a quarter carry a cache salt
+(vLLM `cache_salt`, SGLang `extra_key`: another tenant's copy of the same prefix). They go out with a
+few clients in parallel in three segments, and between the segments, with requests still in flight:
+
+1. the engine's cache reset (vLLM `POST /reset_prefix_cache?reset_running_requests=true`, SGLang
+   `POST /flush_cache`), while jobs run;
+2. a restart: SIGTERM to the server with requests in flight, then a new server **at ratio 1.0** for the
+   third segment.
+
+Then, at idle: every request answered in full or cleanly aborted (requests caught by the restart are
+counted apart), the server healthy, no ERROR line or traceback in its log (before the SIGTERM), the pool
+back to its idle value after a final reset (no block or slot leaked), the jobs' outcomes adding up
+(submitted = committed + failed + cancelled), and some prefixes compressed. Last, a `none` server answers
+the third segment's completed prompts: at ratio 1.0 KVzip must give exactly its tokens.
+
+    PYTHONPATH=. .venv/bin/python -m tests.fault.suite --engine vllm --requests 600 \
+        --out benchmarks/results/fault-suite-vllm.json
+
+(`tests/fault/test_fault_suite.py` runs a short one of each engine in CI.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvzip_plugin import loadgen
+from tests.fault.servers import SERVERS, Outcome
+
+ERROR_LINE = re.compile(r"\bERROR\b|Traceback \(most recent call last\)")
+
+
+@dataclass(frozen=True)
+class Planned:
+    rid: str
+    segment: int
+    ids: list[int]
+    max_tokens: int
+    salt: str | None
+    abort_after: int | None
+
+
+@dataclass
+class Result:
+    rid: str
+    segment: int
+    outcome: str
+    tokens: list[int]
+    seconds: float
+    error: str | None = None
+
+
+@dataclass
+class Report:
+    engine: str
+    seed: int
+    requests: int
+    outcomes: dict[str, int] = field(default_factory=dict)
+    lost: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    idle: dict[str, Any] = field(default_factory=dict)
+    error_lines: list[str] = field(default_factory=list)
+    identity: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    def failures(self) -> list[str]:
+        """What the run must not show; empty when it passed."""
+        out = []
+        if self.outcomes.get(Outcome.LOST):
+            out.append(f"{self.outcomes[Outcome.LOST]} request(s) lost: {self.lost[:3]}")
+        if self.error_lines:
+            out.append(f"ERROR lines in the server log: {self.error_lines[:3]}")
+        idle, jobs = self.idle, self.idle.get("jobs", {})
+        if self.engine == "vllm":
+            if idle.get("blocks_in_use") is None or idle["blocks_in_use"] > idle["expected_blocks"] + 1e-6:
+                out.append(f"blocks in use at idle: {idle.get('blocks_in_use')} (expected {idle['expected_blocks']})")
+        elif (idle.get("available", 0) + idle.get("tree_evictable", 0) != idle.get("total") or idle.get("compacted")
+              or idle.get("overlap") or idle.get("tree_protected")):
+            out.append(f"slots at idle: {idle}")
+        if jobs and jobs["submitted"] != jobs["committed"] + jobs["failed"] + jobs["cancelled"]:
+            out.append(f"job outcomes do not add up: {jobs}")
+        if not any(e.get("committed") for e in self.events):
+            out.append("no prefix was compressed before the restart")
+        if self.identity.get("different"):
+            out.append(f"ratio 1.0 differs from none on {self.identity['different']} prompt(s)")
+        if not self.identity.get("compared"):
+            out.append("no ratio-1.0 prompt to compare with none")
+        return out
+
+
+def plan(n: int, prefixes: int, seed: int, vocab: int = 500) -> list[Planned]:
+    """The seeded requests, in three segments."""
+    rng = random.Random(f"fault/{seed}")
+    docs = [[rng.randrange(3, vocab) for _ in range(rng.randrange(160, 241))] for _ in range(prefixes)]
+    out = []
+    for i in range(n):
+        doc = docs[rng.randrange(prefixes)]
+        suffix = [rng.randrange(3, vocab) for _ in range(rng.randrange(4, 13))]
+        max_tokens = rng.randrange(4, 17)
+        abort_after = rng.randrange(1, max_tokens) if rng.random() < 0.2 else None
+        salt = "tenant-b" if rng.random() < 0.25 else None
+        out.append(Planned(f"f{seed}-{i}", min(2, 3 * i // n), doc + suffix, max_tokens, salt, abort_after))
+    return out
+
+
+class Restarts:
+    """Which requests a restart may have caught: those running while one was under way."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.active = threading.Event()
+
+    def begin(self) -> None:
+        self.active.set()
+        self.count += 1
+
+    def caught(self, count_at_start: int) -> bool:
+        return self.active.is_set() or self.count != count_at_start
+
+
+def _send(server_of, p: Planned, restarts: Restarts) -> Result:
+    t0, epoch = time.perf_counter(), restarts.count
+    try:
+        outcome, tokens = server_of().request(p.rid, p.ids, p.max_tokens, p.salt, p.abort_after)
+        if outcome == Outcome.LOST and restarts.caught(epoch):
+            outcome = Outcome.RESTART  # its stream ended when the server went down
+        return Result(p.rid, p.segment, outcome, tokens, time.perf_counter() - t0)
+    except Exception as exc:  # noqa: BLE001 - every failure is classified, none may escape
+        outcome = Outcome.RESTART if restarts.caught(epoch) else Outcome.LOST
+        return Result(p.rid, p.segment, outcome, [], time.perf_counter() - t0, f"{type(exc).__name__}: {exc}")
+
+
+def _jobs(server) -> dict[str, float]:
+    prefix = "vllm:" if server.engine == "vllm" else "sglang:"
+    snap = loadgen.scrape(server.url)
+    return {o: sum(v for lbl, v in _series(snap, f"{prefix}kvzip_jobs_total") if lbl.get("outcome") == o)
+            for o in ("submitted", "committed", "failed", "cancelled")}
+
+
+def _series(snap, name: str):
+    for labels in snap.labels(name):
+        yield labels, snap.get(name, **labels)
+
+
+def run(engine: str, model_dir: Path, work: Path, n: int, prefixes: int, seed: int, clients: int = 4) -> Report:
+    """The whole fault run (module docstring); returns its report (`Report.failures()` empty = passed)."""
+    t_start = time.perf_counter()
+    cls = SERVERS[engine]
+    requests = plan(n, prefixes, seed)
+    report = Report(engine, seed, n)
+    results: list[Result] = []
+    restarts = Restarts()
+    server = cls(model_dir, work / f"{engine}-0.log", ratio=0.5)
+    current = {None: server}  # what queued requests send to: the new server after the restart
+    logs: list[str] = []
+    try:
+        for segment in range(3):
+            todo = [p for p in requests if p.segment == segment]
+            poller = loadgen.MetricsPoller(server.url, interval=0.25, prefix=f"{engine}:")
+            with poller, ThreadPoolExecutor(clients) as pool:
+                futures = [pool.submit(_send, lambda: current[None], p, restarts) for p in todo]
+                event_at = int(0.7 * len(futures))  # the event fires with the last 30% still in flight
+                for f in futures[:event_at]:
+                    results.append(f.result())
+                # the plugin's gauges as a dashboard saw them so far (peaks over 0.25 s polls)
+                peaks = {k.split(":", 1)[1]: v for k, v in poller.peaks.items() if "kvzip_jobs" in k}
+                if segment == 0:
+                    report.events.append({"event": "reset", "during": "jobs and requests in flight",
+                                          "answer": server.reset(), **_jobs(server), "gauge_peaks": peaks})
+                elif segment == 1:
+                    report.events.append({"event": "restart", **_jobs(server), "gauge_peaks": peaks})
+                    restarts.begin()
+                    logs.append(server.log)
+                    server.stop()
+                    server = current[None] = cls(model_dir, work / f"{engine}-1.log", ratio=1.0)
+                    restarts.active.clear()
+                results.extend(f.result() for f in futures[event_at:])
+        server.wait_idle()
+        report.idle = server.idle_check()
+        logs.append(server.log)
+    finally:
+        server.stop()
+    report.error_lines = [ln for log in logs for ln in log.splitlines() if ERROR_LINE.search(ln)][:20]
+    for r in results:
+        report.outcomes[r.outcome] = report.outcomes.get(r.outcome, 0) + 1
+    report.lost = [asdict(r) for r in results if r.outcome == Outcome.LOST][:10]
+    report.identity = _identity(cls, model_dir, work, requests, results)
+    report.wall_s = time.perf_counter() - t_start
+    return report
+
+
+def _identity(cls, model_dir: Path, work: Path, requests: list[Planned], results: list[Result]) -> dict[str, Any]:
+    """The third segment ran at ratio 1.0: its completed prompts on a `none` server give the same tokens."""
+    done = {r.rid: r for r in results if r.segment == 2 and r.outcome == Outcome.OK}
+    todo = [p for p in requests if p.rid in done]
+    if not todo:
+        return {"compared": 0, "different": 0}
+    server = cls(model_dir, work / "none.log", ratio=None)
+    try:
+        diff = []
+        for p in todo:
+            _, tokens = server.request(p.rid + "-none", p.ids, p.max_tokens, p.salt, None)
+            if tokens != done[p.rid].tokens:
+                diff.append(p.rid)
+    finally:
+        server.stop()
+    return {"compared": len(todo), "different": len(diff), "examples": diff[:5]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", choices=sorted(SERVERS), required=True)
+    parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument("--prefixes", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    from tests.integrations.vllm.tiny_model import build_tiny_llama
+
+    work = Path(tempfile.mkdtemp(prefix=f"kvzip-fault-{args.engine}-"))
+    report = run(args.engine, build_tiny_llama(work / "model"), work, args.requests, args.prefixes, args.seed,
+                 args.clients)
+    failures = report.failures()
+    doc = {"report": asdict(report), "failures": failures, "logs": str(work)}
+    text = json.dumps(doc, indent=1)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    print(text)
+    print(f"fault suite ({args.engine}, {args.requests} requests, seed {args.seed}): "
+          f"{'PASS' if not failures else 'FAIL'}")
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
