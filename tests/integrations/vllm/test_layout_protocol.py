@@ -157,7 +157,8 @@ def _resolved_cudagraph_mode(monkeypatch, kv_transfer: dict | None):
 
     monkeypatch.setattr(type(current_platform), "support_static_graph_mode", classmethod(lambda cls: True))
     # DeviceConfig "auto" fails where no device can be inferred (the CUDA wheel without a GPU)
-    cfg = VllmConfig(device_config=DeviceConfig(device="cpu"), compilation_config=CompilationConfig(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE),
+    cfg = VllmConfig(device_config=DeviceConfig(device="cpu"),
+                     compilation_config=CompilationConfig(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE),
                      kv_transfer_config=None if kv_transfer is None else KVTransferConfig(**kv_transfer))
     return cfg.compilation_config.cudagraph_mode
 
