@@ -106,8 +106,8 @@ def child(model_dir: str, structure: str, ratio: float, lengths: list[int], batc
             rows.append({"structure": structure, "ratio": ratio, "L": length, "batch": batch,
                          "step_ms_median": 1000 * statistics.median(times), "step_ms": [1000 * x for x in times],
                          "compacted": compacted, "compress_s": compress_s})
-            print(f"{structure}@{ratio} L={length} B={batch}: {1000 * statistics.median(times):.2f} ms/step",
-                  file=sys.stderr, flush=True)
+            print(f"{structure}@{ratio} L={length} B={batch}: {1000 * statistics.median(times):.2f} ms/step "
+                  f"(prefix compressed in {compress_s:.1f} s)", file=sys.stderr, flush=True)
     return {"rows": rows}
 
 
@@ -132,9 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = str(demo_model_dir())
     rows = []
     t0 = time.perf_counter()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for structure in ["none", *args.structures]:
         rows += run_child([__file__, "--child", model_dir, structure, str(args.ratio), ",".join(map(str, args.lengths)),
-                           ",".join(map(str, args.batches)), str(args.steps)], structure, 7200)["rows"]
+                           ",".join(map(str, args.batches)), str(args.steps)], structure, 7200,
+                          progress="ms/step")["rows"]
+        args.out.with_suffix(".partial.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     full = {(r["L"], r["batch"]): r["step_ms_median"] for r in rows if r["structure"] == "none"}
     for r in rows:
         r["vs_full"] = r["step_ms_median"] / full[(r["L"], r["batch"])]
@@ -142,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                          DEMO_MODEL + " (SmolLM2-135M-Instruct, float32, de-quantised from Q4_1 GGUF)",
                          time.perf_counter() - t0)
     doc = {"meta": {**meta, "ratio": args.ratio}, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     structures = ["none", *args.structures]
     lines = [f"Decode step (median of {args.steps}, whole engine step) on vLLM's CPU backend, SmolLM2-135M float32, "
              f"ratio {args.ratio}; cells: ms/step (compressed / full).", "",

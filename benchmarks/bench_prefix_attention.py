@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode_attention import time_it  # noqa: E402  (median of repeats after warm-up, CUDA synced)
 
 from kvzip_plugin.paged_store import PagedStore  # noqa: E402
-from kvzip_plugin.prefix_attention import attend_rows  # noqa: E402
+from kvzip_plugin.prefix_attention import OwnTokens, attend_rows  # noqa: E402
 from kvzip_plugin.store import place_runs, run_gather_index, select_runs  # noqa: E402
 
 
@@ -105,7 +105,7 @@ def main() -> None:
             def shared() -> torch.Tensor:  # what the engines' glue does for decode rows (attend_rows)
                 out = torch.empty_like(q)
                 runs = store.read_runs(0, lambda _: (pages_k, pages_v))
-                attend_rows(q, out, runs, scale, decode_q, (own_k, own_v, own_lens), [])
+                attend_rows(q, out, runs, scale, decode_q, OwnTokens.of(own_k, own_v, own_lens), [])
                 return out
 
             t_runs = time_it(shared, dev, args.repeats)

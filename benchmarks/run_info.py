@@ -39,15 +39,35 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run_child(cmd: list[str], what: str, timeout: float) -> dict:
-    """Run one engine configuration in a fresh process and parse its last `RESULT <json>` line."""
+def run_child(cmd: list[str], what: str, timeout: float, progress: str | None = None) -> dict:
+    """Run one engine configuration in a fresh process and parse its last `RESULT <json>` line. Lines of its
+    stderr that contain `progress` are echoed as they come (the engines' own logging is not)."""
     import json
     import sys
+    import threading
 
-    proc = subprocess.run([sys.executable, *cmd], env=child_env(), capture_output=True, text=True, timeout=timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    proc = subprocess.Popen([sys.executable, *cmd], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    err: list[str] = []
+
+    def pump() -> None:
+        for line in proc.stderr:
+            err.append(line)
+            if progress is not None and progress in line:
+                print(f"[{what}] {line.rstrip()}", file=sys.stderr, flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    reader.join(timeout=10)
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{what} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{what} failed (rc={proc.returncode}):\n{''.join(err)[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 

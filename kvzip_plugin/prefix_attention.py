@@ -156,6 +156,50 @@ def page_attention(q: torch.Tensor, chunks: list[tuple[torch.Tensor, torch.Tenso
     return _ungroup(out.unsqueeze(1), n), _ungroup(lse.unsqueeze(1), n)
 
 
+def page_decode_attention(q: torch.Tensor, chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                torch.Tensor | None]],
+                          n_kv_heads: int, own_k: torch.Tensor, own_v: torch.Tensor, own_mask: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """Decode rows over every KV head's run (given page by page) and their own tokens, as ONE softmax.
+
+    Args:
+        q: `[n, H_q, D]` one query per request (all requests of the step on this prefix).
+        chunks: the runs' pages as `page_attention` takes them.
+        n_kv_heads: H_kv.
+        own_k, own_v: `[n, H_kv, T, D]` each request's own tokens (padding finite), any strides.
+        own_mask: `[n, 1, 1, T]` additive (0 on a request's own tokens, -inf on padding; every request
+            has at least one own token, its newest).
+
+    Returns:
+        out `[n, H_q, D]` float32: what `page_attention` and `decode_attention` merged by `merge` give,
+        computed without the two parts' normalizations and the merge (a decode step of a small model is
+        bound by the count of torch ops per layer: this is about two thirds of theirs). The own tokens
+        give every row a finite max, so no row is empty.
+    """
+    n, h_q, d = q.shape
+    g = h_q // n_kv_heads
+    rows = g * n
+    qs = q.float() * scale
+    qg = _group(qs, n_kv_heads).squeeze(1)  # [H_kv, G*n, D]
+    so = torch.matmul(qs.view(n, n_kv_heads, g, d), own_k.float().transpose(-1, -2)) + own_mask  # [n, H_kv, G, T]
+    top = so.amax(-1).permute(1, 2, 0).reshape(n_kv_heads, rows)  # rows g-major, as `_group`
+    scores = []
+    for keys, _, heads, mask in chunks:
+        s = torch.matmul(qg[heads], keys.float().transpose(1, 2))  # [P, G*n, page]
+        if mask is not None:
+            s = s + mask.view(-1, 1, keys.shape[1])
+        top.scatter_reduce_(0, heads.view(-1, 1).expand(-1, rows), s.amax(-1), "amax")
+        scores.append(s)
+    eo = torch.exp(so - top.view(n_kv_heads, g, n).permute(2, 0, 1).unsqueeze(-1))  # [n, H_kv, G, T]
+    den = eo.sum(-1).permute(1, 2, 0).reshape(n_kv_heads, rows)
+    num = torch.matmul(eo, own_v.float()).permute(1, 2, 0, 3).reshape(n_kv_heads, rows, d)
+    for (_, values, heads, _), s in zip(chunks, scores, strict=True):
+        e = torch.exp(s - top[heads].unsqueeze(-1))
+        den.index_add_(0, heads, e.sum(-1))
+        num.index_add_(0, heads, torch.matmul(e, values.float()))
+    return _ungroup((num / den.unsqueeze(-1)).unsqueeze(1), n)
+
+
 PAGE_ROWS_MAX = 16
 """`PageRuns` attends page by page while each KV head has at most this many query rows (G x requests):
 the pages' partial outputs then cost less than copying the pages into runs; with more rows (many
@@ -184,6 +228,14 @@ class PageRuns:
         keys, values = self.runs()
         return segment_attention(q, keys, values, self.starts, self.lengths, scale)
 
+    def decode_attention(self, q: torch.Tensor, own: OwnTokens, scale: float) -> torch.Tensor | None:
+        """Decode rows' whole attention (runs and own tokens, `page_decode_attention`) when they are
+        few enough to attend page by page; None otherwise (the caller takes the two-part path)."""
+        h_kv = len(self.lengths)
+        if q.shape[0] * (q.shape[1] // h_kv) > PAGE_ROWS_MAX:
+            return None
+        return page_decode_attention(q, self.chunks, h_kv, own.keys, own.values, own.mask, scale)
+
     def runs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The pages copied one after another: `[N, D]` keys and values."""
         k0 = self.chunks[0][0]
@@ -196,6 +248,27 @@ class PageRuns:
             out_k[rows] = k
             out_v[rows] = v
         return out_k.view(n * ps, d), out_v.view(n * ps, d)
+
+
+@dataclass(frozen=True)
+class OwnTokens:
+    """The own tokens of a step's decode rows on one prefix, gathered once per layer.
+
+    Attributes:
+        keys, values: `[R, H_kv, T, D]`, padded to the longest with finite numbers (`own_positions`).
+        lengths: `[R]` own tokens of each request (>= 1).
+        mask: `[R, 1, 1, T]` additive mask of the padding (`length_mask(lengths, T)`): the same for every
+            layer of a step, so the glue builds it once per step.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    lengths: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> OwnTokens:
+        return cls(keys, values, lengths, length_mask(lengths.to(keys.device), keys.shape[2]))
 
 
 @dataclass(frozen=True)
@@ -221,20 +294,21 @@ def run_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, len
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     scale: float, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per request over its own tokens, batched: request `r` attends to `keys[r, :, :lengths[r]]`
     (all of them: its query is its newest token).
 
     Args:
         q: `[R, H_q, D]`; keys, values: `[R, H_kv, T, D]` (padded with finite numbers; padding masked);
-            lengths: `[R]` (>= 1).
+            lengths: `[R]` (>= 1); mask: `length_mask(lengths, T)` when the caller has it.
 
     Returns:
         out `[R, H_q, D]`, lse `[R, H_q]` (float32).
     """
     r, h_q, d = q.shape
     h_kv, t = keys.shape[1], keys.shape[2]
-    mask = length_mask(lengths.to(keys.device), t)  # [R, 1, 1, T]
+    if mask is None:
+        mask = length_mask(lengths.to(keys.device), t)  # [R, 1, 1, T]
     out, lse = attend(q.view(r, h_kv, h_q // h_kv, d), keys, values, mask, scale)  # [R, H_kv, G, ...]
     return out.reshape(r, h_q, d), lse.reshape(r, h_q)
 
@@ -269,7 +343,7 @@ def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: 
 
 def attend_rows(q_all: torch.Tensor, out_all: torch.Tensor, runs: PageRuns | SegmentRuns,
                 scale: float, decode_q: torch.Tensor,
-                decode_own: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                decode_own: OwnTokens | None,
                 prefill: list[tuple[int, int, torch.Tensor, torch.Tensor]]) -> None:
     """Overwrite the output rows of one compacted prefix's requests in a step (both engines' glue).
 
@@ -277,15 +351,22 @@ def attend_rows(q_all: torch.Tensor, out_all: torch.Tensor, runs: PageRuns | Seg
         q_all, out_all: the step's `[num_tokens, H_q, D]` queries and attention output (written in place).
         runs: the prefix part of this layer (`PagedStore.read_runs`).
         decode_q: `[R]` token index of each request with one query this step.
-        decode_own: their own tokens `(keys [R, H_kv, T, D], values, lengths [R])` (`decode_attention`;
-            padding finite), None when R is 0.
+        decode_own: their own tokens, None when R is 0.
         prefill: `(q_start, q_end, keys [H_kv, T, D], values)` of each request with several queries.
 
-    One pass of all these queries over the runs, then each request's own tokens, merged by log-sum-exp.
+    One pass of all these queries over the runs, then each request's own tokens, merged by log-sum-exp;
+    a step of only a few decode rows over pages takes both parts in one softmax instead
+    (`PageRuns.decode_attention`).
     """
     dev = q_all.device
     decode_q = decode_q.to(dev)
     r = decode_q.numel()
+    if r and not prefill and isinstance(runs, PageRuns):
+        assert decode_own is not None
+        out = runs.decode_attention(q_all[decode_q], decode_own, scale)
+        if out is not None:
+            out_all[decode_q] = out.to(out_all.dtype)
+            return
     if prefill:
         index = torch.cat([decode_q] + [torch.arange(qs, qe, device=dev) for qs, qe, _, _ in prefill])
         q_rows = q_all[index]
@@ -294,7 +375,8 @@ def attend_rows(q_all: torch.Tensor, out_all: torch.Tensor, runs: PageRuns | Seg
     out_p, lse_p = runs.attention(q_rows, scale)
     if r:
         assert decode_own is not None
-        out_o, lse_o = decode_attention(q_rows[:r], *decode_own, scale)
+        out_o, lse_o = decode_attention(q_rows[:r], decode_own.keys, decode_own.values, decode_own.lengths, scale,
+                                        decode_own.mask)
         out_all[decode_q] = merge(out_p[:r], lse_p[:r], out_o, lse_o).to(out_all.dtype)
     at = r
     for qs, qe, own_k, own_v in prefill:

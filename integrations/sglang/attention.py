@@ -31,7 +31,7 @@ import torch
 
 from kvzip_plugin.kernel_runs import backend_name
 from kvzip_plugin.paged_store import PagedStore
-from kvzip_plugin.prefix_attention import attend_rows, own_positions
+from kvzip_plugin.prefix_attention import OwnTokens, attend_rows, length_mask, own_positions
 
 logger = logging.getLogger("sglang.kvzip_plugin")
 
@@ -64,6 +64,9 @@ class PagedAttention:
         self.req_to_token = req_to_token
         self.page_size = page_size
         self.armed: tuple[Any, list[list[PagedRow]]] | None = None
+        self._own: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        """Per group of the armed batch: its decode rows' own-token slots `[R, T]`, their own counts `[R]`,
+        padding mask and query rows (the same in every layer: built at the first layer)."""
         self.backend: str | None = None  # what read the runs last (logged when it changes)
 
     def views(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +79,7 @@ class PagedAttention:
 
     def arm(self, forward_batch: Any, rows: list[PagedRow]) -> None:
         """The rows of `forward_batch`'s forward (grouped by store)."""
+        self._own = {}
         if not rows:
             self.armed = None
             return
@@ -97,17 +101,14 @@ class PagedAttention:
         k_buf = self.kv_pool._get_key_buffer(layer.layer_id)  # [slots, H_kv, D]
         v_buf = self.kv_pool._get_value_buffer(layer.layer_id)
         scale = float(layer.scaling)
-        for group in armed[1]:
+        for gi, group in enumerate(armed[1]):
             store = group[0].store
             first = store.n_slots  # the entry's slots head every row; the request's own tokens follow
-            decode = [r for r in group if r.n_q == 1]
+            own_slots, own_len, mask, decode_q = self._own_plan(gi, group, first)
             own = None
-            if decode:  # one query each: the requests' own tokens in one batched gather
-                own_len = torch.tensor([r.seq_len - first for r in decode])
-                rows = torch.tensor([r.row for r in decode], device=self.req_to_token.device)
-                pos = own_positions(own_len).to(self.req_to_token.device)  # [R, T], padding repeats the last
-                slots = self.req_to_token[rows.view(-1, 1), first + pos].long()
-                own = (k_buf[slots].transpose(1, 2), v_buf[slots].transpose(1, 2), own_len)  # [R, H_kv, T, D]
+            if own_len.numel():  # one query each: the requests' own tokens in one batched gather
+                own = OwnTokens(k_buf[own_slots].transpose(1, 2), v_buf[own_slots].transpose(1, 2),  # [R, H_kv, T, D]
+                                own_len, mask)
             prefill = []
             for r in group:
                 if r.n_q > 1:
@@ -118,8 +119,25 @@ class PagedAttention:
             if backend_name(runs) != self.backend:
                 self.backend = backend_name(runs)
                 logger.info("kvzip-plugin: requests on head-page entries attend to the runs through %s", self.backend)
-            attend_rows(q_all, out_all, runs, scale,
-                        torch.tensor([r.q_start for r in decode], dtype=torch.long), own, prefill)
+            attend_rows(q_all, out_all, runs, scale, decode_q, own, prefill)
+
+    def _own_plan(self, gi: int, group: list[PagedRow], first: int):
+        """Group `gi`'s decode rows: own-token slots, counts, padding mask and query rows (built once per batch)."""
+        plan = self._own.get(gi)
+        if plan is None:
+            decode = [r for r in group if r.n_q == 1]
+            dev = self.req_to_token.device
+            own_len = torch.tensor([r.seq_len - first for r in decode], dtype=torch.long)
+            slots = torch.zeros(0, 0, dtype=torch.long, device=dev)
+            mask = torch.zeros(0, 1, 1, 0, device=dev)
+            if decode:
+                rows = torch.tensor([r.row for r in decode], device=dev)
+                pos = own_positions(own_len).to(dev)  # [R, T], padding repeats the last
+                slots = self.req_to_token[rows.view(-1, 1), first + pos].long()
+                mask = length_mask(own_len.to(dev), pos.shape[1])
+            plan = (slots, own_len, mask, torch.tensor([r.q_start for r in decode], dtype=torch.long))
+            self._own[gi] = plan
+        return plan
 
 
 def _marker(forward_batch: Any) -> tuple:

@@ -4,6 +4,9 @@ first `KVzipRadixCache` is built (so other processes, and servers without `--kv-
 never patched):
 
 * `Scheduler.on_idle` (AFTER): pump the jobs when no batch runs (`KVzipRadixCache.kvzip_pump`);
+* `Scheduler.maybe_sleep_on_idle` (AROUND): with `--sleep-on-idle`, an idle scheduler does not sleep (up to
+  1 s, until a request arrives) while KVzip has a job queued or running or has not yet published the metrics
+  and state of the last batch (`KVzipRadixCache.kvzip_busy`), so neither is delayed by it;
 * `ForwardBatch.init_new` (AFTER): logical positions of requests on compacted prefixes (`+ L - P`), and the
   capture plan of scoring rows (`KVzipRadixCache.on_forward_batch`);
 * `SchedulerOutputStreamer.stream_output` (AROUND): outputs of the internal `kvzip-score-*` requests are dropped;
@@ -33,6 +36,7 @@ logger = logging.getLogger("sglang.kvzip_plugin")
 
 TARGETS = {
     "on_idle": "sglang.srt.managers.scheduler.Scheduler.on_idle",
+    "sleep_on_idle": "sglang.srt.managers.scheduler.Scheduler.maybe_sleep_on_idle",
     "init_new": "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
     "stream_output": "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output",
     "send_abort_output": "sglang.srt.managers.scheduler.Scheduler.send_abort_output",
@@ -47,13 +51,17 @@ _lock = threading.Lock()
 _installed: list[bool] = []
 
 
-def _cache_of(scheduler: Any):
+def _active(tree_cache: Any):
+    """`tree_cache` if it is a KVzip cache that is not disabled, else None."""
     from kvzip_plugin.integrations.sglang.radix_cache import KVzipRadixCache
 
-    cache = getattr(scheduler, "tree_cache", None)
-    if isinstance(cache, KVzipRadixCache) and not cache.kvzip_disabled:
-        return cache
+    if isinstance(tree_cache, KVzipRadixCache) and not tree_cache.kvzip_disabled:
+        return tree_cache
     return None
+
+
+def _cache_of(scheduler: Any):
+    return _active(getattr(scheduler, "tree_cache", None))
 
 
 def _after_on_idle(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
@@ -61,6 +69,13 @@ def _after_on_idle(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> No
     if cache is not None:
         cache.kvzip_pump(scheduler, idle=True)
     return None
+
+
+def _around_sleep_on_idle(original, scheduler: Any, *args: Any, **kwargs: Any):
+    cache = _cache_of(scheduler)
+    if cache is not None and cache.kvzip_busy():
+        return None
+    return original(scheduler, *args, **kwargs)
 
 
 def _after_init_new(result: Any, cls: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
@@ -104,11 +119,8 @@ def _around_queue_count(original, cls: Any, reqs, *args: Any, **kwargs: Any):
 
 
 def _slicing(tree_cache: Any):
-    from kvzip_plugin.integrations.sglang.radix_cache import KVzipRadixCache
-
-    if isinstance(tree_cache, KVzipRadixCache) and not tree_cache.kvzip_disabled:
-        return tree_cache.slicing
-    return None
+    cache = _active(tree_cache)
+    return None if cache is None else cache.slicing
 
 
 def _around_next_batch(original, scheduler: Any, *args: Any, **kwargs: Any):
@@ -147,6 +159,7 @@ def install() -> None:
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
         HookRegistry.register(TARGETS["on_idle"], _after_on_idle, HookType.AFTER)
+        HookRegistry.register(TARGETS["sleep_on_idle"], _around_sleep_on_idle, HookType.AROUND)
         HookRegistry.register(TARGETS["init_new"], _after_init_new, HookType.AFTER)
         HookRegistry.register(TARGETS["stream_output"], _around_stream_output, HookType.AROUND)
         HookRegistry.register(TARGETS["send_abort_output"], _around_send_abort_output, HookType.AROUND)

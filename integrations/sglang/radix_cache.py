@@ -363,6 +363,11 @@ class KVzipRadixCache(UnifiedRadixCache):
         scores = self.capture.jobs.get(job_id) if self.capture is not None else None
         return scores.kernel_seconds if scores is not None else 0.0
 
+    def kvzip_busy(self) -> bool:
+        """Work the next idle pump must do: a job queued or running, or metrics and state not yet published
+        since the last batch (SGLang's `--sleep-on-idle` must not delay them)."""
+        return self._dirty or self.jobs.pending()
+
     def kvzip_pump(self, scheduler: Any = None, idle: bool = False) -> None:
         """Drive the jobs: notice finished scoring requests, commit compactions, start queued jobs, publish
         metrics. Called after every batch and when idle. Never raises."""

@@ -141,6 +141,10 @@ class Jobs:
 
     # ------------------------------------------------------------------ the pump
 
+    def pending(self) -> bool:
+        """Whether a job is queued or running (the scheduler must keep pumping, not sleep)."""
+        return bool(self.live) or self.admission.queue.peek() is not None
+
     def pump(self, sched: Any) -> None:
         """Notice finished scoring requests, commit compactions, start queued jobs."""
         if sched is not None:

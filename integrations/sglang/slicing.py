@@ -54,6 +54,7 @@ class Slicing:
         """This round's slice (tokens) for the scoring request's chunk; None: SGLang's own chunk size."""
         self.capped_continuation = False  # this round capped the chunked scoring request's next chunk
         self.defer_next = False  # the next round decodes instead of running another slice
+        self.deferring = False  # this round is that decode round (read by `defer_prefill`)
         self.blocked_since: float | None = None  # a client needing its own chunk waits behind a slice
         self.drain = False  # the current scoring request runs at SGLang's chunk size until it ends
         self.slices = 0
@@ -67,9 +68,13 @@ class Slicing:
         now = time.monotonic()
         chunked = getattr(sched, "chunked_req", None)
         scoring_chunked = _is_scoring(chunked)
-        waiting = [r for r in sched.waiting_queue if _is_scoring(r)]
-        client_prefill = (chunked is not None and not scoring_chunked) or any(
-            not _is_scoring(r) for r in sched.waiting_queue)
+        waiting, client_waits = [], False
+        for r in sched.waiting_queue:
+            if _is_scoring(r):
+                waiting.append(r)
+            else:
+                client_waits = True
+        client_prefill = (chunked is not None and not scoring_chunked) or client_waits
         decoding = _clients_decode(running_batch, last_batch, chunked)
         self.cap, self.capped_continuation = None, False
         if not waiting and not scoring_chunked:
@@ -79,11 +84,11 @@ class Slicing:
         if self.defer_next and decoding and not client_prefill:
             self.defer_next = False
             self.gate.idle(False, decoding, now)  # a decode round between two slices: a plain step
-            self._defer = True
+            self.deferring = True
             try:
                 return original(sched, running_batch, last_batch, *args, **kwargs)
             finally:
-                self._defer = False
+                self.deferring = False
         self.defer_next = False
         chunking = (getattr(sched, "chunked_prefill_size", None) or 0) > 0
         decision: Decision = self.gate.decide(client_prefill, decoding, now) if chunking else "full"
@@ -105,11 +110,9 @@ class Slicing:
             self.defer_next = decoding
         return plan
 
-    _defer = False
-
     def defer_prefill(self, original, sched: Any, running_batch: Any, *args: Any, **kwargs: Any) -> bool:
         """`Scheduler._should_defer_prefill`: True in the decode round between two slices."""
-        if self._defer and any(not _is_scoring(r) for r in running_batch.reqs):
+        if self.deferring and any(not _is_scoring(r) for r in running_batch.reqs):
             self.deferred += 1
             return True
         return original(sched, running_batch, *args, **kwargs)

@@ -33,7 +33,7 @@ from kvzip_plugin.integrations.vllm import layout
 
 from kvzip_plugin.kernel_runs import backend_name
 from kvzip_plugin.paged_store import PagedStore, PageReader, Views
-from kvzip_plugin.prefix_attention import attend_rows, own_positions
+from kvzip_plugin.prefix_attention import OwnTokens, attend_rows, length_mask, own_positions
 
 logger = logging.getLogger("vllm.kvzip_plugin.attention")
 _backend: str | None = None  # what read the runs last (logged when it changes)
@@ -59,6 +59,7 @@ class _Group:
     decode_lens: torch.Tensor  # [R] their own tokens
     decode_blocks: torch.Tensor  # [R, T] block of each of their own tokens (padding repeats the last)
     decode_offsets: torch.Tensor  # [R, T] offset in that block
+    decode_mask: torch.Tensor  # [R, 1, 1, T] additive mask of the padding (`length_mask`), for every layer
 
 
 def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta) -> list[_Group]:
@@ -78,13 +79,16 @@ def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta) -> list[_Group]:
         first, bs = store.layout.n_blocks, store.layout.page_size
         dev = meta.block_table.device
         blocks = offsets = torch.zeros(0, 0, dtype=torch.long, device=dev)
+        mask = torch.zeros(0, 1, 1, 0, device=dev)
         if decode:
             pos = own_positions(lens).to(dev)  # [R, T]
             table = meta.block_table[torch.tensor([rws[i] for i in decode], dtype=torch.long, device=dev)][
                 :, first:].long()
             blocks, offsets = table.gather(1, pos // bs), pos % bs
+            mask = length_mask(lens.to(dev), pos.shape[1])
         groups.append(_Group(store, rws, spans, decode,
-                             torch.tensor([spans[i][0] for i in decode], dtype=torch.long), lens, blocks, offsets))
+                             torch.tensor([spans[i][0] for i in decode], dtype=torch.long), lens, blocks, offsets,
+                             mask))
     return groups
 
 
@@ -108,8 +112,9 @@ def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, groups: 
     for grp in groups:
         own = None
         if grp.decode:  # one query each: the requests' own tokens in one batched gather
-            own = (own_views[0][grp.decode_blocks, grp.decode_offsets].transpose(1, 2),  # [R, H_kv, T, D]
-                   own_views[1][grp.decode_blocks, grp.decode_offsets].transpose(1, 2), grp.decode_lens)
+            own = OwnTokens(own_views[0][grp.decode_blocks, grp.decode_offsets].transpose(1, 2),  # [R, H_kv, T, D]
+                            own_views[1][grp.decode_blocks, grp.decode_offsets].transpose(1, 2), grp.decode_lens,
+                            grp.decode_mask)
         first = grp.store.layout.n_blocks  # the store's blocks head every row; own tokens follow
         prefill = []
         for row, (qs, qe) in zip(grp.rows, grp.spans, strict=True):

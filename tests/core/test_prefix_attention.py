@@ -88,7 +88,7 @@ def test_batched_decode_rows_equal_one_by_one():
 def test_attend_rows_writes_each_request_its_masked_full_attention():
     """Both engines' glue: one decode request and one prefill request on the same runs; each output row
     equals the full cache masked to the kept pairs (+ its own tokens, causal); other rows untouched."""
-    from kvzip_plugin.prefix_attention import SegmentRuns, attend_rows
+    from kvzip_plugin.prefix_attention import OwnTokens, SegmentRuns, attend_rows
 
     g = torch.Generator().manual_seed(7)
     h_kv, h_q, d, L = 2, 4, 8, 12
@@ -103,7 +103,7 @@ def test_attend_rows_writes_each_request_its_masked_full_attention():
     q_all = torch.randn(6, h_q, d, generator=g)  # token 0: the decode row; 1..3: 3 prefill queries; 4, 5: others
     out_all = torch.full((6, h_q, d), 7.0)
     runs = SegmentRuns(run_k.reshape(-1, d), run_v.reshape(-1, d), [0, L], lengths.tolist())
-    attend_rows(q_all, out_all, runs, 0.4, torch.tensor([0]), own_d, [(1, 4, *own_p)])
+    attend_rows(q_all, out_all, runs, 0.4, torch.tensor([0]), OwnTokens.of(*own_d), [(1, 4, *own_p)])
     mask_d = torch.cat([keep, torch.ones(h_kv, 3, dtype=torch.bool)], 1)
     want_d = masked_reference(q_all[0:1], torch.cat([keys, own_d[0][0]], 1), torch.cat([values, own_d[1][0]], 1),
                               mask_d, 0.4)
@@ -164,6 +164,60 @@ def test_page_attention_equals_run_attention(n, monkeypatch):
         out, lse = runs.attention(q, 0.5)
         torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_decode_rows_over_pages_take_one_softmax(n, monkeypatch):
+    """A step of only decode rows on pages (`PageRuns.decode_attention`, the one-softmax path) writes what
+    the two-part path (runs, own tokens, log-sum-exp merge) writes: the full cache masked to the kept pairs
+    plus each request's own tokens (padded to the longest, the padding masked); transposed key pages, a
+    partial last page, a head without pages, pages in two buffers; other rows untouched."""
+    from kvzip_plugin import prefix_attention as pa
+
+    g = torch.Generator().manual_seed(10 + n)
+    h_kv, h_q, d, ps, L = 3, 6, 8, 4, 24
+    keys, values = torch.randn(h_kv, L, d, generator=g), torch.randn(h_kv, L, d, generator=g)
+    keep = torch.zeros(h_kv, L, dtype=torch.bool)
+    keep[0, torch.randperm(L, generator=g)[:10]] = True  # 3 pages, the last half used
+    keep[2, torch.randperm(L, generator=g)[:16]] = True  # 4 full pages; head 1 keeps nothing
+    pages_k, pages_v, heads, valid = [], [], [], []
+    for h in range(h_kv):
+        kept = keep[h].nonzero().flatten()
+        for p0 in range(0, kept.numel(), ps):
+            tok = kept[p0:p0 + ps]
+            k, v = torch.full((ps, d), 5.0), torch.full((ps, d), -5.0)  # unused slots: finite garbage
+            k[:tok.numel()], v[:tok.numel()] = keys[h, tok], values[h, tok]
+            pages_k.append(k)
+            pages_v.append(v)
+            heads.append(h)
+            valid.append(tok.numel())
+    pk, pv, hd = torch.stack(pages_k), torch.stack(pages_v), torch.tensor(heads)
+    used = torch.arange(ps).view(1, ps) < torch.tensor(valid).view(-1, 1)
+    mask = torch.zeros(used.shape).masked_fill(~used, float("-inf")).view(-1, 1, 1, ps)
+    chunks = [(pk[:2].transpose(1, 2).contiguous().transpose(1, 2), pv[:2], hd[:2], mask[:2]),
+              (pk[2:], pv[2:], hd[2:], None if bool(used[2:].all()) else mask[2:])]
+    runs = pa.PageRuns(chunks, [torch.arange(2), torch.arange(2, len(heads))], [0, 12, 12],
+                       keep.sum(-1).tolist())
+    own_lens = torch.tensor([5, 1, 3][:n])
+    own_k = torch.randn(n, h_kv, 5, d, generator=g)
+    own_v = torch.randn(n, h_kv, 5, d, generator=g)
+    own = pa.OwnTokens.of(own_k, own_v, own_lens)
+    q_all = torch.randn(n + 2, h_q, d, generator=g)
+    decode_q = torch.arange(1, n + 1)  # rows 0 and n + 1 belong to other requests
+    fused = torch.full((n + 2, h_q, d), 7.0)
+    pa.attend_rows(q_all, fused, runs, 0.35, decode_q, own, [])
+    monkeypatch.setattr(pa, "PAGE_ROWS_MAX", 0)  # the two-part path
+    assert runs.decode_attention(q_all[decode_q], own, 0.35) is None
+    two_part = torch.full((n + 2, h_q, d), 7.0)
+    pa.attend_rows(q_all, two_part, runs, 0.35, decode_q, own, [])
+    torch.testing.assert_close(fused, two_part, rtol=1e-5, atol=1e-5)
+    for i in range(n):
+        t = int(own_lens[i])
+        want = masked_reference(q_all[1 + i:2 + i], torch.cat([keys, own_k[i, :, :t]], 1),
+                                torch.cat([values, own_v[i, :, :t]], 1),
+                                torch.cat([keep, torch.ones(h_kv, t, dtype=torch.bool)], 1), 0.35)
+        torch.testing.assert_close(fused[1 + i:2 + i].double(), want, rtol=1e-5, atol=1e-5)
+    assert bool((fused[0] == 7.0).all()) and bool((fused[n + 1] == 7.0).all())
 
 
 def test_keys_stored_transposed_give_the_same_attention():

@@ -121,11 +121,13 @@ def deploy_tiny_model(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("deploy_tiny_llama"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def e2e_stack(request, deploy_tiny_model, tmp_path_factory):
     """One real Prometheus (deploy/prometheus/prometheus.yml, both rule files) scraping the real servers of
     every engine whose end-to-end module is selected (a module names its engine in `E2E_ENGINE`), all started
-    together, after each engine's multi-tenant load (the loads run at once). See tests/deploy/e2e.py."""
+    together, after each engine's multi-tenant load (the loads run at once). See tests/deploy/e2e.py.
+    Package scope: stopped when tests/deploy ends (an idle SGLang scheduler spins a core, which would slow
+    every later test)."""
     from tests.deploy import e2e
 
     engines = sorted({getattr(getattr(item, "module", None), "E2E_ENGINE", None) for item in request.session.items}

@@ -161,10 +161,9 @@ def start_vllm(name: str, model_dir: Path, log: Path, prefix_caching: bool) -> S
     raise AssertionError("unreachable")
 
 
-# --max-total-tokens: the harness's 2048 would not hold 8 tenants' prefixes; --sleep-on-idle: an idle SGLang
-# scheduler otherwise spins a whole core, which the other engine's test on this 2-core machine needs
+# --max-total-tokens: the harness's 2048 would not hold 8 tenants' prefixes (the harness adds --sleep-on-idle)
 SGLANG_COMMON = ("--dtype", "float32", "--served-model-name", MODEL, "--enable-metrics", "--kv-compression", "kvzip",
-                 "--max-total-tokens", "8192", "--sleep-on-idle")
+                 "--max-total-tokens", "8192")
 SGLANG_KVZIP = ("--kv-compression-ratio", "0.5", "--kv-compression-min-prefix-tokens", "64",
                 "--kv-compression-min-hits", "2")
 

@@ -25,6 +25,17 @@ from tests.integrations.vllm.spawn import REPO
 BLOCK_SIZE = 32
 
 
+
+def post_status(url: str) -> dict:
+    """`POST url` with an empty body: its status and the start of its body (an HTTP error is an answer too)."""
+    req = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return {"status": resp.status, "body": resp.read().decode()[:200]}
+    except urllib.error.HTTPError as exc:
+        return {"status": exc.code, "body": exc.read().decode()[:200]}
+
+
 class Outcome:
     OK = "ok"  # answered in full
     ABORTED = "aborted"  # the client aborted it (and the server ended it cleanly)
@@ -120,13 +131,7 @@ class VLLMServer:
 
     def reset(self) -> dict:
         """`POST /reset_prefix_cache?reset_running_requests=true` (preempts running requests, resets the cache)."""
-        req = urllib.request.Request(self.url + "/reset_prefix_cache?reset_running_requests=true", data=b"",
-                                     method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=120) as resp:
-                return {"status": resp.status, "body": resp.read().decode()[:200]}
-        except urllib.error.HTTPError as exc:
-            return {"status": exc.code, "body": exc.read().decode()[:200]}
+        return post_status(self.url + "/reset_prefix_cache?reset_running_requests=true")
 
     def wait_idle(self, timeout: float = 180.0) -> None:
         loadgen.wait_kvzip_idle(self.url, timeout=timeout)
@@ -227,12 +232,7 @@ class SGLangServer:
 
     def reset(self) -> dict:
         """`POST /flush_cache` (SGLang flushes only when no request runs: a refusal is a clean answer)."""
-        req = urllib.request.Request(self.url + "/flush_cache", data=b"", method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=120) as resp:
-                return {"status": resp.status, "body": resp.read().decode()[:200]}
-        except urllib.error.HTTPError as exc:
-            return {"status": exc.code, "body": exc.read().decode()[:200]}
+        return post_status(self.url + "/flush_cache")
 
     def wait_idle(self, timeout: float = 180.0) -> None:
         loadgen.wait_kvzip_idle(self.url, timeout=timeout, prefix="sglang:")

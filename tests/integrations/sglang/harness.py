@@ -81,10 +81,12 @@ def server_env(*, plugins: bool = True, **extra: str) -> dict[str, str]:
 
 
 def launch_command(model_dir: Path | str, *args: str, port: int | None = None) -> list[str]:
-    """`python -m sglang.launch_server` for the tiny model on this CPU."""
+    """`python -m sglang.launch_server` for the tiny model on this CPU. `--sleep-on-idle`: an idle SGLang
+    scheduler otherwise spins a whole core (SGLang's own loop, with or without the plugin), which on the
+    CI's 2 cores slows every test running beside a server kept for later tests."""
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
            "--attention-backend", "torch_native", "--disable-overlap-schedule", "--max-total-tokens", "2048",
-           "--host", "127.0.0.1"]
+           "--host", "127.0.0.1", "--sleep-on-idle"]
     if port is not None:
         cmd += ["--port", str(port)]
     return [*cmd, *args]

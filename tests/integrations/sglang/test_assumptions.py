@@ -383,6 +383,51 @@ def test_hook_targets_of_the_compression_path():
     assert "self.max_req_input_len" in init and "self.waiting_queue" in init and "self.chunked_req" in init
 
 
+def test_sleep_on_idle_is_one_call_the_hook_can_skip():
+    """`--sleep-on-idle` (the test harness's servers use it): the idle scheduler sleeps only in
+    `maybe_sleep_on_idle` (a zmq poll of up to 1 s), called at the end of `on_idle`, before the plugin's
+    AFTER hook pumps the jobs; the plugin's AROUND hook skips that sleep while a job is queued or running, or
+    the last batch's metrics and state are not published yet."""
+    from types import SimpleNamespace
+
+    from kvzip_plugin.integrations.sglang import hooks
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.managers.scheduler_components.idle_sleeper import IdleSleeper
+
+    assert params_of(Scheduler.maybe_sleep_on_idle) == ["self"]
+    assert "self.idle_sleeper.maybe_sleep()" in inspect.getsource(Scheduler.maybe_sleep_on_idle)
+    assert "self.poller.poll(1000)" in inspect.getsource(IdleSleeper.maybe_sleep)
+    on_idle = inspect.getsource(Scheduler.on_idle)
+    assert "self.maybe_sleep_on_idle()" in on_idle
+    from sglang.srt.arg_groups.fields.device import Device
+
+    assert "sleep_on_idle" in Device.__struct_fields__  # the flag's home in 0.5.23
+    assert "get_device().sleep_on_idle" in inspect.getsource(Scheduler.init_idle_sleeper)
+
+    slept = []
+    original = lambda sched: slept.append(sched)  # noqa: E731
+
+    class _Jobs:
+        def __init__(self, pending: bool) -> None:
+            self._pending = pending
+
+        def pending(self) -> bool:
+            return self._pending
+
+    sched = SimpleNamespace(tree_cache=None)
+    hooks._around_sleep_on_idle(original, sched)  # no KVzip cache: SGLang's own sleep
+    assert slept == [sched]
+    from kvzip_plugin.integrations.sglang.radix_cache import KVzipRadixCache
+
+    for pending, dirty, sleeps in ((True, False, 1), (False, True, 1), (False, False, 2)):
+        cache = KVzipRadixCache.__new__(KVzipRadixCache)
+        cache.kvzip_disabled = False
+        cache._dirty = dirty
+        cache.jobs = _Jobs(pending)
+        hooks._around_sleep_on_idle(original, SimpleNamespace(tree_cache=cache))
+        assert len(slept) == sleeps
+
+
 def test_request_gauges_count_through_queue_count_and_the_hook_drops_scoring_requests():
     """`sglang:num_running_reqs` / `sglang:num_queue_reqs` are `QueueCount.from_reqs(...)` of the running
     batch and the waiting queue; the plugin's AROUND hook (hooks.py) leaves the scoring requests out."""
