@@ -49,6 +49,7 @@ def run_child(cmd: list[str], what: str, timeout: float, progress: str | None = 
     proc = subprocess.Popen([sys.executable, *cmd], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     err: list[str] = []
+    out: list[str] = []
 
     def pump() -> None:
         for line in proc.stderr:
@@ -56,16 +57,21 @@ def run_child(cmd: list[str], what: str, timeout: float, progress: str | None = 
             if progress is not None and progress in line:
                 print(f"[{what}] {line.rstrip()}", file=sys.stderr, flush=True)
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
+    # each pipe has one reader (`communicate` would read stderr too, splitting its lines with `pump`)
+    readers = [threading.Thread(target=pump, daemon=True),
+               threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)]
+    for t in readers:
+        t.start()
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
+        proc.wait()
         raise
-    reader.join(timeout=10)
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    finally:
+        for t in readers:
+            t.join(timeout=10)
+    lines = [ln for ln in "".join(out).splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{what} failed (rc={proc.returncode}):\n{''.join(err)[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
