@@ -117,6 +117,32 @@ def segment_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return _ungroup(torch.cat(outs), n), _ungroup(torch.cat(lses), n)
 
 
+def _page_scores(qg: torch.Tensor, chunks, top: torch.Tensor, scale: float | None) -> list[torch.Tensor]:
+    """Each chunk's scores `[P, G*n, page]` of its pages for their heads' query rows `qg[heads]` (`qg`
+    `[H_kv, G*n, D]`, float32), times `scale` (None: `qg` is scaled already), masked; raises `top`
+    `[H_kv, G*n]` to each head's max over them (in place)."""
+    rows = qg.shape[1]
+    scores = []
+    for keys, _, heads, mask in chunks:
+        s = torch.matmul(qg[heads], keys.float().transpose(1, 2))  # [P, G*n, page]
+        if scale is not None:
+            s = s * scale if mask is None else torch.addcmul(mask.view(-1, 1, keys.shape[1]), s, torch.tensor(scale))
+        elif mask is not None:
+            s = s + mask.view(-1, 1, keys.shape[1])
+        top.scatter_reduce_(0, heads.view(-1, 1).expand(-1, rows), s.amax(-1), "amax")
+        scores.append(s)
+    return scores
+
+
+def _page_sums(chunks, scores: list[torch.Tensor], top: torch.Tensor, den: torch.Tensor, num: torch.Tensor) -> None:
+    """Add each head's softmax numerators over its pages to `num` `[H_kv, G*n, D]` and their sums to `den`
+    `[H_kv, G*n]` (in place), relative to the heads' max `top`."""
+    for (_, values, heads, _), s in zip(chunks, scores, strict=True):
+        e = torch.exp(s - top[heads].unsqueeze(-1))
+        den.index_add_(0, heads, e.sum(-1))
+        num.index_add_(0, heads, torch.matmul(e, values.float()))  # [P, G*n, D]
+
+
 def page_attention(q: torch.Tensor, chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]],
                    n_kv_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries over every KV head's own run, the runs given page by page (engines with pages of many tokens).
@@ -139,18 +165,10 @@ def page_attention(q: torch.Tensor, chunks: list[tuple[torch.Tensor, torch.Tenso
     qg = _group(q, n_kv_heads).squeeze(1).float()  # [H_kv, G*n, D]
     rows = qg.shape[1]
     top = torch.full((n_kv_heads, rows), _NEG_INF, dtype=torch.float32, device=q.device)
-    scores = []
-    for keys, _, heads, mask in chunks:
-        s = torch.matmul(qg[heads], keys.float().transpose(1, 2))  # [P, G*n, page]
-        s = s * scale if mask is None else torch.addcmul(mask.view(-1, 1, keys.shape[1]), s, torch.tensor(scale))
-        top.scatter_reduce_(0, heads.view(-1, 1).expand(-1, rows), s.amax(-1), "amax")
-        scores.append(s)
+    scores = _page_scores(qg, chunks, top, scale)
     den = torch.zeros_like(top)
     num = torch.zeros((n_kv_heads, rows, d), dtype=torch.float32, device=q.device)
-    for (_, values, heads, _), s in zip(chunks, scores, strict=True):
-        e = torch.exp(s - top[heads].unsqueeze(-1))
-        den.index_add_(0, heads, e.sum(-1))
-        num.index_add_(0, heads, torch.matmul(e, values.float()))  # [P, G*n, D]
+    _page_sums(chunks, scores, top, den, num)
     out = num / den.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)  # a head without pages: 0
     lse = top + torch.log(den)  # -inf for a head without pages
     return _ungroup(out.unsqueeze(1), n), _ungroup(lse.unsqueeze(1), n)
@@ -183,20 +201,11 @@ def page_decode_attention(q: torch.Tensor, chunks: list[tuple[torch.Tensor, torc
     qg = _group(qs, n_kv_heads).squeeze(1)  # [H_kv, G*n, D]
     so = torch.matmul(qs.view(n, n_kv_heads, g, d), own_k.float().transpose(-1, -2)) + own_mask  # [n, H_kv, G, T]
     top = so.amax(-1).permute(1, 2, 0).reshape(n_kv_heads, rows)  # rows g-major, as `_group`
-    scores = []
-    for keys, _, heads, mask in chunks:
-        s = torch.matmul(qg[heads], keys.float().transpose(1, 2))  # [P, G*n, page]
-        if mask is not None:
-            s = s + mask.view(-1, 1, keys.shape[1])
-        top.scatter_reduce_(0, heads.view(-1, 1).expand(-1, rows), s.amax(-1), "amax")
-        scores.append(s)
+    scores = _page_scores(qg, chunks, top, None)
     eo = torch.exp(so - top.view(n_kv_heads, g, n).permute(2, 0, 1).unsqueeze(-1))  # [n, H_kv, G, T]
     den = eo.sum(-1).permute(1, 2, 0).reshape(n_kv_heads, rows)
     num = torch.matmul(eo, own_v.float()).permute(1, 2, 0, 3).reshape(n_kv_heads, rows, d)
-    for (_, values, heads, _), s in zip(chunks, scores, strict=True):
-        e = torch.exp(s - top[heads].unsqueeze(-1))
-        den.index_add_(0, heads, e.sum(-1))
-        num.index_add_(0, heads, torch.matmul(e, values.float()))
+    _page_sums(chunks, scores, top, den, num)
     return _ungroup((num / den.unsqueeze(-1)).unsqueeze(1), n)
 
 
