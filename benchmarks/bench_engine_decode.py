@@ -51,6 +51,26 @@ def prefix_ids(tokenizer: Any, length: int, seed: int) -> list[int]:
         n_filler = int(n_filler * 1.5) + 1
 
 
+def _profiler():
+    """torch.profiler over the timed steps when KVZIP_BENCH_PROFILE names a folder (where the op table
+    goes); a no-op context otherwise. Profiled step times are not the benchmark's numbers."""
+    import contextlib
+
+    import torch
+
+    if not os.environ.get("KVZIP_BENCH_PROFILE"):
+        return contextlib.nullcontext()
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+
+def _write_profile(prof: Any, name: str) -> None:
+    folder = os.environ.get("KVZIP_BENCH_PROFILE")
+    if folder and prof is not None and hasattr(prof, "key_averages"):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        (Path(folder) / f"{name}.txt").write_text(table)
+
+
 def child(model_dir: str, structure: str, ratio: float, lengths: list[int], batches: list[int], steps: int) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "6")
@@ -98,10 +118,13 @@ def child(model_dir: str, structure: str, ratio: float, lengths: list[int], batc
                 engine.step()  # prefills (the suffixes; the prefix is a cache hit)
             engine.step()  # first decode step (warm-up)
             times = []
-            for _ in range(steps):
-                t = time.perf_counter()
-                engine.step()
-                times.append(time.perf_counter() - t)
+            prof = _profiler()
+            with prof:
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    engine.step()
+                    times.append(time.perf_counter() - t)
+            _write_profile(prof, f"{structure}-L{length}-B{batch}")
             drain()
             rows.append({"structure": structure, "ratio": ratio, "L": length, "batch": batch,
                          "step_ms_median": 1000 * statistics.median(times), "step_ms": [1000 * x for x in times],

@@ -152,6 +152,18 @@ def _jobs(server) -> dict[str, float]:
             for o in ("submitted", "committed", "failed", "cancelled")}
 
 
+def _wait_for_a_job(server, timeout: float = 30.0) -> bool:
+    """Hold the reset until the plugin's gauge shows a job scoring (so the reset meets one), at most `timeout`
+    seconds; whether one was seen (the report says so: without one the reset tested only the cache)."""
+    name = ("vllm:" if server.engine == "vllm" else "sglang:") + "kvzip_jobs_running"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(v for _, v in _series(loadgen.scrape(server.url), name)) > 0:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def _series(snap, name: str):
     for labels in snap.labels(name):
         yield labels, snap.get(name, **labels)
@@ -180,7 +192,9 @@ def run(engine: str, model_dir: Path, work: Path, n: int, prefixes: int, seed: i
                 # the plugin's gauges as a dashboard saw them so far (peaks over 0.25 s polls)
                 peaks = {k.split(":", 1)[1]: v for k, v in poller.peaks.items() if "kvzip_jobs" in k}
                 if segment == 0:
-                    report.events.append({"event": "reset", "during": "jobs and requests in flight",
+                    running = _wait_for_a_job(server)
+                    report.events.append({"event": "reset", "during": "requests in flight",
+                                          "job_running_at_reset": running,
                                           "answer": server.reset(), **_jobs(server), "gauge_peaks": peaks})
                 elif segment == 1:
                     report.events.append({"event": "restart", **_jobs(server), "gauge_peaks": peaks})
@@ -190,6 +204,9 @@ def run(engine: str, model_dir: Path, work: Path, n: int, prefixes: int, seed: i
                     server = current[None] = cls(model_dir, work / f"{engine}-1.log", ratio=1.0)
                     restarts.active.clear()
                 results.extend(f.result() for f in futures[event_at:])
+                _progress(f"segment {segment + 1}/3 done: {len(results)}/{n} requests answered or ended, "
+                          f"{time.perf_counter() - t_start:.0f} s; events so far: "
+                          f"{', '.join(e['event'] for e in report.events) or 'none'}")
         server.wait_idle()
         report.idle = server.idle_check()
         logs.append(server.log)
@@ -199,9 +216,14 @@ def run(engine: str, model_dir: Path, work: Path, n: int, prefixes: int, seed: i
     for r in results:
         report.outcomes[r.outcome] = report.outcomes.get(r.outcome, 0) + 1
     report.lost = [asdict(r) for r in results if r.outcome == Outcome.LOST][:10]
+    _progress("identity check: the ratio-1.0 segment's answers against a `none` server")
     report.identity = _identity(cls, model_dir, work, requests, results)
     report.wall_s = time.perf_counter() - t_start
     return report
+
+
+def _progress(msg: str) -> None:
+    print(f"fault suite: {msg}", file=sys.stderr, flush=True)
 
 
 def _identity(cls, model_dir: Path, work: Path, requests: list[Planned], results: list[Result]) -> dict[str, Any]:
