@@ -53,22 +53,36 @@ def prefix_ids(tokenizer: Any, length: int, seed: int) -> list[int]:
 
 def _profiler():
     """torch.profiler over the timed steps when KVZIP_BENCH_PROFILE names a folder (where the op table
-    goes); a no-op context otherwise. Profiled step times are not the benchmark's numbers."""
+    goes; with KVZIP_BENCH_PROFILE_PYTHON=1, cProfile's table of Python functions instead); a no-op
+    context otherwise. Profiled step times are not the benchmark's numbers."""
     import contextlib
 
     import torch
 
     if not os.environ.get("KVZIP_BENCH_PROFILE"):
         return contextlib.nullcontext()
+    if os.environ.get("KVZIP_BENCH_PROFILE_PYTHON") == "1":  # Python functions (cProfile) instead of torch ops
+        import cProfile
+
+        return cProfile.Profile()
     return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
 
 
 def _write_profile(prof: Any, name: str) -> None:
     folder = os.environ.get("KVZIP_BENCH_PROFILE")
-    if folder and prof is not None and hasattr(prof, "key_averages"):
-        Path(folder).mkdir(parents=True, exist_ok=True)
+    if not folder or prof is None:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    if hasattr(prof, "key_averages"):
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
         (Path(folder) / f"{name}.txt").write_text(table)
+    elif hasattr(prof, "getstats"):
+        import io
+        import pstats
+
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(50)
+        (Path(folder) / f"{name}.py.txt").write_text(buf.getvalue())
 
 
 def child(model_dir: str, structure: str, ratio: float, lengths: list[int], batches: list[int], steps: int) -> dict:

@@ -31,10 +31,10 @@ def cpu_name() -> str:
 
 def child_env() -> dict[str, str]:
     """The environment of a benchmark's engine child process: this checkout importable, no KVZIP_* knob of
-    the caller's shell (each configuration sets its own)."""
+    the caller's shell (each configuration sets its own) except the benchmarks' own KVZIP_BENCH_*."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVZIP_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVZIP_") or k.startswith("KVZIP_BENCH_")}
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(HERE.parent), env.get("PYTHONPATH")) if x)
     return env
 
