@@ -400,6 +400,33 @@ def test_no_slot_leaks_after_random_requests_aborts_and_compactions(kvzip_server
     assert server.proc.poll() is None
 
 
+def test_sglang_bench_serving_runs_from_this_venv(kvzip_server, kvzip_seq, sglang_tiny_model_dir, tmp_path):
+    """SGLang's own client (`python -m sglang.bench_serving`, generated-shared-prefix: groups of prompts on one
+    system prompt) as a user runs it from this venv (`benchmarks/engine_clients.py sglang ...`) on the kvzip
+    server: every request completes, and a shared prefix is compressed while it runs."""
+    import json
+    import subprocess
+    import sys
+
+    server = kvzip_server
+    before = server.metric("sglang:kvzip_prefixes_compressed_total")
+    out = tmp_path / "bench.jsonl"
+    proc = subprocess.run([
+        sys.executable, "benchmarks/engine_clients.py", "sglang", "--backend", "sglang", "--base-url", server.url,
+        "--tokenizer", str(sglang_tiny_model_dir), "--dataset-name", "generated-shared-prefix",
+        "--gsp-num-groups", "2", "--gsp-prompts-per-group", "4", "--gsp-system-prompt-len", "160",
+        "--gsp-question-len", "16", "--gsp-output-len", "4", "--max-concurrency", "2", "--seed", "0",
+        "--disable-tqdm", "--output-file", str(out)],
+        cwd=harness.REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    assert result["completed"] == 8, result
+    deadline = time.monotonic() + 60
+    while server.metric("sglang:kvzip_prefixes_compressed_total") <= before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert server.metric("sglang:kvzip_prefixes_compressed_total") > before
+
+
 @pytest.fixture(scope="module")
 def fault_seq(sglang_tiny_model_dir, tmp_path_factory):
     server = _server(sglang_tiny_model_dir, tmp_path_factory, "fault", "--kv-compression-ratio", "0.5",

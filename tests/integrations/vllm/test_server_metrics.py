@@ -98,3 +98,28 @@ def test_kvzip_metrics_on_vllm_metrics_endpoint(server):
     assert after.get("vllm:kvzip_jobs_queued", **labels) == 0.0 and after.get("vllm:kvzip_jobs_running", **labels) == 0
     assert (f"kvzip-plugin: job 0 committed (pair): 192 -> {n_blocks * BLOCK_SIZE} token slots "
             f"({saved} blocks saved, head pages)") in log.read_text()
+
+
+def test_vllm_bench_serve_runs_from_this_venv(server, tiny_model_dir, tmp_path):
+    """vLLM's own client (`vllm bench serve`, prefix_repetition: prompts that share prefixes) as a user runs
+    it from this venv (`benchmarks/engine_clients.py vllm ...`) on the kvzip server: every request
+    completes, and a shared prefix is compressed while it runs."""
+    base, _ = server
+    before = loadgen.scrape(base)
+    proc = subprocess.run([
+        sys.executable, "benchmarks/engine_clients.py", "vllm", "--backend", "vllm", "--base-url", base,
+        "--model", "tiny", "--tokenizer", str(tiny_model_dir), "--dataset-name", "prefix_repetition",
+        "--prefix-repetition-prefix-len", "160", "--prefix-repetition-suffix-len", "16",
+        "--prefix-repetition-num-prefixes", "2", "--prefix-repetition-output-len", "4", "--num-prompts", "16",
+        "--max-concurrency", "4", "--seed", "0", "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result_file,) = tmp_path.glob("*.json")
+    result = json.loads(result_file.read_text())
+    assert result["completed"] == 16 and result["failed"] == 0, result
+    loadgen.wait_kvzip_idle(base, timeout=60)
+    after = loadgen.scrape(base)
+    labels = {"model_name": "tiny", "engine": "0"}
+    compressed = after.get("vllm:kvzip_prefixes_compressed_total", **labels) - before.get(
+        "vllm:kvzip_prefixes_compressed_total", **labels)
+    assert compressed >= 1
