@@ -37,7 +37,7 @@ from kvzip_plugin.integrations.sglang.capture import ScoreCapture
 from kvzip_plugin.integrations.sglang.metrics import MetricsPublisher, StepClock, served_model_name, write_state
 from kvzip_plugin.integrations.sglang.runtime import unsupported_runtime_reason
 from kvzip_plugin.integrations.sglang.scheduling import Jobs, is_scoring_rid
-from kvzip_plugin.integrations.sglang.slicing import Slicing
+from kvzip_plugin.integrations.sglang.slicing import Slicing, scoring_budget
 from kvzip_plugin.integrations.sglang.store import CompactedEntries, CompactedNode, CompactedPrefix, namespace_of
 from sglang.srt.mem_cache.base_prefix_cache import (
     DecLockRefParams,
@@ -56,7 +56,6 @@ from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.head_scores import load_head_scores
 from kvzip_plugin.metrics import KVzipStats
 from kvzip_plugin.settings import DEFAULT_STRUCTURE
-from kvzip_plugin.slicing import ScoringBudget
 
 logger = logging.getLogger("sglang.kvzip_plugin")
 
@@ -91,8 +90,7 @@ class KVzipRadixCache(UnifiedRadixCache):
             min_prefix_tokens=self.kvzip_settings.min_prefix_tokens or policy.min_prefix_tokens,
             min_hits=self.kvzip_settings.min_hits or policy.min_hits,
         )
-        budget = ScoringBudget(**({} if self.kvzip_settings.scoring_step_tokens is None
-                                  else {"step_tokens": self.kvzip_settings.scoring_step_tokens}))
+        budget = scoring_budget(self.kvzip_settings.scoring_step_tokens, server_args)
         self.slicing = Slicing(budget, self.page_size) if budget.step_tokens > 0 else None
         self.jobs = Jobs(self)
         self.entries = CompactedEntries(self.token_to_kv_pool_allocator.free, self._entry_dropped)

@@ -38,6 +38,28 @@ from kvzip_plugin.slicing import Decision, ScoringBudget, ScoringGate
 logger = logging.getLogger("sglang.kvzip_plugin")
 
 
+WHOLE_SEQUENCE_BACKENDS = frozenset({"torch_native"})
+"""SGLang attention backends that compute an extend chunk as attention over the request's whole sequence
+(`TorchNativeAttnBackend._run_sdpa_forward_extend` pads the query to every cached token), so a chunk of a
+long request costs as much as prefilling all of it: there a slice costs a whole prefill."""
+
+
+def scoring_budget(step_tokens: int | None, server_args: Any) -> ScoringBudget:
+    """The scoring budget: `--kv-compression-scoring-step-tokens` when given; else the default, except on a
+    backend of `WHOLE_SEQUENCE_BACKENDS` (SGLang's CPU backend), where slicing would multiply the job's cost
+    by its number of slices (measured: `benchmarks/bench_scoring_stall_sglang.py`): unsliced there, logged."""
+    if step_tokens is not None:
+        return ScoringBudget(step_tokens=step_tokens)
+    backends = {getattr(server_args, name, None) for name in ("attention_backend", "prefill_attention_backend")}
+    whole = sorted(b for b in backends if b in WHOLE_SEQUENCE_BACKENDS)
+    if whole:
+        logger.info("kvzip-plugin: scoring runs unsliced: SGLang's %s attention backend computes every prefill chunk "
+                    "over the whole sequence, so each slice would cost a whole prefill (set "
+                    "--kv-compression-scoring-step-tokens to slice anyway)", whole[0])
+        return ScoringBudget(step_tokens=0)
+    return ScoringBudget()
+
+
 def _is_scoring(req: Any) -> bool:
     from kvzip_plugin.integrations.sglang.scheduling import is_scoring_rid
 

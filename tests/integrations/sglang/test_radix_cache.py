@@ -82,6 +82,25 @@ def test_scoring_step_tokens_sets_the_slicing(pools):
     assert _cache(pools, settings=make_settings(scoring_step_tokens=0)).slicing is None
 
 
+def test_slicing_is_off_by_default_where_a_chunk_costs_the_whole_sequence(pools, caplog):
+    """SGLang's torch_native backend (its CPU one) computes every prefill chunk over the whole sequence, so a
+    slice costs a whole prefill (benchmarks/bench_scoring_stall_sglang.py): unsliced by default there, with
+    one log line; the flag still slices, and other backends keep the default."""
+    from types import SimpleNamespace
+
+    from kvzip_plugin.settings import make_settings
+
+    native = SimpleNamespace(attention_backend="torch_native", prefill_attention_backend=None)
+    with caplog.at_level(logging.INFO, logger="sglang.kvzip_plugin"):
+        assert _cache(pools, server_args=native).slicing is None
+    assert any("scoring runs unsliced: SGLang's torch_native attention backend" in r.getMessage()
+               for r in caplog.records)
+    sliced = _cache(pools, server_args=native, settings=make_settings(scoring_step_tokens=64))
+    assert sliced.slicing.gate.budget.step_tokens == 64
+    other = SimpleNamespace(attention_backend="flashinfer", prefill_attention_backend=None)
+    assert _cache(pools, server_args=other).slicing.gate.budget.step_tokens == 256
+
+
 def test_without_a_model_worker_the_cache_is_sglangs_default(pools, caplog):
     with caplog.at_level(logging.WARNING, logger="sglang.kvzip_plugin"):
         cache = _cache(pools)
