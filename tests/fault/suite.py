@@ -146,16 +146,15 @@ def _send(server_of, p: Planned, restarts: Restarts) -> Result:
 
 
 def _jobs(server) -> dict[str, float]:
-    prefix = "vllm:" if server.engine == "vllm" else "sglang:"
     snap = loadgen.scrape(server.url)
-    return {o: sum(v for lbl, v in _series(snap, f"{prefix}kvzip_jobs_total") if lbl.get("outcome") == o)
+    return {o: sum(v for lbl, v in _series(snap, f"{server.engine}:kvzip_jobs_total") if lbl.get("outcome") == o)
             for o in ("submitted", "committed", "failed", "cancelled")}
 
 
 def _wait_for_a_job(server, timeout: float = 30.0) -> bool:
     """Hold the reset until the plugin's gauge shows a job scoring (so the reset meets one), at most `timeout`
     seconds; whether one was seen (the report says so: without one the reset tested only the cache)."""
-    name = ("vllm:" if server.engine == "vllm" else "sglang:") + "kvzip_jobs_running"
+    name = f"{server.engine}:kvzip_jobs_running"  # the engines' metric prefixes are their names, as in run()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if sum(v for _, v in _series(loadgen.scrape(server.url), name)) > 0:

@@ -75,6 +75,7 @@ class _Zygote:
                                      env=_base_env(True, True), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      bufsize=0)
         cls._buf = b""
+        atexit.unregister(cls._stop)  # one registration, however often the zygote is restarted
         atexit.register(cls._stop)
         assert cls._line(time.monotonic() + 300).get("ready")
 

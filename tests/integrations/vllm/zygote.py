@@ -54,8 +54,7 @@ def _child(req: dict) -> None:
 def main() -> None:
     proto = os.fdopen(os.dup(1), "w")  # the answers; anything printed (imports, children) never reaches it
     os.dup2(2, 1)
-    import vllm  # noqa: F401  (the point of this process: the import the children share)
-    from vllm import LLM  # noqa: F401
+    from vllm import LLM  # noqa: F401  (the point of this process: the import the children share)
 
     def answer(msg: dict) -> None:
         proto.write(json.dumps(msg) + "\n")
