@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from run_info import cpu_name, git_commit  # noqa: E402  (benchmarks/, the script's folder)
 
 from kvzip_plugin import KVzipConfig  # noqa: E402
-from kvzip_plugin import datasets as data_sets  # noqa: E402
+from kvzip_plugin.eval import datasets as data_sets  # noqa: E402
 from kvzip_plugin.eviction import plan_eviction, plan_head_level  # noqa: E402
 from kvzip_plugin.head_scores import load_head_scores  # noqa: E402
 from kvzip_plugin.hf.cache import KVzipCache, compact, kv_bytes  # noqa: E402
@@ -55,7 +55,7 @@ from kvzip_plugin.hf.compressor import (  # noqa: E402
 )
 from kvzip_plugin.hf.models import load_model  # noqa: E402
 from kvzip_plugin.hf.template import ContextLayout, encode, question_ids  # noqa: E402
-from kvzip_plugin.scoring import baselines  # noqa: E402
+from kvzip_plugin.eval import baselines  # noqa: E402
 from kvzip_plugin.types import EvictionPlan, ScoreMap  # noqa: E402
 
 logger = logging.getLogger("bench_accuracy")
@@ -72,7 +72,7 @@ class Method:
 
     Attributes:
         name: label in tables and plots.
-        scorer: `kvzip`, `kvzip_head` or a baseline (`kvzip_plugin.scoring.baselines.BASELINES`).
+        scorer: `kvzip`, `kvzip_head` or a baseline (`kvzip_plugin.eval.baselines.BASELINES`).
         structure: `pair`, `head`, `layer`, or `head_level` (for `kvzip_head`).
     """
 

@@ -28,9 +28,9 @@ the context up to 31 tokens stays uncompressed), and rounds every (layer, KV hea
 come from the engine's own attention (float32 CPU kernels): the same algorithm, not the same bits.
 
 Real data (`--datasets squad-group`: several SQuAD v2.0 dev paragraphs of one article per context, 1-2
-questions per paragraph, `kvzip_plugin.datasets`): answers are free-form. Both paths feed the same prompt
+questions per paragraph, `kvzip_plugin.eval.datasets`): answers are free-form. Both paths feed the same prompt
 tokens and decode greedily until a stop token (EOS / `<|im_end|>`) or the first newline, at most
-`MAX_NEW_TOKENS`; the answer text is scored as SQuAD does (`kvzip_plugin.eval_metrics`: normalised exact
+`MAX_NEW_TOKENS`; the answer text is scored as SQuAD does (`kvzip_plugin.eval.metrics`: normalised exact
 match and token F1, the max over the gold answers). The report adds, per (structure, ratio), the questions
 that flip right -> wrong and wrong -> right against `none` on the same path (with the sign-test p), the
 questions where engine and transformers agree, and 95% intervals (Wilson for EM, bootstrap for F1).
@@ -89,7 +89,7 @@ FREE_FORM_FAMILIES = ("squad_group",)
 
 
 def is_free_form(data: Any) -> bool:
-    """Whether a `kvzip_plugin.datasets.Dataset` is scored free-form (SQuAD EM / F1)."""
+    """Whether a `kvzip_plugin.eval.datasets.Dataset` is scored free-form (SQuAD EM / F1)."""
     return data.family in FREE_FORM_FAMILIES
 
 
@@ -126,7 +126,7 @@ def cut_answer(tokenizer: Any, tokens: list[int], stop_ids: list[int]) -> tuple[
 
 def score_answer(tokenizer: Any, question: dict[str, Any], tokens: list[int], stop_ids: list[int]) -> dict[str, Any]:
     """`correct` (exact token match, or SQuAD EM for free-form) plus, free-form, `em`, `f1`, `answer`."""
-    from kvzip_plugin.eval_metrics import exact_match, f1_score, max_over_golds
+    from kvzip_plugin.eval.metrics import exact_match, f1_score, max_over_golds
 
     if question["mode"] == "exact":
         return {"correct": int(tokens == question["answer"])}
@@ -138,7 +138,7 @@ def score_answer(tokenizer: Any, question: dict[str, Any], tokens: list[int], st
 
 def load_samples(dataset: str, max_samples: int | None) -> tuple[Any, tuple[Any, ...]]:
     """(the named set, its first `max_samples` samples)."""
-    from kvzip_plugin import datasets as data_sets
+    from kvzip_plugin.eval import datasets as data_sets
 
     data = data_sets.load(dataset)
     return data, data.samples[:max_samples] if max_samples else data.samples
@@ -420,7 +420,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (path, dataset, structure, ratio): accuracy (EM) with its Wilson 95% interval, free-form F1 with
     a bootstrap 95% interval, the paired flips against `none` on the same path, and (engines) the paired
     counts against the transformers path."""
-    from kvzip_plugin.eval_metrics import bootstrap_interval, paired_flips, sign_test_p, wilson_interval
+    from kvzip_plugin.eval.metrics import bootstrap_interval, paired_flips, sign_test_p, wilson_interval
 
     table: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from transformers import AutoTokenizer
 
-    from kvzip_plugin import datasets as data_sets
+    from kvzip_plugin.eval import datasets as data_sets
     from kvzip_plugin.hf.models import model_dir as resolve_model_dir
 
     model_dir = str(resolve_model_dir(args.model))

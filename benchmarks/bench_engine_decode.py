@@ -38,7 +38,7 @@ BLOCK_SIZE = 32
 
 def prefix_ids(tokenizer: Any, length: int, seed: int) -> list[int]:
     """A block-aligned `length`-token prompt: the chat-template opening + a needle-in-filler document."""
-    from kvzip_plugin.datasets import needles_in_filler
+    from kvzip_plugin.eval.datasets import needles_in_filler
     from kvzip_plugin.hf.template import build_layout
 
     n_filler = max(20, length // 10)

@@ -5,7 +5,7 @@ Starts the engine's server twice (`--engine vllm`: `vllm serve`; `--engine sglan
 `python -m sglang.launch_server`), one mode after the other, each in its own process group, stopped
 before the next starts, with a fixed KV pool (vLLM `--num-gpu-blocks-override`, SGLang
 `--max-total-tokens`: both modes get exactly the same pool) and runs three phases of
-`kvzip_plugin.loadgen` on each:
+`kvzip_plugin.eval.loadgen` on each:
 
 1. `warm`: T tenants x Q questions, concurrency T (every tenant's long system prompt is prefilled,
    then hit Q-1 times: KVzip's trigger sees repeated prefixes). Then up to `--settle` seconds for
@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from run_info import cpu_name, git_commit  # noqa: E402  (benchmarks/, the script's folder)
 
-from kvzip_plugin.loadgen import (  # noqa: E402
+from kvzip_plugin.eval.loadgen import (  # noqa: E402
     LoadConfig,
     build_workload,
     run_load,

@@ -42,7 +42,7 @@ from bench_accuracy import (  # noqa: E402
 )
 
 from kvzip_plugin import KVzipConfig  # noqa: E402
-from kvzip_plugin import datasets as data_sets  # noqa: E402
+from kvzip_plugin.eval import datasets as data_sets  # noqa: E402
 from kvzip_plugin.hf.compressor import CompressedContext, KVzipCompressor  # noqa: E402
 from kvzip_plugin.hf.models import load_model  # noqa: E402
 from kvzip_plugin.hf.template import question_ids  # noqa: E402

@@ -86,7 +86,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_load(args: argparse.Namespace) -> int:
-    from kvzip_plugin.loadgen import LoadConfig, format_report, run_load, wait_healthy
+    from kvzip_plugin.eval.loadgen import LoadConfig, format_report, run_load, wait_healthy
 
     cfg = LoadConfig(url=args.url, model=args.model, tenants=args.tenants, questions=args.questions,
                      concurrency=args.concurrency, max_tokens=args.max_tokens, facts=args.facts, seed=args.seed,

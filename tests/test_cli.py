@@ -11,7 +11,7 @@ import pytest
 
 from kvzip_plugin.cli import main
 from kvzip_plugin.metrics import KVzipStats
-from tests.core.test_loadgen import LV, FakeOpenAIServer
+from tests.eval.test_loadgen import LV, FakeOpenAIServer
 
 
 @pytest.mark.demo_model

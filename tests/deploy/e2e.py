@@ -45,7 +45,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvzip_plugin import loadgen
+from kvzip_plugin.eval import loadgen
 from tests.deploy.conftest import (
     PROMETHEUS_CONFIG,
     REPO,

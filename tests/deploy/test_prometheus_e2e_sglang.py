@@ -42,7 +42,7 @@ from tests.integrations.sglang import harness
 if (_missing := harness.sglang_missing_reason()) is not None:
     pytest.skip(_missing, allow_module_level=True)
 
-from kvzip_plugin import loadgen  # noqa: E402
+from kvzip_plugin.eval import loadgen  # noqa: E402
 from tests.deploy import e2e  # noqa: E402
 
 E2E_ENGINE = "sglang"  # the servers this module needs from the `e2e_stack` fixture

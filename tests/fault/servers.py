@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kvzip_plugin import loadgen
+from kvzip_plugin.eval import loadgen
 from tests.integrations.sglang import harness
 from tests.integrations.vllm.spawn import REPO
 

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvzip_plugin import loadgen
+from kvzip_plugin.eval import loadgen
 from tests.fault.servers import SERVERS, Outcome
 
 ERROR_LINE = re.compile(r"\bERROR\b|Traceback \(most recent call last\)")

@@ -134,7 +134,7 @@ def test_metrics(kvzip_seq):
 
 def test_loadgen_summary_reads_the_sglang_series(kvzip_seq):
     """`kvzip load` / the benchmark read SGLang's own series (pool, usage, prefix cache) and the plugin's."""
-    from kvzip_plugin.loadgen import parse_metrics, summarize
+    from kvzip_plugin.eval.loadgen import parse_metrics, summarize
 
     out = summarize(None, parse_metrics(kvzip_seq["metrics_text"]), prefix="sglang:")
     e, k = out["engine"], out["kvzip"]

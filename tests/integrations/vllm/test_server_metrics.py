@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from kvzip_plugin import loadgen  # noqa: E402
+from kvzip_plugin.eval import loadgen  # noqa: E402
 from kvzip_plugin.store import place_runs  # noqa: E402
 from tests.integrations.vllm.run_kvzip import BLOCK_SIZE, prefix_ids  # noqa: E402
 from tests.integrations.vllm.spawn import REPO  # noqa: E402

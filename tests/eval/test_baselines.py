@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from kvzip_plugin import KVzipConfig
+from kvzip_plugin.eval import baselines
 from kvzip_plugin.eviction import plan_eviction
 from kvzip_plugin.hf import KVzipCache, KVzipCompressor, compact
 from kvzip_plugin.hf.compressor import scored_layers
 from kvzip_plugin.hf.template import question_ids
-from kvzip_plugin.scoring import baselines
 from kvzip_plugin.types import ScoreMap
 from tests.helpers import build_tokenizer, make_model
 

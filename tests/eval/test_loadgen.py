@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""`kvzip_plugin.loadgen`: the deterministic multi-tenant workload, the `/metrics` parser on a real
+"""`kvzip_plugin.eval.loadgen`: the deterministic multi-tenant workload, the `/metrics` parser on a real
 exposition made by `PromMetrics`, and the streaming client against a small real HTTP server that
 speaks the OpenAI streaming format (no serving engine needed)."""
 
@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from kvzip_plugin.loadgen import (
+from kvzip_plugin.eval.loadgen import (
     LoadConfig,
     MetricsPoller,
     build_workload,

@@ -5,7 +5,7 @@ Engine-agnostic (stdlib HTTP + `prometheus_client`'s parser; no vLLM or SGLang i
 `kvzip load`, `scripts/vllm_demo.sh`, `scripts/sglang_demo.sh` and `benchmarks/bench_multitenant.py`.
 
 The workload: `T` tenants, each with its own long system prompt (a seeded key-value "reference
-document" from `kvzip_plugin.datasets.kv_retrieval`, headed by the tenant's name so no two tenants
+document" from `kvzip_plugin.eval.datasets.kv_retrieval`, headed by the tenant's name so no two tenants
 share more than the chat template's first tokens) and `Q` questions about it. Every request of a
 tenant sends the same system message through `/v1/chat/completions`, so the server's chat template
 renders a byte-identical prefix and its prefix cache (and KVzip, which compresses shared prefixes)
@@ -35,7 +35,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvzip_plugin.datasets import kv_retrieval
+from kvzip_plugin.eval.datasets import kv_retrieval
 from kvzip_plugin.metrics import JOB_OUTCOMES
 
 _COMPANIES = ("Northwind Logistics", "Bluefin Analytics", "Cedar Health", "Driftwood Media", "Ember Robotics",

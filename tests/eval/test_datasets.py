@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from kvzip_plugin import datasets
+from kvzip_plugin.eval import datasets
 
 
 @pytest.mark.parametrize("name", datasets.names())

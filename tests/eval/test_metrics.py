@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvzip_plugin.eval_metrics import (
+from kvzip_plugin.eval.metrics import (
     bootstrap_interval,
     exact_match,
     f1_score,

