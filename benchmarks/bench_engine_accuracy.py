@@ -27,14 +27,17 @@ the context up to 31 tokens stays uncompressed), and rounds every (layer, KV hea
 32-token pages with that head's next-best pairs (it keeps a little more than the ratio); its scores
 come from the engine's own attention (float32 CPU kernels): the same algorithm, not the same bits.
 
-Real data (`--datasets squad-group`: several SQuAD v2.0 dev paragraphs of one article per context, 1-2
-questions per paragraph, `kvzip_plugin.eval.datasets`): answers are free-form. Both paths feed the same prompt
-tokens and decode greedily until a stop token (EOS / `<|im_end|>`) or the first newline, at most
-`MAX_NEW_TOKENS`; the answer text is scored as SQuAD does (`kvzip_plugin.eval.metrics`: normalised exact
-match and token F1, the max over the gold answers). The report adds, per (structure, ratio), the questions
+Real data (`kvzip_plugin.eval.datasets`: `squad-group`, several SQuAD v2.0 dev paragraphs of one article
+per context, 1-2 questions per paragraph; `hotpotqa-group`, the gold and distractor paragraphs of 2 HotpotQA
+dev items per context, both questions; `ruler-mk`, RULER's multi-key needle in its essay haystack, every
+key asked): answers are free-form. Both paths feed the same prompt tokens and decode greedily until a stop
+token (EOS / `<|im_end|>`) or the first newline, at most `MAX_NEW_TOKENS`; the answer text is scored by the
+set's own metric (`kvzip_plugin.eval.metrics.score_text`: SQuAD's normalised exact match and token F1, the
+max over the gold answers; HotpotQA's, with its yes/no rule; RULER's string match, reported as both EM and
+F1). The report adds, per (structure, ratio), the questions
 that flip right -> wrong and wrong -> right against `none` on the same path (with the sign-test p), the
 questions where engine and transformers agree, and 95% intervals (Wilson for EM, bootstrap for F1).
-Free-form sets run on vLLM only (`--engine sglang` refuses them: not run yet).
+Free-form sets run on both engines (SGLang: the same stop tokens and newline stop in its sampling params).
 
 `--model` names the model (the demo model by default, or an evidence model of
 `kvzip_plugin.hf.evidence_models`, e.g. `qwen2.5-coder-0.5b-instruct`); the engine child and the
@@ -84,12 +87,16 @@ DEFAULT_DATASETS = ("kv-300", "needle-300")
 MAX_NEW_TOKENS = 24
 """Free-form answers: greedy tokens after the prompt, at most this many (SQuAD answers are short)."""
 
-FREE_FORM_FAMILIES = ("squad_group",)
-"""Data-set families answered free-form and scored by SQuAD's EM / F1 (the others: exact token match)."""
+FREE_FORM_FAMILIES = ("squad_group", "hotpotqa_group", "ruler_niah")
+"""Data-set families answered free-form, each scored by its own metric (`kvzip_plugin.eval.metrics.score_text`:
+SQuAD / HotpotQA EM and F1, RULER string match); the others: exact token match."""
+
+MAX_MODEL_LEN = 4096
+"""Both engines' context length: the longest prompt plus `MAX_NEW_TOKENS` must fit (checked up front)."""
 
 
 def is_free_form(data: Any) -> bool:
-    """Whether a `kvzip_plugin.eval.datasets.Dataset` is scored free-form (SQuAD EM / F1)."""
+    """Whether a `kvzip_plugin.eval.datasets.Dataset` is answered free-form (scored by `score_text`)."""
     return data.family in FREE_FORM_FAMILIES
 
 
@@ -125,15 +132,15 @@ def cut_answer(tokenizer: Any, tokens: list[int], stop_ids: list[int]) -> tuple[
 
 
 def score_answer(tokenizer: Any, question: dict[str, Any], tokens: list[int], stop_ids: list[int]) -> dict[str, Any]:
-    """`correct` (exact token match, or SQuAD EM for free-form) plus, free-form, `em`, `f1`, `answer`."""
-    from kvzip_plugin.eval.metrics import exact_match, f1_score, max_over_golds
+    """`correct` (exact token match, or free-form the family's EM / string match) plus, free-form, `em`,
+    `f1`, `answer`."""
+    from kvzip_plugin.eval.metrics import score_text
 
     if question["mode"] == "exact":
         return {"correct": int(tokens == question["answer"])}
     kept, text = cut_answer(tokenizer, tokens, stop_ids)
-    em = int(max_over_golds(exact_match, text, question["golds"]))
-    return {"correct": em, "em": em, "f1": max_over_golds(f1_score, text, question["golds"]), "answer": text,
-            "answer_tokens": kept}
+    scores = score_text(question["family"], text, question["golds"])
+    return {"correct": int(scores["em"]), **scores, "answer": text, "answer_tokens": kept}
 
 
 def load_samples(dataset: str, max_samples: int | None) -> tuple[Any, tuple[Any, ...]]:
@@ -163,6 +170,7 @@ def prompts(tokenizer: Any, dataset: str, max_samples: int | None = None) -> lis
                 q["answer"] = answer_ids(tokenizer, item)[1]
             else:
                 q["golds"] = list(item.golds)
+                q["family"] = data.family
             questions.append(q)
         out.append({"dataset": dataset, "sample": sample.id, "n_prefix": layout.n_prefix,
                     "n_context": layout.n_context, "mode": mode, "questions": questions})
@@ -211,7 +219,7 @@ def engine_child(model_dir: str, structure: str, ratio: float, contexts_file: st
         kwargs["kv_transfer_config"] = kv_transfer_config(ratio=ratio, min_prefix_tokens=64, min_hits=1,
                                                           **_structure_settings(structure))
     llm = LLM(model=model_dir, dtype="float32", enable_prefix_caching=True, block_size=BLOCK_SIZE,
-              max_model_len=2048, max_num_seqs=16, enforce_eager=True, seed=0, **kwargs)
+              max_model_len=MAX_MODEL_LEN, max_num_seqs=16, enforce_eager=True, seed=0, **kwargs)
     engine = llm.llm_engine
     core = engine.engine_core.engine_core
     connector = core.scheduler.connector
@@ -266,13 +274,15 @@ def common_prefix(prompts: list[list[int]]) -> list[int]:
 
 
 def run_sglang(model_dir: str, structure: str, ratio: float, contexts: list[dict[str, Any]],
-               work_dir: Path, tokenizer_vocab: int) -> dict[str, Any]:
+               work_dir: Path, tokenizer_vocab: int, stop_ids: list[int],
+               max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, Any]:
     """Every context through one SGLang server (a subprocess of this one); per-question results."""
     from tests.integrations.sglang import harness, scenarios
 
     dump = work_dir / f"dump-{structure}-{ratio:g}"
     dump.mkdir(parents=True, exist_ok=True)
-    args = ["--dtype", "float32", "--max-total-tokens", "16384", "--context-length", "2048", "--random-seed", "0",
+    args = ["--dtype", "float32", "--max-total-tokens", "16384", "--context-length", str(MAX_MODEL_LEN),
+            "--random-seed", "0",
             "--enable-metrics", "--kv-compression", "none" if structure == "none" else "kvzip"]
     if structure != "none":
         flags = _structure_settings(structure)
@@ -303,9 +313,12 @@ def run_sglang(model_dir: str, structure: str, ratio: float, contexts: list[dict
                     state = scenarios.read_state(dump, timeout=600, after=state["seq"])
                 finished = state["finished"]
             hits0 = server.metric("sglang:kvzip_compressed_prefix_hits_total")
-            payload = {"input_ids": [q["prompt"] for q in qs],
-                       "sampling_params": [{"temperature": 0.0, "max_new_tokens": len(q["answer"]), "ignore_eos": True}
-                                           for q in qs]}
+            if ctx["mode"] == "exact":
+                params = [{"temperature": 0.0, "max_new_tokens": len(q["answer"]), "ignore_eos": True} for q in qs]
+            else:  # free-form: greedy to a stop token or a newline (`cut_answer` applies the same rule)
+                params = [{"temperature": 0.0, "max_new_tokens": max_new_tokens, "stop_token_ids": stop_ids,
+                           "stop": ["\n"]} for _ in qs]
+            payload = {"input_ids": [q["prompt"] for q in qs], "sampling_params": params}
             outs = server.post("/generate", payload, timeout=1800)
             time.sleep(1.5)  # the metrics are published at most once a second
             hits = server.metric("sglang:kvzip_compressed_prefix_hits_total") - hits0
@@ -402,7 +415,7 @@ def transformers_path(model_name: str, configs: list[tuple[str, float]], dataset
                     if free:
                         tokens = greedy_tokens(model, tokenizer, ctx, prompt_tail(tokenizer, layout, item), stop_ids,
                                                MAX_NEW_TOKENS)
-                        q = {"mode": "free", "golds": list(item.golds)}
+                        q = {"mode": "free", "golds": list(item.golds), "family": data.family}
                         row.update(score_answer(tokenizer, q, tokens, stop_ids))
                     else:
                         row["correct"] = int(greedy_exact_match(model, tokenizer, ctx, item))
@@ -567,11 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     stop_ids = stop_token_ids(tokenizer)
     configs = parse_configs(args.configs, args.structures, args.ratios)
     contexts = [c for ds in args.datasets for c in prompts(tokenizer, ds, args.max_samples)]
-    if args.engine == "sglang" and any(c["mode"] != "exact" for c in contexts):
-        parser.error("free-form (SQuAD) sets are not run through SGLang yet")
     longest = max(len(q["prompt"]) for c in contexts for q in c["questions"]) + MAX_NEW_TOKENS
-    if longest > 2048:
-        parser.error(f"a prompt plus its answer takes {longest} tokens, over the engine's max_model_len 2048")
+    if longest > MAX_MODEL_LEN:
+        parser.error(f"a prompt plus its answer takes {longest} tokens, over the engines' {MAX_MODEL_LEN}")
     questions = {(c["dataset"], c["sample"], i): q for c in contexts for i, q in enumerate(c["questions"])}
     contexts_file = args.out.with_suffix(".contexts.tmp")
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -617,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.engine == "vllm":
             res = run_engine(model_dir, structure, ratio, contexts_file)
         else:
-            res = run_sglang(model_dir, structure, ratio, contexts, work_dir, len(tokenizer))
+            res = run_sglang(model_dir, structure, ratio, contexts, work_dir, len(tokenizer), stop_ids)
         for r in res["results"]:
             q = questions[(r["dataset"], r["sample"], r["question"])]
             rows.append({"path": args.engine, "structure": structure, "ratio": ratio, **r,
@@ -648,14 +659,19 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
+    from kvzip_plugin.eval.metrics import ANSWER_METRICS
+
+    described = [data_sets.load(ds).describe() for ds in args.datasets]
     engine_version = version("sglang") if args.engine == "sglang" else __import__("vllm").__version__
     doc = {
         "meta": {"command": "PYTHONPATH=. python benchmarks/bench_engine_accuracy.py " + " ".join(argv),
                  "engine": args.engine,
                  "model": model_note(args.model), "model_dir": model_dir,
-                 "datasets": [data_sets.load(ds).describe() for ds in args.datasets],
+                 "datasets": described,
                  "max_samples": args.max_samples, "configs": [list(c) for c in configs],
-                 "answers": ({"mode": "free-form greedy, SQuAD EM / token F1 (max over golds)",
+                 "answers": ({"mode": "free-form greedy", "metrics": {
+                                  ds["family"]: ANSWER_METRICS[ds["family"]] for ds in described
+                                  if ds["family"] in ANSWER_METRICS},
                               "max_new_tokens": MAX_NEW_TOKENS, "stop_token_ids": stop_ids, "stop": "first newline"}
                              if any(c["mode"] == "free" for c in contexts) else {"mode": "exact token match"}),
                  "commit": git_commit(), "versions": {args.engine: engine_version, "torch": torch.__version__,

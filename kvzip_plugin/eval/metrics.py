@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Evaluation tooling for the benchmarks: SQuAD's answer scoring and the statistics that tell a
+"""Evaluation tooling for the benchmarks: answer scoring (SQuAD, HotpotQA, RULER) and the statistics that tell a
 difference from noise (no dependencies beyond the standard library).
 
 - `normalize_answer`, `exact_match`, `f1_score`, `max_over_golds`: as the official SQuAD v1.1 / v2.0
   evaluation script defines them (lowercase, strip punctuation, drop the articles a/an/the, collapse
   whitespace; token F1 on the normalised words; the max over a question's gold answers).
+- `hotpot_f1` (HotpotQA's F1, its yes/no rule), `string_match` (RULER's), and `score_text`, which picks
+  the metric of a data-set family (`ANSWER_METRICS`).
 - `wilson_interval`: 95% interval of a proportion (EM); `bootstrap_interval`: seeded percentile
   bootstrap of a mean (F1).
 - `paired_flips`: two runs on the same questions: how many go right -> wrong and wrong -> right, and
@@ -22,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 _PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_YES_NO = frozenset(("yes", "no", "noanswer"))
 
 
 def normalize_answer(text: str) -> str:
@@ -52,6 +55,40 @@ def f1_score(prediction: str, gold: str) -> float:
         return 0.0
     precision, recall = same / len(pred), same / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def hotpot_f1(prediction: str, gold: str) -> float:
+    """HotpotQA's answer F1 (`hotpot_evaluate_v1.f1_score`): SQuAD's token F1, except that a yes / no /
+    noanswer on either side scores 0 unless both normalise to the same string."""
+    pred, ref = normalize_answer(prediction), normalize_answer(gold)
+    if (pred in _YES_NO or ref in _YES_NO) and pred != ref:
+        return 0.0
+    return f1_score(prediction, gold)
+
+
+def string_match(prediction: str, gold: str) -> int:
+    """RULER's `string_match_all` for one reference: 1 when the gold appears in the prediction,
+    case-insensitive."""
+    return int(gold.lower() in prediction.lower())
+
+
+ANSWER_METRICS: dict[str, str] = {
+    "squad_group": "SQuAD v2.0 EM / token F1, max over golds",
+    "hotpotqa_group": "HotpotQA EM / F1 (its yes/no rule)",
+    "ruler_niah": "RULER string_match_all (the value appears in the answer); f1 = that score",
+}
+"""What `score_text` reports for each free-form data-set family."""
+
+
+def score_text(family: str, prediction: str, golds: Sequence[str]) -> dict[str, float]:
+    """`{"em", "f1"}` of a free-form answer by its family's own metric (`ANSWER_METRICS`)."""
+    if family == "ruler_niah":
+        hit = int(max_over_golds(string_match, prediction, golds))
+        return {"em": hit, "f1": float(hit)}
+    if family not in ANSWER_METRICS:
+        raise KeyError(f"no answer metric for family {family!r}; known: {', '.join(ANSWER_METRICS)}")
+    f1 = hotpot_f1 if family == "hotpotqa_group" else f1_score
+    return {"em": int(max_over_golds(exact_match, prediction, golds)), "f1": max_over_golds(f1, prediction, golds)}
 
 
 def max_over_golds(metric: Callable[[str, str], float], prediction: str, golds: Sequence[str]) -> float:
