@@ -199,9 +199,9 @@ def test_answers_field_stays_out_of_the_synthetic_sets_json():
 
 
 def test_real_sets_are_pinned_and_not_generated_here():
-    assert set(datasets.real_names()) == {"squad-group"}
+    assert set(datasets.real_names()) == {"squad-group", "hotpotqa-group", "ruler-mk"}
     assert not set(datasets.real_names()) & set(datasets.names())
-    assert datasets.CHECKSUMS["squad-group"]
+    assert all(datasets.CHECKSUMS[name] for name in datasets.real_names())
 
 
 def test_squad_group_matches_its_pin_where_the_source_is_cached():
@@ -214,3 +214,97 @@ def test_squad_group_matches_its_pin_where_the_source_is_cached():
     assert data.sha256 == datasets.CHECKSUMS["squad-group"]
     for sample in data.samples:
         assert all(any(g in sample.context for g in item.golds) for item in sample.items)
+
+
+# ---- HotpotQA and RULER (built from small in-memory files of the real formats; never downloaded) ------
+
+def _hotpot_item(i: int, n_words: int) -> dict:
+    """A HotpotQA-shaped item: 2 paragraphs of `n_words` words in all, its question and answer."""
+    half = n_words // 2
+    return {"_id": f"id{i}", "question": f"Question {i}?", "answer": f"answer {i}", "type": "bridge",
+            "level": "hard", "supporting_facts": [[f"Title {i}a", 0]],
+            "context": [[f"Title {i}a", [" ".join(["w"] * (half - 2)) + ".", " end."]],
+                        [f"Title {i}b", [" ".join(["v"] * (n_words - half - 2)) + ".", " end."]]]}
+
+
+@pytest.fixture
+def hotpot_path(tmp_path):
+    path = tmp_path / "hotpotqa.json"
+    # 10 short items (24 words with titles) and 4 long ones (80)
+    path.write_text(json.dumps([_hotpot_item(i, 20) for i in range(10)] + [_hotpot_item(10 + i, 76) for i in range(4)]))
+    return path
+
+
+def test_hotpotqa_group_takes_short_items_each_once_with_all_their_paragraphs(hotpot_path):
+    data = datasets.hotpotqa_grouped_from_json(hotpot_path, n_samples=10, items_per_context=2, max_item_words=30,
+                                               seed=0)
+    assert data.family == "hotpotqa_group" and len(data.samples) == 5  # 10 short items, 2 per context
+    asked = [item.question.rsplit("Question ", 2)[-1] for s in data.samples for item in s.items]
+    assert sorted(asked, key=lambda q: int(q[:-1])) == [f"{i}?" for i in range(10)]  # each short item once
+    for sample in data.samples:
+        assert len(sample.items) == 2
+        for item in sample.items:
+            i = int(item.answer.split()[1])
+            assert item.question.startswith(datasets.HOTPOTQA_INSTRUCTION) and item.answer_prefix == "Answer:"
+            assert f"Title {i}a\n" in sample.context and f"Title {i}b\n" in sample.context
+        numbers = re.findall(r"^Document (\d+):$", sample.context, flags=re.M)
+        assert numbers == [str(k) for k in range(1, 5)]  # 2 items x 2 paragraphs, numbered in order
+    again = datasets.hotpotqa_grouped_from_json(hotpot_path, 10, 2, 30, seed=0)
+    other = datasets.hotpotqa_grouped_from_json(hotpot_path, 10, 2, 30, seed=1)
+    assert again.sha256 == data.sha256 != other.sha256
+    assert len(datasets.hotpotqa_grouped_from_json(hotpot_path, 10, 2, 100, seed=0).samples) == 7
+    with pytest.raises(ValueError):
+        datasets.hotpotqa_grouped_from_json(hotpot_path, 1, 0, 30, seed=0)
+
+
+@pytest.fixture
+def essays_path(tmp_path):
+    path = tmp_path / "essays.json"
+    sentences = [f"Essay sentence number {i} says something   plain." for i in range(400)]
+    path.write_text(json.dumps({"text": " ".join(sentences)}))
+    return path
+
+
+def test_ruler_niah_hides_every_key_once_and_asks_each(essays_path):
+    data = datasets.ruler_niah_from_json(essays_path, n_samples=3, n_keys=4, haystack_words=300, seed=0)
+    assert data.family == "ruler_niah" and len(data.samples) == 3
+    for sample in data.samples:
+        assert sample.context.startswith(datasets.RULER_HEADER + "\n")
+        assert "  " not in sample.context  # white space collapsed as RULER does
+        needles = re.findall(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d{7})\.", sample.context)
+        assert len(needles) == 4 and len({k for k, _ in needles}) == 4
+        assert sorted((i.question.split(" for ")[1].split(" mentioned")[0], i.answer) for i in sample.items) == \
+            sorted(needles)
+        for item in sample.items:
+            assert item.answer_prefix.endswith("mentioned in the provided text is")
+        # needles sit between whole sentences of the haystack
+        body = sample.context.split("\n", 1)[1]
+        for key, value in needles:
+            before = body.split(datasets.RULER_NEEDLE.format(key=key, value=value))[0]
+            assert before == "" or before.endswith(". ")
+        for key, value in needles:
+            body = body.replace(datasets.RULER_NEEDLE.format(key=key, value=value), "")
+        assert len(body.split()) == 300  # the haystack, every word of it
+    assert datasets.ruler_niah_from_json(essays_path, 3, 4, 300, seed=0).sha256 == data.sha256
+    assert datasets.ruler_niah_from_json(essays_path, 3, 4, 300, seed=1).sha256 != data.sha256
+    with pytest.raises(ValueError):
+        datasets.ruler_niah_from_json(essays_path, 1, 4, 10**6, seed=0)
+    with pytest.raises(ValueError):
+        datasets.ruler_niah_from_json(essays_path, 1, 41, 300, seed=0)
+
+
+@pytest.mark.parametrize("name,source", [("hotpotqa-group", "hotpotqa-dev-distractor.json"),
+                                         ("ruler-mk", "ruler-paul-graham-essays.json")])
+def test_real_set_matches_its_pin_where_the_source_is_cached(name, source):
+    """Checks the real set only on a machine that already extracted its source (never downloads)."""
+    from kvzip_plugin import envs
+
+    if not (envs.cache_dir() / "data" / source).is_file():
+        pytest.skip(f"{source} not extracted in KVZIP_CACHE_DIR (a benchmark run fetches it)")
+    data = datasets.load(name)
+    assert data.sha256 == datasets.CHECKSUMS[name]
+    for sample in data.samples:
+        if name == "ruler-mk":
+            assert len(sample.items) == 4 and all(item.answer in sample.context for item in sample.items)
+        else:
+            assert len(sample.items) == 2 and sample.context.startswith("Document 1:\n")

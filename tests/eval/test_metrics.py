@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kvzip_plugin.eval import metrics
 from kvzip_plugin.eval.metrics import (
     bootstrap_interval,
     exact_match,
@@ -57,6 +58,31 @@ def test_max_over_golds_takes_the_best_gold():
     assert max_over_golds(f1_score, "human beings", golds) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         max_over_golds(f1_score, "x", [])
+
+
+def test_hotpot_f1_zeroes_a_wrong_yes_or_no():
+    assert metrics.hotpot_f1("yes", "no") == 0.0
+    # a yes/no gold takes exactly yes/no (SQuAD's F1 would give these partial credit)
+    assert metrics.hotpot_f1("yes it is", "yes") == 0.0 < metrics.f1_score("yes it is", "yes")
+    assert metrics.hotpot_f1("no", "no man's land") == 0.0 < metrics.f1_score("no", "no man's land")
+    assert metrics.hotpot_f1("No.", "no") == 1.0
+    assert metrics.hotpot_f1("Paris, France", "Paris") == metrics.f1_score("Paris, France", "Paris")
+
+
+def test_string_match_is_rulers():
+    assert metrics.string_match("The number is 4131662.", "4131662") == 1
+    assert metrics.string_match("It is 413166", "4131662") == 0
+    assert metrics.string_match("AMBER-falcon", "amber-falcon") == 1
+
+
+def test_score_text_uses_each_familys_metric():
+    assert metrics.score_text("ruler_niah", "is 4131662.", ["4131662"]) == {"em": 1, "f1": 1.0}
+    assert metrics.score_text("ruler_niah", "is 4131663.", ["4131662"]) == {"em": 0, "f1": 0.0}
+    assert metrics.score_text("squad_group", "the Paris", ["Paris", "x"]) == {"em": 1, "f1": 1.0}
+    assert metrics.score_text("hotpotqa_group", "yes", ["no"]) == {"em": 0, "f1": 0.0}
+    assert metrics.score_text("hotpotqa_group", "Paris France", ["Paris"])["f1"] == pytest.approx(2 / 3)
+    with pytest.raises(KeyError):
+        metrics.score_text("kv", "a", ["a"])
 
 
 def test_wilson_interval_known_values():
