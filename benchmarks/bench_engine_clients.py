@@ -54,11 +54,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_multitenant import SERVED_NAME, Server, meta, server_command, server_env  # noqa: E402
+from bench_multitenant import SERVED_NAME, Server, _get, meta, server_command, server_env  # noqa: E402
 
 from kvzip_plugin.eval.loadgen import MetricsPoller, scrape, summarize, wait_kvzip_idle  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("shared", "tight", "control")
 MODES = ("none", "kvzip")
 
@@ -79,14 +78,6 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("kvzip: compressed-prefix hits", "metrics.kvzip.compressed_prefix_hits", "d"),
     ("kvzip: blocks saved (end)", "metrics.kvzip.blocks_saved", "d"),
 )
-
-
-def _get(d: Any, path: str) -> Any:
-    for key in path.split("."):
-        if not isinstance(d, dict):
-            return None
-        d = d.get(key)
-    return d
 
 
 # ---- the clients ----------------------------------------------------------------------------------------
