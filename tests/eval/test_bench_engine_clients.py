@@ -1,0 +1,94 @@
+# SPDX-License-Identifier: Apache-2.0
+"""bench_engine_clients.py's own logic (no server): the clients' arguments, the pool sizes, the thread
+setup read from a log, and the kvzip / none comparison over alternating repeats. The servers and clients
+themselves run in the CI's smoke tests of `engine_clients.py`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path[:0] = [str(REPO / "benchmarks"), str(REPO)]
+    try:
+        spec = importlib.util.spec_from_file_location("bench_engine_clients",
+                                                      REPO / "benchmarks" / "bench_engine_clients.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.path[:2]
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(engine="vllm", model="/m", prefix_len=1024, suffix_len=64, output_len=32, num_prefixes=4,
+                concurrency=8, seed=0, block_size=32, max_model_len=2432, tight_fraction=0.6)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_client_arguments_per_engine_and_scenario(bench):
+    a = bench.client_argv(_args(), "shared", 32, "http://h:1")
+    assert a[a.index("--dataset-name") + 1] == "prefix_repetition"
+    assert a[a.index("--prefix-repetition-prefix-len") + 1] == "1024"
+    assert a[a.index("--max-concurrency") + 1] == "8" and a[a.index("--num-prompts") + 1] == "32"
+    warm = bench.client_argv(_args(), "shared", 12, "http://h:1", concurrency=1)
+    assert warm[warm.index("--max-concurrency") + 1] == "1" and warm[warm.index("--seed") + 1] == "0"
+    c = bench.client_argv(_args(), "control", 32, "http://h:1")
+    assert c[c.index("--dataset-name") + 1] == "random" and c[c.index("--random-input-len") + 1] == "1088"
+    s = bench.client_argv(_args(engine="sglang"), "tight", 32, "http://h:1")
+    assert s[s.index("--dataset-name") + 1] == "generated-shared-prefix"
+    assert s[s.index("--gsp-num-groups") + 1] == "4" and s[s.index("--gsp-prompts-per-group") + 1] == "8"
+    r = bench.client_argv(_args(engine="sglang"), "control", 32, "u")
+    assert r[r.index("--dataset-name") + 1] == "random-ids" and r[r.index("--max-concurrency") + 1] == "8"
+
+
+def test_tight_pool_holds_less_than_every_prefix_beside_the_running_requests(bench):
+    args = _args()
+    prefix_blocks = 4 * 1024 // 32
+    own = 8 * 4  # 96 own tokens = 3 blocks + 1 for the block boundary, per running request
+    assert bench.pool_blocks(args, "tight") == 77 + own < prefix_blocks + own  # ceil(0.6 x 128) = 77
+    assert bench.pool_blocks(args, "shared") == 3 * prefix_blocks + 2 * own
+    assert bench.pool_blocks(_args(max_model_len=10_000, tight_fraction=0.1), "tight") == -(-10_000 // 32) + 1
+
+
+def test_thread_setup_is_the_last_binding_the_server_logged(bench, tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text(
+        "(EngineCore pid=1) WARNING 12-02 23:03:49 [ompmultiprocessing.py:273] Selected CPU core number (2) ...\n"
+        "(EngineCore pid=1) INFO 12-02 23:03:49 [ompmultiprocessing.py:185] \tlocal_world_size=1, reserve_cpu_num=2\n"
+        "(EngineCore pid=1) INFO 12-02 23:03:49 [ompmultiprocessing.py:185] \tlocal_rank=0, core ids=[0, 1]\n"
+        "(EngineCore pid=1) INFO 12-02 23:03:49 [ompmultiprocessing.py:185] \tlocal_world_size=1, reserve_cpu_num=1\n"
+        "(EngineCore pid=1) INFO 12-02 23:03:49 [ompmultiprocessing.py:185] \tlocal_rank=0, core ids=[0]\n")
+    setup = bench.thread_setup(log)
+    assert setup == {"reserve_cpu_num": "local_world_size=1, reserve_cpu_num=1",
+                     "core ids": "local_rank=0, core ids=[0]"}
+
+
+def _run(scenario, mode, rep, thr, hits=None, setup=None):
+    return {"scenario": scenario, "mode": mode, "repeat": rep, "thread_setup": setup or {"core ids": "[0]"},
+            "client": {"completed": 8, "failed": 0, "request_throughput": thr},
+            "metrics": {"engine": {}, "kvzip": {"compressed_prefix_hits": hits}}}
+
+
+def test_comparison_pairs_modes_by_repeat_and_reports_the_spread(bench):
+    runs = [_run("shared", "none", 0, 2.0), _run("shared", "kvzip", 0, 1.0, hits=4),
+            _run("shared", "kvzip", 1, 3.0, hits=4), _run("shared", "none", 1, 2.0),
+            _run("shared", "none", 2, 2.0)]  # an unpaired repeat is left out
+    comp = bench.compare(runs)["shared"]
+    thr = comp["rows"]["request throughput (req/s)"]
+    assert comp["repeats"] == [0, 1] and thr["ratios"] == [0.5, 1.5]
+    assert (thr["ratio_median"], thr["ratio_min"], thr["ratio_max"]) == (1.0, 0.5, 1.5)
+    assert thr["none_median"] == 2.0 and thr["kvzip_median"] == 2.0
+    assert comp["rows"]["kvzip: compressed-prefix hits"]["kvzip_median"] == 4
+    assert comp["same_thread_setup"] and comp["failed"] == {"none": 0, "kvzip": 0}
+    runs[1]["thread_setup"] = {"core ids": "[0, 1]"}
+    assert not bench.compare(runs)["shared"]["same_thread_setup"]
+    assert "0.50, 1.50" in bench.markdown({"comparison": bench.compare(runs)})
