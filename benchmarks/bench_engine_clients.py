@@ -14,9 +14,10 @@ The load is the engine's own client (`benchmarks/engine_clients.py`): vLLM's `vl
   nothing to compress, so kvzip / none is the plugin's overhead.
 
 Each run starts a fresh server (`bench_multitenant.Server`: its own process group, always stopped),
-warms it with `--warm-per-prefix` prompts per prefix from the same seed (the same prefixes as the
-measured load), one at a time (`--warm-concurrency`: KVzip's trigger counts a hit only on a cached
-prefix, so concurrent first requests would not count), waits up to `--settle` s for KVzip's
+warms it with the measured load's own prompts (same client arguments and seed: vLLM's
+`prefix_repetition` draws prefix k after the suffixes of prefixes 0..k-1, so a warm-up with another
+`--num-prompts` would warm other prefixes), one at a time (`--warm-concurrency`: KVzip's trigger
+counts a hit only on a cached prefix, so concurrent first requests would not count), waits up to `--settle` s for KVzip's
 jobs to end, then runs the measured client load with a /metrics poller (requests running and waiting,
 KV usage, kvzip gauges: peaks) and scrapes before and after (preemptions / retractions, prefix-cache
 hits, kvzip counters). Modes alternate within each repeat and the order flips every repeat (none
@@ -192,8 +193,7 @@ def run_once(args: argparse.Namespace, scenario: str, mode: str, repeat: int, wo
     with Server(cmd, server_env(sargs), log, url, args.startup_timeout) as server:
         rec["startup_s"] = server.startup_s
         if scenario != "control":
-            rec["warm"] = run_client(args, scenario, args.warm_per_prefix * args.num_prefixes, url, work,
-                                     args.warm_concurrency)
+            rec["warm"] = run_client(args, scenario, args.num_prompts, url, work, args.warm_concurrency)
         rec["settle_s"] = wait_kvzip_idle(url, args.settle, prefix=prefix)
         before = scrape(url)
         with MetricsPoller(url, interval=args.metrics_interval, prefix=prefix) as poller:
@@ -288,7 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--num-prefixes", type=int, default=4)
     p.add_argument("--num-prompts", type=int, default=32, help="prompts of the measured load")
-    p.add_argument("--warm-per-prefix", type=int, default=3, help="warm-up prompts per prefix (same seed)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--warm-concurrency", type=int, default=1,
                    help="warm-up requests in flight (1: each prompt after the previous one ended, so the later "
