@@ -18,8 +18,8 @@ warms it with the measured load's own prompts (same client arguments and seed: v
 `prefix_repetition` draws prefix k after the suffixes of prefixes 0..k-1, so a warm-up with another
 `--num-prompts` would warm other prefixes), one at a time (`--warm-concurrency`: KVzip's trigger
 counts a hit only on a cached prefix, so concurrent first requests would not count), waits up to
-`--settle` s for KVzip's jobs to end, then runs the measured client load with a /metrics poller (requests running and waiting,
-KV usage, kvzip gauges: peaks) and scrapes before and after (preemptions / retractions, prefix-cache
+`--settle` s for KVzip's jobs to end, then runs the measured client load with a /metrics poller
+(requests running and waiting, KV usage, kvzip gauges: peaks) and scrapes before and after (preemptions / retractions, prefix-cache
 hits, kvzip counters). Modes alternate within each repeat and the order flips every repeat (none
 first, then kvzip first, ...), so a drift of the machine does not favour one mode. The thread setup
 each server logged (OMP threads, reserved cores) is kept per run, and the report says whether the two
