@@ -19,8 +19,8 @@ warms it with the measured load's own prompts (same client arguments and seed: v
 `--num-prompts` would warm other prefixes), one at a time (`--warm-concurrency`: KVzip's trigger
 counts a hit only on a cached prefix, so concurrent first requests would not count), waits up to
 `--settle` s for KVzip's jobs to end, then runs the measured client load with a /metrics poller
-(requests running and waiting, KV usage, kvzip gauges: peaks) and scrapes before and after (preemptions / retractions, prefix-cache
-hits, kvzip counters). Modes alternate within each repeat and the order flips every repeat (none
+(requests running and waiting, KV usage, kvzip gauges: peaks) and scrapes before and after
+(preemptions / retractions, prefix-cache hits, kvzip counters). Modes alternate within each repeat and the order flips every repeat (none
 first, then kvzip first, ...), so a drift of the machine does not favour one mode. The thread setup
 each server logged (OMP threads, reserved cores) is kept per run, and the report says whether the two
 modes ran the same one.
