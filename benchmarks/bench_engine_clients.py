@@ -13,17 +13,16 @@ The load is the engine's own client (`benchmarks/engine_clients.py`): vLLM's `vl
 * `control`: random prompts without a shared prefix (vLLM `random`, SGLang `random-ids`) of P + S tokens:
   nothing to compress, so kvzip / none is the plugin's overhead.
 
-Each run starts a fresh server (`bench_multitenant.Server`: its own process group, always stopped),
-warms it with the measured load's own prompts (same client arguments and seed: vLLM's
-`prefix_repetition` draws prefix k after the suffixes of prefixes 0..k-1, so a warm-up with another
-`--num-prompts` would warm other prefixes), one at a time (`--warm-concurrency`: KVzip's trigger
-counts a hit only on a cached prefix, so concurrent first requests would not count), waits up to
-`--settle` s for KVzip's jobs to end, then runs the measured client load with a /metrics poller
-(requests running and waiting, KV usage, kvzip gauges: peaks) and scrapes before and after
-(preemptions / retractions, prefix-cache hits, kvzip counters). Modes alternate within each repeat and the order flips every repeat (none
-first, then kvzip first, ...), so a drift of the machine does not favour one mode. The thread setup
-each server logged (OMP threads, reserved cores) is kept per run, and the report says whether the two
-modes ran the same one.
+Each run starts a fresh server (`bench_multitenant.Server`: its own process group, always stopped), warms it
+with the measured load's own prompts (same client arguments and seed: vLLM's `prefix_repetition` draws prefix
+k after the suffixes of prefixes 0..k-1, so a warm-up with another `--num-prompts` would warm other prefixes),
+one at a time (`--warm-concurrency`: KVzip's trigger counts a hit only on a cached prefix, so concurrent first
+requests would not count), waits up to `--settle` s for KVzip's jobs to end, then runs the measured client
+load with a /metrics poller (requests running and waiting, KV usage, kvzip gauges: peaks) and scrapes before
+and after (preemptions / retractions, prefix-cache hits, kvzip counters). Modes alternate within each repeat
+and the order flips every repeat (none first, then kvzip first, ...), so a drift of the machine does not
+favour one mode. The thread setup each server logged (OMP threads, reserved cores) is kept per run, and the
+report says whether the two modes ran the same one.
 
 The report gives, per scenario and metric, kvzip / none in each repeat and their median, min and max
 (the spread says what is noise), next to the absolute values.
