@@ -54,12 +54,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_multitenant import SERVED_NAME, Server, _get, meta, server_command, server_env  # noqa: E402
+from bench_multitenant import MODES, SERVED_NAME, Server, _fmt, _get, meta, server_command, server_env  # noqa: E402
 
 from kvzip_plugin.eval.loadgen import MetricsPoller, scrape, summarize, wait_kvzip_idle  # noqa: E402
 
 SCENARIOS = ("shared", "tight", "control")
-MODES = ("none", "kvzip")
 
 # (label, where in a run's record, format); ratios kvzip / none are formed for every row
 ROWS: tuple[tuple[str, str, str], ...] = (
@@ -221,7 +220,7 @@ def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
         by = {(r["mode"], r["repeat"]): r for r in runs if r["scenario"] == scenario}
         repeats = sorted({rep for mode, rep in by if (("none", rep) in by and ("kvzip", rep) in by)})
         rows = {}
-        for label, path, _fmt in ROWS:
+        for label, path, _ in ROWS:
             ratios, vals = [], {m: [] for m in MODES}
             for rep in repeats:
                 a, b = _get(by[("kvzip", rep)], path), _get(by[("none", rep)], path)
@@ -243,14 +242,6 @@ def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _f(x: Any, fmt: str) -> str:
-    if x is None:
-        return "-"
-    if fmt == "d":
-        return str(int(round(x)))
-    return format(x, fmt)
-
-
 def markdown(doc: dict[str, Any]) -> str:
     lines = []
     for scenario, comp in doc["comparison"].items():
@@ -262,8 +253,8 @@ def markdown(doc: dict[str, Any]) -> str:
         for label, _path, fmt in ROWS:
             r = comp["rows"][label]
             spread = (f"{r['ratio_median']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]"
-                      if r["ratio_median"] is not None else "-")
-            lines.append(f"| {label} | {_f(r['none_median'], fmt)} | {_f(r['kvzip_median'], fmt)} | {spread} | "
+                      if r["ratio_median"] is not None else "n/a")
+            lines.append(f"| {label} | {_fmt(r['none_median'], fmt)} | {_fmt(r['kvzip_median'], fmt)} | {spread} | "
                          + ", ".join(f"{x:.2f}" for x in r["ratios"]) + " |")
         lines.append("")
     return "\n".join(lines)

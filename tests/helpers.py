@@ -1,9 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Test helpers: a small byte-level BPE tokenizer with a ChatML template, and tiny models."""
+"""Test helpers: a small byte-level BPE tokenizer with a ChatML template, tiny models, and the benchmark
+scripts loaded as modules."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -85,3 +90,14 @@ class ListHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """`benchmarks/<name>.py` (a script, not a package module) loaded as the module `name`, registered in
+    `sys.modules` unless a module of that name is there already."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module

@@ -6,26 +6,15 @@ themselves run in the CI's smoke tests of `engine_clients.py`."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path[:0] = [str(REPO / "benchmarks"), str(REPO)]
-    try:
-        spec = importlib.util.spec_from_file_location("bench_engine_clients",
-                                                      REPO / "benchmarks" / "bench_engine_clients.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.path[:2]
+    return load_benchmark("bench_engine_clients")
 
 
 def _args(**kw) -> argparse.Namespace:

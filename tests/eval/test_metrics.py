@@ -4,10 +4,6 @@ the paired statistics of the engine accuracy benchmark."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from kvzip_plugin.eval import metrics
@@ -21,8 +17,7 @@ from kvzip_plugin.eval.metrics import (
     sign_test_p,
     wilson_interval,
 )
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import load_benchmark
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -119,12 +114,7 @@ def test_sign_test_and_paired_flips():
 # ---- the benchmark's answer cut and report (benchmarks/bench_engine_accuracy.py; no engine, no model) ----
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_engine_accuracy",
-                                                  REPO / "benchmarks" / "bench_engine_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_engine_accuracy", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_engine_accuracy")
 
 
 class _CharTokenizer:

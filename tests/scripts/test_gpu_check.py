@@ -4,7 +4,6 @@ shapes here, so the script a lent GPU runs is known to work; on a GPU the full c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import load_benchmark
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_check")
 
 
 def test_quick_check_passes_on_cpu(tmp_path):
