@@ -450,7 +450,8 @@ KVZIP_PEAK_GAUGES = ("kvzip_blocks_saved", "kvzip_bytes_saved", "kvzip_jobs_queu
 
 class MetricsPoller:
     """Scrapes `/metrics` every `interval` seconds in a thread and keeps the peak of each gauge in
-    `gauges` (summed over label sets). Use as a context manager around the load."""
+    `gauges` (summed over label sets), and every scrape's values in `samples` (`(time.monotonic(), {name:
+    value})`: when a job was running during the load). Use as a context manager around the load."""
 
     def __init__(self, base_url: str, interval: float = 0.25, prefix: str = "vllm:",
                  gauges: Sequence[str] = KVZIP_PEAK_GAUGES) -> None:
@@ -458,6 +459,7 @@ class MetricsPoller:
         e = engine_series(prefix)
         self.names = [e.running, e.waiting, e.kv_usage, *(f"{prefix}{g}" for g in gauges)]
         self.peaks: dict[str, float] = {}
+        self.samples: list[tuple[float, dict[str, float]]] = []
         self.scrapes = 0
         self.errors = 0
         self._stop = threading.Event()
@@ -470,10 +472,14 @@ class MetricsPoller:
             self.errors += 1
             return
         self.scrapes += 1
+        values = {}
         for name in self.names:
             v = snap.get(name)
-            if v is not None and v > self.peaks.get(name, float("-inf")):
-                self.peaks[name] = v
+            if v is not None:
+                values[name] = v
+                if v > self.peaks.get(name, float("-inf")):
+                    self.peaks[name] = v
+        self.samples.append((time.monotonic(), values))
 
     def _run(self) -> None:
         while not self._stop.is_set():

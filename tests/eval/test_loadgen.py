@@ -343,6 +343,10 @@ def test_poller_keeps_peaks(fake_server):
         gauge.set(1)
     assert poller.peaks["vllm:num_requests_running"] == 9
     assert poller.scrapes >= 2 and poller.errors == 0
+    seen = [v.get("vllm:num_requests_running") for _, v in poller.samples]
+    assert len(seen) == poller.scrapes and 9 in seen and seen[-1] == 1  # every scrape, in order, last after the load
+    times = [t for t, _ in poller.samples]
+    assert times == sorted(times)
 
 
 def test_wait_healthy_gives_up():

@@ -1,0 +1,289 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Client latency while a KVzip job scores a prefix, against the same server's load without a job (issue 17).
+
+Issue 17's target: while a job runs, the p99 inter-token latency of the running requests and the TTFT of
+new requests stay within 1.2x of the same load without a job. This benchmark measures both with the
+engine's own client (`bench_engine_clients.run_client`: `vllm bench serve` / `sglang.bench_serving`, its
+`random` load of `--input-len` + `--output-len` tokens: no shared prefix, so the load itself never makes a
+job) on one fresh `--kv-compression kvzip` server per repeat, in two phases:
+
+* `no-job`: the load alone (no job queued or running, checked by a /metrics poller);
+* `job`: a document of `--job-prefix-len` tokens is sent as a few short requests (`/v1/completions`, one
+  token each, a different question after the same document) until the plugin queues a job on it; the
+  same load starts the moment the job shows in `kvzip_jobs_queued` / `kvzip_jobs_running`, and the
+  poller records which part of the load ran beside it (`job_active_fraction`: a ratio over a load the
+  job only partly covered understates the stall; size `--job-prefix-len` so it covers it all).
+
+Each phase uses its own random prompts (client seeds `--seed + 1` and `--seed + 2`, the same in every
+repeat; a warm-up load with seed `--seed` comes first) so the second phase never hits the first one's
+cache. The phase order flips every repeat (no-job first, then job first, ...): a drift of the machine does
+not favour one phase. After the job phase the benchmark waits for the job to end and records its outcome
+from the plugin's counters.
+
+Per repeat and as the median over repeats (JSON `summary`): `itl_p99_during_job_ratio` (p99 ITL, job /
+no-job), `ttft_during_job_ratio` (p99 TTFT, job / no-job), and the same at p50; `meets_target` says whether
+both medians are <= 1.2.
+
+    PYTHONPATH=. python benchmarks/bench_during_job.py --engine vllm --repeats 3 \\
+        --out benchmarks/results/during-job-vllm-cpu.json
+
+Arguments after `--` go to the server (e.g. `--kv-compression-scoring-step-tokens 128`). Writes the JSON
+and `<out>.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_engine_clients import run_client, server_args, thread_setup  # noqa: E402
+from bench_multitenant import SERVED_NAME, Server, meta, server_command, server_env  # noqa: E402
+
+from kvzip_plugin.eval.loadgen import MetricsPoller, scrape, summarize, wait_kvzip_idle  # noqa: E402
+
+TARGET = 1.2
+PHASES = ("no-job", "job")
+# (JSON name, client field) of the job / no-job ratios
+RATIOS = (("itl_p99_during_job_ratio", "p99_itl_ms"), ("ttft_during_job_ratio", "p99_ttft_ms"),
+          ("itl_p50_during_job_ratio", "p50_itl_ms"), ("ttft_p50_during_job_ratio", "p50_ttft_ms"),
+          ("tpot_p50_during_job_ratio", "p50_tpot_ms"))
+_WORDS = ("river", "stone", "lantern", "harbor", "meadow", "copper", "violet", "summit", "orchard", "falcon",
+          "canyon", "ember", "glacier", "willow", "beacon", "prairie", "marble", "thistle", "cobalt", "juniper")
+
+
+def document(tokenizer: Any, n_tokens: int, seed: int) -> str:
+    """A seeded text of about `n_tokens` tokens (random sentences of common words, cut at `n_tokens`)."""
+    rng = random.Random(seed)
+    words: list[str] = []
+    while len(tokenizer.encode(" ".join(words), add_special_tokens=False)) < n_tokens:
+        words += [rng.choice(_WORDS) for _ in range(max(16, n_tokens // 2))]
+    ids = tokenizer.encode(" ".join(words), add_special_tokens=False)[:n_tokens]
+    return tokenizer.decode(ids)
+
+
+def jobs_active(values: dict[str, float], prefix: str) -> bool:
+    """Whether a scrape shows a KVzip job queued or running."""
+    return bool(values.get(f"{prefix}kvzip_jobs_queued") or values.get(f"{prefix}kvzip_jobs_running"))
+
+
+def active_fraction(samples: list[tuple[float, dict[str, float]]], prefix: str, start: float,
+                    end: float) -> float | None:
+    """Share of the poller's scrapes in `[start, end]` that saw a job queued or running (None: no scrape)."""
+    inside = [jobs_active(v, prefix) for t, v in samples if start <= t <= end]
+    return sum(inside) / len(inside) if inside else None
+
+
+def complete(url: str, prompt: str, timeout: float) -> None:
+    """One `/v1/completions` request of one token (both engines serve the OpenAI API)."""
+    body = json.dumps({"model": SERVED_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0}).encode()
+    req = urllib.request.Request(url.rstrip("/") + "/v1/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        resp.read()
+
+
+def start_job(url: str, doc: str, prefix: str, wait_s: float, timeout: float, max_requests: int = 4) -> dict[str, Any]:
+    """Send `doc` with different questions, one at a time, until the plugin queues a job on it (or
+    `max_requests` went out and `wait_s` passed without one)."""
+    t0 = time.monotonic()
+    for i in range(max_requests):
+        complete(url, f"{doc}\n\nQuestion {i + 1}: which word comes first above?\nAnswer:", timeout)
+        deadline = time.monotonic() + (wait_s if i == max_requests - 1 else 2.0)
+        while time.monotonic() < deadline:
+            snap = scrape(url)
+            if jobs_active({k: snap.get(k) or 0 for k in (f"{prefix}kvzip_jobs_queued",
+                                                          f"{prefix}kvzip_jobs_running")}, prefix):
+                return {"started": True, "requests": i + 1, "seconds": time.monotonic() - t0}
+            time.sleep(0.1)
+    return {"started": False, "requests": max_requests, "seconds": time.monotonic() - t0}
+
+
+def client_args(args: argparse.Namespace, seed: int) -> argparse.Namespace:
+    """`bench_engine_clients.client_argv`'s view of this load: its `control` scenario with `seed`."""
+    return argparse.Namespace(**{**vars(args), "prefix_len": args.input_len, "suffix_len": 0, "seed": seed,
+                                 "num_prefixes": 1})
+
+
+def pool_blocks(args: argparse.Namespace) -> int:
+    """Room for the document (its blocks, the scoring pass's copy and the store) and the load beside it."""
+    bs = args.block_size
+    job = 3 * math.ceil((args.job_prefix_len + 64) / bs)
+    load = 2 * args.concurrency * (math.ceil((args.input_len + args.output_len) / bs) + 1)
+    return max(job + load, math.ceil(args.max_model_len / bs) + 1)
+
+
+def run_phase(args: argparse.Namespace, phase: str, repeat: int, url: str, work: Path, doc: str) -> dict[str, Any]:
+    prefix = f"{args.engine}:"
+    rec: dict[str, Any] = {"phase": phase, "load_average_at_start": os.getloadavg()}
+    before = scrape(url)
+    if phase == "job":
+        rec["trigger"] = start_job(url, doc, prefix, args.job_wait, args.request_timeout)
+    seed = args.seed + (2 if phase == "job" else 1)
+    with MetricsPoller(url, interval=args.metrics_interval, prefix=prefix) as poller:
+        t0 = time.monotonic()
+        rec["client"] = run_client(client_args(args, seed), "control", args.num_prompts, url, work)
+        t1 = time.monotonic()
+    rec["load_s"] = t1 - t0
+    rec["job_active_fraction"] = active_fraction(poller.samples, prefix, t0, t1)
+    rec["settle_s"] = wait_kvzip_idle(url, args.settle, prefix=prefix)
+    rec["metrics"] = summarize(before, scrape(url), poller.peaks, prefix=prefix)
+    c = rec["client"]
+    print(f"   {phase}: {c.get('completed')} completed, {c.get('failed', 0)} failed, TTFT p99 "
+          f"{c.get('p99_ttft_ms') or 0:.0f} ms, ITL p99 {c.get('p99_itl_ms') or 0:.1f} ms, load {rec['load_s']:.1f} s, "
+          f"job active {rec['job_active_fraction']}", flush=True)
+    return rec
+
+
+def run_repeat(args: argparse.Namespace, repeat: int, tokenizer: Any, work: Path) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{args.port}"
+    blocks = pool_blocks(args)
+    cmd = server_command(server_args(args), "kvzip", blocks)
+    log = work / f"server-{repeat}.log"
+    order = PHASES if repeat % 2 == 0 else tuple(reversed(PHASES))
+    print(f"== repeat {repeat} ({' then '.join(order)}): pool {blocks} blocks; log {log}", flush=True)
+    rec: dict[str, Any] = {"repeat": repeat, "order": list(order), "pool_blocks": blocks, "command": cmd,
+                           "log": str(log)}
+    doc = document(tokenizer, args.job_prefix_len, args.seed + 100 + repeat)
+    t0 = time.monotonic()
+    with Server(cmd, server_env(server_args(args)), log, url, args.startup_timeout) as server:
+        rec["startup_s"] = server.startup_s
+        rec["warm"] = run_client(client_args(args, args.seed), "control", args.num_prompts, url, work)
+        rec["phases"] = {phase: run_phase(args, phase, repeat, url, work, doc) for phase in order}
+    rec["thread_setup"] = thread_setup(log)
+    rec["wall_s"] = time.monotonic() - t0
+    rec["ratios"] = ratios(rec)
+    return rec
+
+
+def ratios(rec: dict[str, Any]) -> dict[str, float | None]:
+    """Job / no-job of each `RATIOS` field in one repeat."""
+    job, base = rec["phases"]["job"]["client"], rec["phases"]["no-job"]["client"]
+    out = {}
+    for name, field in RATIOS:
+        a, b = job.get(field), base.get(field)
+        out[name] = a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+    return out
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median [min, max] of each ratio over the repeats whose job started, and the target check."""
+    ok = [r for r in runs if r["phases"]["job"].get("trigger", {}).get("started")]
+    out: dict[str, Any] = {"repeats": [r["repeat"] for r in ok], "target": TARGET}
+    for name, _ in RATIOS:
+        vals = [r["ratios"][name] for r in ok if r["ratios"][name] is not None]
+        out[name] = statistics.median(vals) if vals else None
+        out[f"{name}_per_repeat"] = vals
+    out["job_active_fraction"] = [r["phases"]["job"]["job_active_fraction"] for r in ok]
+    out["no_job_active_fraction"] = [r["phases"]["no-job"]["job_active_fraction"] for r in ok]
+    out["failed_requests"] = sum(int(p["client"].get("failed") or 0) for r in runs for p in r["phases"].values())
+    main = (out["itl_p99_during_job_ratio"], out["ttft_during_job_ratio"])
+    out["meets_target"] = None if None in main else all(x <= TARGET for x in main)
+    return out
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    s, st = doc["summary"], doc["settings"]
+    lines = [f"Client latency while a KVzip job scores a {st['job_prefix_len']}-token document, over the same "
+             f"server's load without a job ({doc['meta'].get('engine', st['engine'])}, {len(s['repeats'])} repeats, "
+             f"phase order flipped each repeat; load: {st['num_prompts']} random prompts of {st['input_len']} + "
+             f"{st['output_len']} tokens at concurrency {st['concurrency']}). Target <= {TARGET}x.", "",
+             "| job / no-job | median | per repeat |", "|---|---|---|"]
+    for name, _ in RATIOS:
+        med = s[name]
+        lines.append(f"| {name} | {'n/a' if med is None else f'{med:.2f}'} | "
+                     + ", ".join(f"{x:.2f}" for x in s[f"{name}_per_repeat"]) + " |")
+    lines += ["", "Share of the job-phase load that ran beside the job (poller): "
+              + ", ".join("n/a" if x is None else f"{x:.2f}" for x in s["job_active_fraction"])
+              + f"; failed requests: {s['failed_requests']}; meets the target: {s['meets_target']}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
+    p.add_argument("--model", default=None, help="local model folder (default: the offline demo model)")
+    p.add_argument("--python", default=sys.executable, help="the Python that runs the server")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--input-len", type=int, default=256, help="prompt tokens of the client load")
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--num-prompts", type=int, default=12)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--job-prefix-len", type=int, default=2048, help="tokens of the document the job scores")
+    p.add_argument("--job-wait", type=float, default=60.0, help="max seconds to wait for the job to be queued")
+    p.add_argument("--block-size", type=int, default=None, help="vLLM --block-size (32), SGLang --page-size (1)")
+    p.add_argument("--max-model-len", type=int, default=None, help="default job prefix + 512")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--ratio", type=float, default=None)
+    p.add_argument("--min-prefix-tokens", type=int, default=256)
+    p.add_argument("--min-hits", type=int, default=2)
+    p.add_argument("--cpu-kvcache-gib", type=int, default=1)
+    p.add_argument("--settle", type=float, default=600.0, help="max seconds to wait for the job after the load")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=8132)
+    p.add_argument("--metrics-interval", type=float, default=0.25)
+    p.add_argument("--request-timeout", type=float, default=1200.0)
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    args.server_args = extra
+    if args.block_size is None:
+        args.block_size = 32 if args.engine == "vllm" else 1
+    if args.max_model_len is None:
+        args.max_model_len = max(args.job_prefix_len, args.input_len) + 512
+    if args.model is None:
+        from kvzip_plugin.hf.models import demo_model_dir
+
+        args.model = str(demo_model_dir())
+    if min(args.repeats, args.num_prompts, args.concurrency) < 1:
+        p.error("--repeats, --num-prompts and --concurrency must be >= 1")
+    if args.job_prefix_len < args.min_prefix_tokens:
+        p.error("--job-prefix-len must be >= --min-prefix-tokens (no job would start)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    work = Path(tempfile.mkdtemp(prefix=f"kvzip-during-job-{args.engine}-"))
+
+    def _term(signum, frame):  # SIGTERM runs the server's clean-up as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "python")}
+    doc: dict[str, Any] = {"benchmark": f"during-job-{args.engine}", "meta": meta(args), "settings": settings,
+                           "runs": []}
+    t0 = time.monotonic()
+    for rep in range(args.repeats):
+        doc["runs"].append(run_repeat(args, rep, tokenizer, work))
+        args.out.with_suffix(".partial.json").write_text(json.dumps(doc, indent=1, default=str))
+    doc["meta"]["wall_s"] = time.monotonic() - t0
+    doc["meta"]["load_average_at_end"] = os.getloadavg()
+    doc["summary"] = summary(doc["runs"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(doc))
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
+    print(markdown(doc))
+    print(f"wrote {args.out} in {doc['meta']['wall_s']:.0f} s; server log in {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
