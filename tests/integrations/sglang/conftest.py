@@ -17,9 +17,9 @@ def sglang_tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sglang_baseline(sglang_tiny_model_dir, tmp_path_factory):
     """SGLang without kvzip-plugin (`SGLANG_PLUGINS` names no installed plugin), float32: greedy outputs of
-    the step-1 prompts (scenarios.STEP1_PROMPTS) and of scenarios.SEQUENCE, shared by the end-to-end modules
-    (one server start)."""
-    from tests.integrations.sglang import harness, scenarios
+    the step-1 prompts (scenarios.STEP1_PROMPTS) and of scenarios.SEQUENCE, and its answers to the bad requests
+    of bad_requests.py, shared by the end-to-end modules (one server start)."""
+    from tests.integrations.sglang import bad_requests, harness, scenarios
 
     harness.require_sglang()
     log_path = tmp_path_factory.mktemp("sglang_baseline") / "server.log"
@@ -27,6 +27,8 @@ def sglang_baseline(sglang_tiny_model_dir, tmp_path_factory):
     try:
         outs = [server.generate(p, scenarios.STEP1_MAX_NEW) for p in scenarios.STEP1_PROMPTS]
         sequence = scenarios.run_sequence(server, wait_job=False)
+        bad = bad_requests.probe(server.url, scenarios.prefix_ids(), bad_requests.context_len(sglang_tiny_model_dir))
+        bad_alive = server.proc.poll() is None
     finally:
         server.stop()
     return {
@@ -34,4 +36,6 @@ def sglang_baseline(sglang_tiny_model_dir, tmp_path_factory):
         "cached": [o["meta_info"]["cached_tokens"] for o in outs],
         "sequence": sequence,
         "log": log_path.read_text(errors="replace"),
+        "bad_requests": bad,
+        "alive_after_bad_requests": bad_alive,
     }

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integrations.sglang import harness, scenarios
+from tests.integrations.sglang import bad_requests, harness, scenarios
 
 harness.require_sglang()
 
@@ -167,8 +167,9 @@ def test_outputs_on_compacted_prefix_equal_transformers_reference(kvzip_server, 
     assert gaps and max(gaps) > 1e-2  # the comparison can fail: the full cache gives other logprobs
 
 
-def _pair_seq(model_dir, tmp_path_factory, name: str, **env: str):
-    """A `pair` server (page size 1: every head page is one slot of one KV head of one layer)."""
+def _pair_seq(model_dir, tmp_path_factory, name: str, bad: bool = False, **env: str):
+    """A `pair` server (page size 1: every head page is one slot of one KV head of one layer); with `bad`, the
+    requests of bad_requests.py after the sequence (`seq["bad"]`, the server alive after them, its state)."""
     server = _server(model_dir, tmp_path_factory, name, "--kv-compression-ratio", "0.5",
                      "--max-running-requests", "2", "--max-total-tokens", "1024", "--kv-compression-structure", "pair",
                      **env)
@@ -178,6 +179,12 @@ def _pair_seq(model_dir, tmp_path_factory, name: str, **env: str):
         seq["state"] = scenarios.read_state(server.dump_dir, after=before)
         seq["log"] = server.log
         seq["dump"] = torch.load(Path(server.dump_dir) / "job-0.pt")
+        if bad:
+            seq["bad"] = bad_requests.probe(server.url, seq["prefix"], bad_requests.context_len(model_dir))
+            seq["bad_alive"] = server.proc.poll() is None
+            seq["bad_after"] = scenarios.generate(server, seq["prefix"] + [77, 78], 4, logprobs=False)
+            seq["bad_state"] = scenarios.read_state(server.dump_dir, after=seq["state"]["seq"])
+            seq["bad_log"] = server.log[len(seq["log"]):]
         yield seq
     finally:
         server.stop()
@@ -185,12 +192,35 @@ def _pair_seq(model_dir, tmp_path_factory, name: str, **env: str):
 
 @pytest.fixture(scope="module")
 def pair_seq(sglang_tiny_model_dir, tmp_path_factory):
-    yield from _pair_seq(sglang_tiny_model_dir, tmp_path_factory, "pair")
+    yield from _pair_seq(sglang_tiny_model_dir, tmp_path_factory, "pair", bad=True)
 
 
 def test_pair_prefix_owns_exactly_its_head_pages_and_answers_like_transformers(pair_seq, sglang_tiny_model_dir):
     assert "attend to the runs through torch" in pair_seq["log"]  # CPU default (KVZIP_PREFIX_ATTENTION=auto)
     _check_pair_seq(pair_seq, sglang_tiny_model_dir)
+
+
+def test_pair_server_answers_bad_requests_as_sglang_does_without_the_plugin(pair_seq, sglang_baseline):
+    """The hostile probe on a head-page (`pair`) entry: the answers of the server without the plugin, the
+    server up, the entry still serving and its slots accounted for, no traceback."""
+    assert [(r["name"], r["status"]) for r in pair_seq["bad"]] == \
+        [(r["name"], r["status"]) for r in sglang_baseline["bad_requests"]], (pair_seq["bad"], sglang_baseline)
+    _same_logprob_prefill(pair_seq["bad"], sglang_baseline["bad_requests"])
+    assert pair_seq["bad_alive"] and len(pair_seq["bad_after"]["output_ids"]) == 4
+    assert pair_seq["bad_after"]["meta_info"]["cached_tokens"] == scenarios.PREFIX_LEN  # on the compacted entry
+    state = pair_seq["bad_state"]
+    assert state["jobs_live"] == 0 and state["tree_protected"] == 0 and state["compacted_slots_in_free_pool"] == 0
+    assert state["available"] + state["tree_evictable"] + sum(e["P"] for e in state["compacted"]) == state["total"]
+    assert "Traceback" not in pair_seq["bad_log"], pair_seq["bad_log"][-4000:]
+
+
+def _same_logprob_prefill(got: list[dict], want: list[dict]) -> None:
+    """A request for the input logprobs of the whole prompt (`logprob_start_len=0`) on a compressed prefix must
+    prefill the prompt in full, as SGLang does without the plugin: every input logprob, the same greedy tokens."""
+    g, w = ([r for r in rs if r["name"].startswith("generate: logprobs")][0] for rs in (got, want))
+    assert g["status"] == w["status"] == 200
+    assert g["input_logprobs"] == w["input_logprobs"] == len(scenarios.prefix_ids()) + 1, (g, w)
+    assert g["output_ids"] == w["output_ids"]
 
 
 def test_pair_through_the_triton_kernel_answers_like_transformers(sglang_tiny_model_dir, tmp_path_factory):
@@ -347,6 +377,32 @@ def test_cancelled_job_rolls_back(kvzip_server, kvzip_seq):
     assert again["output_ids"] == first["output_ids"]
 
 
+def test_bad_requests_get_the_answers_they_get_without_the_plugin(kvzip_server, kvzip_seq, sglang_baseline,
+                                                                  sglang_tiny_model_dir):
+    """The hostile probe on SGLang (issue 16): every request of bad_requests.py gets the HTTP status the
+    server without the plugin gives it (several reach the compacted prefix), the server stays up, the
+    compacted prefix still serves, the pool is back to its idle accounting, and the log has no traceback."""
+    server = kvzip_server
+    start = server.log_offset()
+    before = scenarios.state_seq(server.dump_dir)
+    got = bad_requests.probe(server.url, scenarios.prefix_ids(), bad_requests.context_len(sglang_tiny_model_dir))
+    want = sglang_baseline["bad_requests"]
+    assert sglang_baseline["alive_after_bad_requests"]
+    assert [(r["name"], r["status"]) for r in got] == [(r["name"], r["status"]) for r in want], (got, want)
+    _same_logprob_prefill(got, want)
+    assert any(r["status"] == 200 for r in got) and any(r["status"] and r["status"] >= 400 for r in got)
+    assert server.proc.poll() is None
+    hits = server.metric("sglang:kvzip_compressed_prefix_hits_total")
+    out = scenarios.generate(server, scenarios.prefix_ids() + [77, 78], 4, logprobs=False)
+    assert len(out["output_ids"]) == 4
+    assert server.metric("sglang:kvzip_compressed_prefix_hits_total") > hits  # the compacted prefix still serves
+    state = scenarios.read_state(server.dump_dir, after=before)
+    assert state["jobs_live"] == 0 and all(e["refs"] == 0 for e in state["compacted"]) and state["tree_protected"] == 0
+    assert state["available"] + state["tree_evictable"] + sum(e["P"] for e in state["compacted"]) == state["total"]
+    log = server.log[start:]
+    assert "Traceback" not in log and "leak detected" not in log, log[-4000:]
+
+
 def test_no_slot_leaks_after_random_requests_aborts_and_compactions(kvzip_server, kvzip_seq):
     """Random concurrent requests on three prefixes (one compacted already, two compacted during the run),
     random aborts, then one long request that forces SGLang to evict the tree and the compacted prefixes.
@@ -493,3 +549,4 @@ def test_head_level_scorer_serves_whole_heads_without_a_scoring_pass(sglang_tiny
     install(model.eval())
     assert all(r["cached_tokens"] == L1 for r in _adopted(seq))
     check_against_reference(model, seq["prefix"], L1, n_p, keep, _adopted(seq), seq["suffixes"][2:], 2e-4)
+
