@@ -91,21 +91,35 @@ def client_argv(args: argparse.Namespace, scenario: str, num_prompts: int, url: 
         common = ["--backend", "vllm", "--base-url", url, "--model", SERVED_NAME, "--tokenizer", str(args.model),
                   "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--seed",
                   str(args.seed), "--ignore-eos", "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el",
-                  "--metric-percentiles", "50,99"]
+                  "--metric-percentiles", "50,99,100"]
         if scenario == "control":
             return common + ["--dataset-name", "random", "--random-input-len", str(p + s), "--random-output-len",
                              str(o), "--random-range-ratio", "0"]
         return common + ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(p),
                          "--prefix-repetition-suffix-len", str(s), "--prefix-repetition-num-prefixes", str(n),
                          "--prefix-repetition-output-len", str(o)]
+    # no client warm-up request: the benchmarks warm the server themselves, and a warm-up request sent while
+    # a job runs would wait out a stall unmeasured (vLLM's client sends none by default)
     common = ["--backend", "sglang", "--base-url", url, "--tokenizer", str(args.model), "--max-concurrency",
-              str(concurrency), "--seed", str(args.seed), "--disable-tqdm"]
+              str(concurrency), "--seed", str(args.seed), "--disable-tqdm", "--warmup-requests", "0"]
     if scenario == "control":
         return common + ["--dataset-name", "random-ids", "--num-prompts", str(num_prompts), "--random-input-len",
                          str(p + s), "--random-output-len", str(o), "--random-range-ratio", "1"]
     return common + ["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", str(n),
                      "--gsp-prompts-per-group", str(max(1, num_prompts // n)), "--gsp-system-prompt-len", str(p),
                      "--gsp-question-len", str(s), "--gsp-output-len", str(o)]
+
+
+def same_names(result: dict[str, Any]) -> dict[str, Any]:
+    """The clients' numbers under one set of names (vLLM's `p50_*`, `p99_e2el_ms`, and `max_*` for the maximum:
+    vLLM's 100th percentile, SGLang's `max_*` where it writes one), added beside the client's own (in place)."""
+    for stat in ("ttft", "itl", "tpot"):
+        result.setdefault(f"p50_{stat}_ms", result.get(f"median_{stat}_ms"))
+        if f"p100_{stat}_ms" in result:
+            result.setdefault(f"max_{stat}_ms", result[f"p100_{stat}_ms"])
+    if "p99_e2e_latency_ms" in result:  # SGLang
+        result.setdefault("p99_e2el_ms", result["p99_e2e_latency_ms"])
+    return result
 
 
 def run_client(args: argparse.Namespace, scenario: str, num_prompts: int, url: str, work: Path,
@@ -124,10 +138,7 @@ def run_client(args: argparse.Namespace, scenario: str, num_prompts: int, url: s
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(f"sglang.bench_serving exited {proc.returncode} (argv {argv})")
         result = json.loads(out.read_text().strip().splitlines()[-1])
-        result.setdefault("p50_ttft_ms", result.get("median_ttft_ms"))
-        result.setdefault("p50_itl_ms", result.get("median_itl_ms"))
-        result.setdefault("p50_tpot_ms", result.get("median_tpot_ms"))
-    keep = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    keep = same_names({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None})
     keep["argv"] = argv
     if args.engine == "vllm":
         keep.setdefault("failed", 0)

@@ -42,10 +42,11 @@ def test_active_fraction_counts_only_scrapes_inside_the_load(bench):
     assert not bench.jobs_active({"sglang:kvzip_jobs_running": 1.0}, p)
 
 
-def _repeat(bench, rep, job, base, started=True, frac=1.0):
+def _repeat(bench, rep, job, base, started=True, frac=1.0, load_s=(30.0, 20.0)):
     rec = {"repeat": rep, "phases": {
-        "job": {"trigger": {"started": started}, "client": {**job, "failed": 0}, "job_active_fraction": frac},
-        "no-job": {"client": {**base, "failed": 0}, "job_active_fraction": 0.0}}}
+        "job": {"trigger": {"started": started}, "client": {**job, "failed": 0}, "job_active_fraction": frac,
+                "load_s": load_s[0]},
+        "no-job": {"client": {**base, "failed": 0}, "job_active_fraction": 0.0, "load_s": load_s[1]}}}
     rec["ratios"] = bench.ratios(rec)
     return rec
 
@@ -62,8 +63,11 @@ def test_ratios_and_target_over_repeats(bench):
     assert s["itl_p99_during_job_ratio"] == pytest.approx(1.1)
     assert s["itl_p99_during_job_ratio_per_repeat"] == pytest.approx([1.1, 3.0, 1.0])
     assert s["ttft_during_job_ratio"] == pytest.approx(1.0)
-    assert s["meets_target"] is True and s["failed_requests"] == 0
-    worse = bench.summary([_repeat(bench, 0, {**base, "p99_itl_ms": 130.0}, base)])
+    assert s["load_s_during_job_ratio"] == pytest.approx(1.5)
+    assert s["meets_target"] is False and s["failed_requests"] == 0  # the same load took 1.5x as long
+    quick = [_repeat(bench, r["repeat"], r["phases"]["job"]["client"], base, load_s=(22.0, 20.0)) for r in runs[:3]]
+    assert bench.summary(quick)["meets_target"] is True
+    worse = bench.summary([_repeat(bench, 0, {**base, "p99_itl_ms": 130.0}, base, load_s=(20.0, 20.0))])
     assert worse["meets_target"] is False and worse["job_active_fraction"] == [1.0]
     assert bench.summary([_repeat(bench, 0, base, {})])["meets_target"] is None  # no baseline numbers: no verdict
     assert "itl_p99_during_job_ratio | 1.10" in bench.markdown({"summary": s, "meta": {}, "settings": {

@@ -28,6 +28,7 @@ def test_client_arguments_per_engine_and_scenario(bench):
     assert a[a.index("--dataset-name") + 1] == "prefix_repetition"
     assert a[a.index("--prefix-repetition-prefix-len") + 1] == "1024"
     assert a[a.index("--max-concurrency") + 1] == "8" and a[a.index("--num-prompts") + 1] == "32"
+    assert a[a.index("--metric-percentiles") + 1] == "50,99,100"  # p100 = the maximum (run_client: max_*_ms)
     warm = bench.client_argv(_args(), "shared", 12, "http://h:1", concurrency=1)
     assert warm[warm.index("--max-concurrency") + 1] == "1" and warm[warm.index("--seed") + 1] == "0"
     c = bench.client_argv(_args(), "control", 32, "http://h:1")
@@ -35,6 +36,7 @@ def test_client_arguments_per_engine_and_scenario(bench):
     s = bench.client_argv(_args(engine="sglang"), "tight", 32, "http://h:1")
     assert s[s.index("--dataset-name") + 1] == "generated-shared-prefix"
     assert s[s.index("--gsp-num-groups") + 1] == "4" and s[s.index("--gsp-prompts-per-group") + 1] == "8"
+    assert s[s.index("--warmup-requests") + 1] == "0" and "--num-warmups" not in a  # no unmeasured client warm-up
     r = bench.client_argv(_args(engine="sglang"), "control", 32, "u")
     assert r[r.index("--dataset-name") + 1] == "random-ids" and r[r.index("--max-concurrency") + 1] == "8"
 
@@ -81,3 +83,12 @@ def test_comparison_pairs_modes_by_repeat_and_reports_the_spread(bench):
     runs[1]["thread_setup"] = {"core ids": "[0, 1]"}
     assert not bench.compare(runs)["shared"]["same_thread_setup"]
     assert "0.50, 1.50" in bench.markdown({"comparison": bench.compare(runs)})
+
+
+def test_both_clients_numbers_read_under_one_set_of_names(bench):
+    vllm = bench.same_names({"median_itl_ms": 5.0, "p50_itl_ms": 5.0, "p100_itl_ms": 90.0, "p99_e2el_ms": 7.0})
+    assert (vllm["max_itl_ms"], vllm["p99_e2el_ms"], vllm["p50_itl_ms"]) == (90.0, 7.0, 5.0)
+    sgl = bench.same_names({"median_ttft_ms": 3.0, "median_itl_ms": 4.0, "median_tpot_ms": 6.0,
+                            "p99_e2e_latency_ms": 8.0})
+    assert (sgl["p50_ttft_ms"], sgl["p50_itl_ms"], sgl["p50_tpot_ms"], sgl["p99_e2el_ms"]) == (3.0, 4.0, 6.0, 8.0)
+    assert "max_itl_ms" not in sgl  # SGLang's JSON line has no maximum: n/a, never a made-up number
