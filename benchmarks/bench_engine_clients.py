@@ -171,6 +171,8 @@ def thread_setup(log: Path) -> dict[str, str]:
     (timestamps and pids cut). Empty when the engine logs none of them."""
     out: dict[str, str] = {}
     for line in log.read_text(errors="replace").splitlines():
+        if "server_args=" in line:  # SGLang's dump of its arguments (holds `num_threads`-like names), not a setup
+            continue
         for key in _THREAD_KEYS:
             if key in line:
                 out[key] = _LOG_PREFIX.sub("", line).strip()[:300]
@@ -248,16 +250,21 @@ def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "kvzip_median": statistics.median(vals["kvzip"]) if vals["kvzip"] else None,
             }
         same_threads = all(by[("none", rep)]["thread_setup"] == by[("kvzip", rep)]["thread_setup"] for rep in repeats)
+        if same_threads and not any(by[(m, rep)]["thread_setup"] for m in MODES for rep in repeats):
+            same_threads = None  # the engine logged no thread setup (SGLang): nothing to compare
         failed = {m: sum(int(by[(m, rep)]["client"].get("failed") or 0) for rep in repeats) for m in MODES}
         out[scenario] = {"repeats": repeats, "rows": rows, "same_thread_setup": same_threads, "failed": failed}
     return out
+
+
+_THREADS = {True: "yes", False: "NO", None: "not logged by the engine"}
 
 
 def markdown(doc: dict[str, Any]) -> str:
     lines = []
     for scenario, comp in doc["comparison"].items():
         lines += [f"### {scenario} ({len(comp['repeats'])} alternating repeats; same thread setup in both modes: "
-                  f"{'yes' if comp['same_thread_setup'] else 'NO'}; failed requests none/kvzip: "
+                  f"{_THREADS[comp['same_thread_setup']]}; failed requests none/kvzip: "
                   f"{comp['failed']['none']}/{comp['failed']['kvzip']})", "",
                   "| metric | none (median) | kvzip (median) | kvzip / none: median [min, max] | per repeat |",
                   "|---|---|---|---|---|"]
@@ -309,7 +316,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--request-timeout", type=float, default=1200.0)
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--replot", action="store_true", help="re-read each run's server log for its thread setup and "
+                   "remake the comparison and .md of --out's JSON")
     args = p.parse_args(argv)
+    if args.replot:
+        doc = json.loads(args.out.read_text())
+        for run in doc["runs"]:
+            if Path(run["log"]).is_file():
+                run["thread_setup"] = thread_setup(Path(run["log"]))
+        doc["comparison"] = compare(doc["runs"])
+        args.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(doc))
+        print(markdown(doc))
+        return 0
     args.server_args = extra
     if args.block_size is None:
         args.block_size = 32 if args.engine == "vllm" else 1

@@ -58,6 +58,8 @@ def test_thread_setup_is_the_last_binding_the_server_logged(bench, tmp_path):
         "(EngineCore pid=1) INFO 12-02 23:03:49 [ompmultiprocessing.py:185] \tlocal_rank=0, core ids=[0, 1]\n"
         "(EngineCore pid=1) INFO 12-02 23:03:49 [ompmultiprocessing.py:185] \tlocal_world_size=1, reserve_cpu_num=1\n"
         "(EngineCore pid=1) INFO 12-02 23:03:49 [ompmultiprocessing.py:185] \tlocal_rank=0, core ids=[0]\n")
+    with log.open("a") as fh:  # SGLang's argument dump is not a thread setup
+        fh.write("[2026-12-03 07:00:00] server_args={'model_path': '/m', 'num_threads': 4, 'torch threads': 2}\n")
     setup = bench.thread_setup(log)
     assert setup == {"reserve_cpu_num": "local_world_size=1, reserve_cpu_num=1",
                      "core ids": "local_rank=0, core ids=[0]"}
@@ -92,3 +94,12 @@ def test_both_clients_numbers_read_under_one_set_of_names(bench):
                             "p99_e2e_latency_ms": 8.0})
     assert (sgl["p50_ttft_ms"], sgl["p50_itl_ms"], sgl["p50_tpot_ms"], sgl["p99_e2el_ms"]) == (3.0, 4.0, 6.0, 8.0)
     assert "max_itl_ms" not in sgl  # SGLang's JSON line has no maximum: n/a, never a made-up number
+
+
+def test_an_engine_that_logs_no_thread_setup_is_not_called_the_same(bench):
+    runs = [_run("shared", m, 0, 1.0, setup={}) for m in ("none", "kvzip")]
+    for r in runs:
+        r["thread_setup"] = {}
+    comp = bench.compare(runs)["shared"]
+    assert comp["same_thread_setup"] is None
+    assert "not logged by the engine" in bench.markdown({"comparison": {"shared": comp}})
