@@ -53,7 +53,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine_clients import run_client, same_names, server_args, thread_setup  # noqa: E402
+from bench_engine_clients import add_server_arguments, run_client, same_names, server_args, thread_setup, write_doc  # noqa: E402
 from bench_multitenant import SERVED_NAME, Server, meta, server_command, server_env  # noqa: E402
 
 from kvzip_plugin.eval.loadgen import MetricsPoller, scrape, summarize, wait_kvzip_idle  # noqa: E402
@@ -229,10 +229,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
-    p.add_argument("--model", default=None, help="local model folder (default: the offline demo model)")
-    p.add_argument("--python", default=sys.executable, help="the Python that runs the server")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--input-len", type=int, default=256, help="prompt tokens of the client load")
     p.add_argument("--output-len", type=int, default=32)
@@ -240,19 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--job-prefix-len", type=int, default=2048, help="tokens of the document the job scores")
     p.add_argument("--job-wait", type=float, default=60.0, help="max seconds to wait for the job to be queued")
-    p.add_argument("--block-size", type=int, default=None, help="vLLM --block-size (32), SGLang --page-size (1)")
     p.add_argument("--max-model-len", type=int, default=None, help="default job prefix + 512")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--ratio", type=float, default=None)
-    p.add_argument("--min-prefix-tokens", type=int, default=256)
-    p.add_argument("--min-hits", type=int, default=2)
-    p.add_argument("--cpu-kvcache-gib", type=int, default=1)
     p.add_argument("--settle", type=float, default=600.0, help="max seconds to wait for the job after the load")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=8132)
-    p.add_argument("--metrics-interval", type=float, default=0.25)
-    p.add_argument("--request-timeout", type=float, default=1200.0)
-    p.add_argument("--startup-timeout", type=float, default=600.0)
+    add_server_arguments(p, port=8132)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--replot", action="store_true", help="recompute the ratios, summary and .md of --out's JSON")
     args = p.parse_args(argv)
@@ -263,9 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 same_names(phase["client"])
             rec["ratios"] = ratios(rec)
         doc["summary"] = summary(doc["runs"])
-        args.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(doc))
-        print(markdown(doc))
+        write_doc(args.out, doc, markdown(doc))
         return 0
     args.server_args = extra
     if args.block_size is None:
@@ -299,11 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["meta"]["wall_s"] = time.monotonic() - t0
     doc["meta"]["load_average_at_end"] = os.getloadavg()
     doc["summary"] = summary(doc["runs"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(doc))
-    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
-    print(markdown(doc))
+    write_doc(args.out, doc, markdown(doc))
     print(f"wrote {args.out} in {doc['meta']['wall_s']:.0f} s; server log in {work}")
     return 0
 

@@ -181,6 +181,25 @@ def thread_setup(log: Path) -> dict[str, str]:
 
 # ---- one run --------------------------------------------------------------------------------------------
 
+def add_server_arguments(p: argparse.ArgumentParser, port: int) -> None:
+    """The server and client options both benchmarks of the engines' own clients take (`server_args` reads them)."""
+    p.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
+    p.add_argument("--model", default=None, help="local model folder (default: the offline demo model)")
+    p.add_argument("--python", default=sys.executable, help="the Python that runs the server")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--block-size", type=int, default=None, help="vLLM --block-size (32), SGLang --page-size (1)")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--ratio", type=float, default=None)
+    p.add_argument("--min-prefix-tokens", type=int, default=256)
+    p.add_argument("--min-hits", type=int, default=2)
+    p.add_argument("--cpu-kvcache-gib", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--metrics-interval", type=float, default=0.25)
+    p.add_argument("--request-timeout", type=float, default=1200.0)
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+
+
 def server_args(args: argparse.Namespace) -> argparse.Namespace:
     """What `bench_multitenant.server_command` / `server_env` read."""
     return argparse.Namespace(engine=args.engine, python=args.python, model=args.model, port=args.port,
@@ -257,6 +276,15 @@ def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def write_doc(out: Path, doc: dict[str, Any], md: str) -> None:
+    """Write a benchmark's JSON and its `.md` beside it, drop the run's `.partial.json`, print the table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    out.with_suffix(".md").write_text(md)
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
+    print(md)
+
+
 _THREADS = {True: "yes", False: "NO", None: "not logged by the engine"}
 
 
@@ -284,10 +312,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
-    p.add_argument("--model", default=None, help="local model folder (default: the offline demo model)")
-    p.add_argument("--python", default=sys.executable, help="the Python that runs the servers")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     p.add_argument("--repeats", type=int, default=3, help="alternating none/kvzip pairs per scenario")
     p.add_argument("--control-repeats", type=int, default=1, help="repeats of the control scenario")
@@ -302,19 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                         "ones hit the cached prefix and KVzip's trigger counts them)")
     p.add_argument("--tight-fraction", type=float, default=0.6,
                    help="tight pool: this fraction of the prefixes' blocks + the running requests' own blocks")
-    p.add_argument("--block-size", type=int, default=None, help="vLLM --block-size (32), SGLang --page-size (1)")
     p.add_argument("--max-model-len", type=int, default=None, help="default 2 x prefix + suffix + output + 256")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--ratio", type=float, default=None)
-    p.add_argument("--min-prefix-tokens", type=int, default=256)
-    p.add_argument("--min-hits", type=int, default=2)
-    p.add_argument("--cpu-kvcache-gib", type=int, default=1)
     p.add_argument("--settle", type=float, default=300.0, help="max seconds to wait for KVzip jobs after warm-up")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--port", type=int, default=8131)
-    p.add_argument("--metrics-interval", type=float, default=0.25)
-    p.add_argument("--request-timeout", type=float, default=1200.0)
-    p.add_argument("--startup-timeout", type=float, default=600.0)
+    add_server_arguments(p, port=8131)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--replot", action="store_true", help="re-read each run's server log for its thread setup and "
                    "remake the comparison and .md of --out's JSON")
@@ -325,9 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             if Path(run["log"]).is_file():
                 run["thread_setup"] = thread_setup(Path(run["log"]))
         doc["comparison"] = compare(doc["runs"])
-        args.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(doc))
-        print(markdown(doc))
+        write_doc(args.out, doc, markdown(doc))
         return 0
     args.server_args = extra
     if args.block_size is None:
@@ -361,11 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["meta"]["wall_s"] = time.monotonic() - t0
     doc["meta"]["load_average_at_end"] = os.getloadavg()
     doc["comparison"] = compare(doc["runs"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(doc))
-    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
-    print(markdown(doc))
+    write_doc(args.out, doc, markdown(doc))
     print(f"wrote {args.out} in {doc['meta']['wall_s']:.0f} s; server logs in {work}")
     return 0
 
