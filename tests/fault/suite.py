@@ -151,15 +151,25 @@ def _jobs(server) -> dict[str, float]:
             for o in ("submitted", "committed", "failed", "cancelled")}
 
 
+def _start_a_job(server, seed: int) -> None:
+    """Send a document no planned request uses twice (two questions, one after the other), so that the plugin
+    queues a job on it just before the reset: by then the planned documents are compressed already."""
+    rng = random.Random(f"fault/job/{seed}")
+    doc = [rng.randrange(3, 500) for _ in range(240)]
+    for q in range(2):
+        server.request(f"f{seed}-job-doc-{q}", doc + [rng.randrange(3, 500) for _ in range(6)], 2, None, None)
+
+
 def _wait_for_a_job(server, timeout: float = 30.0) -> bool:
-    """Hold the reset until the plugin's gauge shows a job scoring (so the reset meets one), at most `timeout`
-    seconds; whether one was seen (the report says so: without one the reset tested only the cache)."""
-    name = f"{server.engine}:kvzip_jobs_running"  # the engines' metric prefixes are their names, as in run()
+    """Hold the reset until the plugin's gauges show a job queued or scoring (so the reset meets one), at most
+    `timeout` seconds; whether one was seen (the report says so: without one the reset tested only the cache)."""
+    names = [f"{server.engine}:kvzip_jobs_{g}" for g in ("queued", "running")]  # prefixes: the engines' names
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if sum(v for _, v in _series(loadgen.scrape(server.url), name)) > 0:
+        snap = loadgen.scrape(server.url)
+        if sum(v for name in names for _, v in _series(snap, name)) > 0:
             return True
-        time.sleep(0.1)
+        time.sleep(0.05)
     return False
 
 
@@ -191,6 +201,7 @@ def run(engine: str, model_dir: Path, work: Path, n: int, prefixes: int, seed: i
                 # the plugin's gauges as a dashboard saw them so far (peaks over 0.25 s polls)
                 peaks = {k.split(":", 1)[1]: v for k, v in poller.peaks.items() if "kvzip_jobs" in k}
                 if segment == 0:
+                    _start_a_job(server, seed)
                     running = _wait_for_a_job(server)
                     report.events.append({"event": "reset", "during": "requests in flight",
                                           "job_running_at_reset": running,
