@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine_clients import add_server_arguments, run_client, same_names, server_args, thread_setup, write_doc  # noqa: E402
 from bench_multitenant import SERVED_NAME, Server, meta, server_command, server_env  # noqa: E402
 
-from kvzip_plugin.eval.loadgen import MetricsPoller, scrape, summarize, wait_kvzip_idle  # noqa: E402
+from kvzip_plugin.eval.loadgen import MetricsPoller, jobs_active, scrape, summarize, wait_kvzip_idle, wait_kvzip_job  # noqa: E402
 
 TARGET = 1.2
 PHASES = ("no-job", "job")
@@ -78,11 +78,6 @@ def document(tokenizer: Any, n_tokens: int, seed: int) -> str:
         words += [rng.choice(_WORDS) for _ in range(max(16, n_tokens // 2))]
     ids = tokenizer.encode(" ".join(words), add_special_tokens=False)[:n_tokens]
     return tokenizer.decode(ids)
-
-
-def jobs_active(values: dict[str, float], prefix: str) -> bool:
-    """Whether a scrape shows a KVzip job queued or running."""
-    return bool(values.get(f"{prefix}kvzip_jobs_queued") or values.get(f"{prefix}kvzip_jobs_running"))
 
 
 def active_fraction(samples: list[tuple[float, dict[str, float]]], prefix: str, start: float,
@@ -107,13 +102,8 @@ def start_job(url: str, doc: str, prefix: str, wait_s: float, timeout: float, ma
     t0 = time.monotonic()
     for i in range(max_requests):
         complete(url, f"{doc}\n\nQuestion {i + 1}: which word comes first above?\nAnswer:", timeout)
-        deadline = time.monotonic() + (wait_s if i == max_requests - 1 else 2.0)
-        while time.monotonic() < deadline:
-            snap = scrape(url)
-            if jobs_active({k: snap.get(k) or 0 for k in (f"{prefix}kvzip_jobs_queued",
-                                                          f"{prefix}kvzip_jobs_running")}, prefix):
-                return {"started": True, "requests": i + 1, "seconds": time.monotonic() - t0}
-            time.sleep(0.1)
+        if wait_kvzip_job(url, wait_s if i == max_requests - 1 else 2.0, prefix=prefix):
+            return {"started": True, "requests": i + 1, "seconds": time.monotonic() - t0}
     return {"started": False, "requests": max_requests, "seconds": time.monotonic() - t0}
 
 

@@ -28,7 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -494,6 +494,25 @@ class MetricsPoller:
         self._stop.set()
         self._thread.join()
         self._poll_once()  # the state right after the load
+
+
+def jobs_active(values: MetricsSnapshot | Mapping[str, float], prefix: str = "vllm:") -> bool:
+    """Whether a scrape (or one of `MetricsPoller.samples`) shows a KVzip job queued or running."""
+    return bool(values.get(f"{prefix}kvzip_jobs_queued") or values.get(f"{prefix}kvzip_jobs_running"))
+
+
+def wait_kvzip_job(base_url: str, timeout: float, prefix: str = "vllm:", interval: float = 0.1) -> bool:
+    """Wait until a KVzip job is queued or running (the counterpart of `wait_kvzip_idle`); whether one showed
+    within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if jobs_active(scrape(base_url), prefix):
+                return True
+        except OSError:
+            pass
+        time.sleep(interval)
+    return False
 
 
 def wait_kvzip_idle(base_url: str, timeout: float, prefix: str = "vllm:", interval: float = 0.5) -> float:

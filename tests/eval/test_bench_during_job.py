@@ -39,7 +39,7 @@ def test_active_fraction_counts_only_scrapes_inside_the_load(bench):
                (9.0, {f"{p}kvzip_jobs_running": 1.0})]  # after the load
     assert bench.active_fraction(samples, p, 1.0, 4.0) == 0.5
     assert bench.active_fraction(samples, p, 5.0, 6.0) is None
-    assert not bench.jobs_active({"sglang:kvzip_jobs_running": 1.0}, p)
+    assert not bench.jobs_active({"sglang:kvzip_jobs_running": 1.0}, p)  # loadgen's predicate, by prefix
 
 
 def _repeat(bench, rep, job, base, started=True, frac=1.0, load_s=(30.0, 20.0)):

@@ -24,6 +24,7 @@ from kvzip_plugin.eval.loadgen import (
     stream_chat,
     summarize,
     wait_healthy,
+    wait_kvzip_job,
 )
 from kvzip_plugin.metrics import KVzipStats, PromMetrics
 
@@ -347,6 +348,16 @@ def test_poller_keeps_peaks(fake_server):
     assert len(seen) == poller.scrapes and 9 in seen and seen[-1] == 1  # every scrape, in order, last after the load
     times = [t for t, _ in poller.samples]
     assert times == sorted(times)
+
+
+def test_wait_kvzip_job_sees_a_queued_job_and_gives_up_without_one(fake_server):
+    fake_server.kv.observe(KVzipStats(jobs_queued=0, jobs_running=0), LV)
+    t0 = time.monotonic()
+    assert not wait_kvzip_job(fake_server.url, timeout=0.3, interval=0.05)
+    assert time.monotonic() - t0 >= 0.3
+    fake_server.kv.observe(KVzipStats(jobs_queued=1, jobs_running=0), LV)
+    assert wait_kvzip_job(fake_server.url, timeout=5, interval=0.05)
+    assert not wait_kvzip_job("http://127.0.0.1:9", timeout=0.2, interval=0.05)  # no server: no job, no raise
 
 
 def test_wait_healthy_gives_up():

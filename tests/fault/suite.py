@@ -160,19 +160,6 @@ def _start_a_job(server, seed: int) -> None:
         server.request(f"f{seed}-job-doc-{q}", doc + [rng.randrange(3, 500) for _ in range(6)], 2, None, None)
 
 
-def _wait_for_a_job(server, timeout: float = 30.0) -> bool:
-    """Hold the reset until the plugin's gauges show a job queued or scoring (so the reset meets one), at most
-    `timeout` seconds; whether one was seen (the report says so: without one the reset tested only the cache)."""
-    names = [f"{server.engine}:kvzip_jobs_{g}" for g in ("queued", "running")]  # prefixes: the engines' names
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        snap = loadgen.scrape(server.url)
-        if sum(v for name in names for _, v in _series(snap, name)) > 0:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _series(snap, name: str):
     for labels in snap.labels(name):
         yield labels, snap.get(name, **labels)
@@ -202,7 +189,9 @@ def run(engine: str, model_dir: Path, work: Path, n: int, prefixes: int, seed: i
                 peaks = {k.split(":", 1)[1]: v for k, v in poller.peaks.items() if "kvzip_jobs" in k}
                 if segment == 0:
                     _start_a_job(server, seed)
-                    running = _wait_for_a_job(server)
+                    # hold the reset until the plugin's gauges show a job queued or scoring (so the reset meets
+                    # one); the report says whether one showed (without one the reset tested only the cache)
+                    running = loadgen.wait_kvzip_job(server.url, 30.0, prefix=f"{engine}:", interval=0.05)
                     report.events.append({"event": "reset", "during": "requests in flight",
                                           "job_running_at_reset": running,
                                           "answer": server.reset(), **_jobs(server), "gauge_peaks": peaks})
