@@ -85,7 +85,8 @@ def _write_profile(prof: Any, name: str) -> None:
         (Path(folder) / f"{name}.py.txt").write_text(buf.getvalue())
 
 
-def child(model_dir: str, structure: str, ratio: float, lengths: list[int], batches: list[int], steps: int) -> dict:
+def child(model_dir: str, structure: str, ratio: float, lengths: list[int], batches: list[int], steps: int,
+          n_prefixes: int = 1) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "6")
     from kvzip_plugin.integrations.vllm import kv_transfer_config
@@ -114,19 +115,21 @@ def child(model_dir: str, structure: str, ratio: float, lengths: list[int], batc
 
     rows = []
     for length in lengths:
-        prefix = prefix_ids(tokenizer, length, seed=length)
-        for i in range(2):  # the second hit queues the job (min_hits=1)
-            llm.generate([{"prompt_token_ids": prefix + [100 + i] * 8}], SamplingParams(max_tokens=1),
-                         use_tqdm=False)
+        prefixes = [prefix_ids(tokenizer, length, seed=length + 1000 * k) for k in range(n_prefixes)]
         t0 = time.perf_counter()
-        drain()
+        for prefix in prefixes:
+            for i in range(2):  # the second hit queues the job (min_hits=1)
+                llm.generate([{"prompt_token_ids": prefix + [100 + i] * 8}], SamplingParams(max_tokens=1),
+                             use_tqdm=False)
+            drain()
         compress_s = time.perf_counter() - t0
         compacted = [{"L": p.logical_length, "P": p.physical_length, "head_pages": p.head_pages}
                      for p in (sched.compacted.values() if sched else []) if p.logical_length == length]
         for batch in batches:
             params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
-            for i in range(batch):
-                engine.add_request(f"L{length}-B{batch}-{i}", {"prompt_token_ids": prefix + [200 + i] * 8}, params)
+            for i in range(batch):  # request i on prefix i mod K
+                engine.add_request(f"L{length}-B{batch}-{i}",
+                                   {"prompt_token_ids": prefixes[i % n_prefixes] + [200 + i] * 8}, params)
             while any(r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.running) or \
                     len(core.scheduler.running) < batch:
                 engine.step()  # prefills (the suffixes; the prefix is a cache hit)
@@ -140,7 +143,7 @@ def child(model_dir: str, structure: str, ratio: float, lengths: list[int], batc
                     times.append(time.perf_counter() - t)
             _write_profile(prof, f"{structure}-L{length}-B{batch}")
             drain()
-            rows.append({"structure": structure, "ratio": ratio, "L": length, "batch": batch,
+            rows.append({"structure": structure, "ratio": ratio, "L": length, "batch": batch, "prefixes": n_prefixes,
                          "step_ms_median": 1000 * statistics.median(times), "step_ms": [1000 * x for x in times],
                          "compacted": compacted, "compress_s": compress_s})
             print(f"{structure}@{ratio} L={length} B={batch}: {1000 * statistics.median(times):.2f} ms/step "
@@ -151,9 +154,9 @@ def child(model_dir: str, structure: str, ratio: float, lengths: list[int], batc
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
-        _, model_dir, structure, ratio, lengths, batches, steps = argv
+        _, model_dir, structure, ratio, lengths, batches, steps, n_prefixes = argv
         out = child(model_dir, structure, float(ratio), [int(x) for x in lengths.split(",")],
-                    [int(x) for x in batches.split(",")], int(steps))
+                    [int(x) for x in batches.split(",")], int(steps), int(n_prefixes))
         print("RESULT " + json.dumps(out), flush=True)
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -163,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 7680])  # SmolLM2: 8192 positions
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--prefixes", type=int, default=1,
+                   help="K distinct prefixes of each length, request i on prefix i mod K (a multi-tenant step)")
     args = p.parse_args(argv)
     from kvzip_plugin.hf.models import DEMO_MODEL, demo_model_dir
 
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for structure in ["none", *args.structures]:
         rows += run_child([__file__, "--child", model_dir, structure, str(args.ratio), ",".join(map(str, args.lengths)),
-                           ",".join(map(str, args.batches)), str(args.steps)], structure, 7200,
+                           ",".join(map(str, args.batches)), str(args.steps), str(args.prefixes)], structure, 7200,
                           progress="ms/step")["rows"]
         args.out.with_suffix(".partial.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     full = {(r["L"], r["batch"]): r["step_ms_median"] for r in rows if r["structure"] == "none"}
@@ -186,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     structures = ["none", *args.structures]
     lines = [f"Decode step (median of {args.steps}, whole engine step) on vLLM's CPU backend, SmolLM2-135M float32, "
-             f"ratio {args.ratio}; cells: ms/step (compressed / full).", "",
+             f"ratio {args.ratio}, {args.prefixes} distinct prefix(es) per length (request i on prefix i mod "
+             f"{args.prefixes}); cells: ms/step (compressed / full).", "",
              "| L | batch | " + " | ".join(structures) + " |", "|---|---|" + "---|" * len(structures)]
     for length in args.lengths:
         for batch in args.batches:

@@ -37,6 +37,7 @@ class _Gather:
         rows: their positions among the layer's used pages.
         blocks, slots: engine block id and head slot of each.
         heads: the KV head (run) each belongs to.
+        valid: `[P]` tokens of each page the run uses (the page size but for a run's last page).
         mask: `[P, 1, 1, page_size]` additive mask for pages not full (the last page of a run whose length
             is not a multiple of the page size), None when all are full.
     """
@@ -46,6 +47,7 @@ class _Gather:
     blocks: torch.Tensor
     slots: torch.Tensor
     heads: torch.Tensor
+    valid: torch.Tensor
     mask: torch.Tensor | None
 
 
@@ -101,16 +103,18 @@ class PagedStore:
                 if bool((valid[sel] < ps).any()):
                     used = torch.arange(ps).view(1, ps) < valid[sel].view(-1, 1)
                     mask = torch.zeros(used.shape).masked_fill_(~used, float("-inf")).view(-1, 1, 1, ps)
-                gathers.append(_Gather(int(b), sel.nonzero().flatten(), ids[blocks[sel]], slots[sel], heads[sel], mask))
+                gathers.append(_Gather(int(b), sel.nonzero().flatten(), ids[blocks[sel]], slots[sel], heads[sel],
+                                       valid[sel], mask))
             layers.append(_LayerRuns(tuple(gathers), int(blocks.numel()), starts.tolist(),
                                      layout.lengths[layer].tolist()))
         return cls(layout, ids, tuple(layers))
 
-    def _on_device(self, layer: int, device: torch.device) -> tuple[_Gather, ...]:
+    def gathers_on(self, layer: int, device: torch.device) -> tuple[_Gather, ...]:
+        """`layer`'s pages by buffer (head-major within each), their index tensors on `device` (cached)."""
         got = self._on.get((layer, device))
         if got is None:
             got = tuple(_Gather(g.buffer, g.rows.to(device), g.blocks.to(device), g.slots.to(device),
-                                g.heads.to(device), None if g.mask is None else g.mask.to(device))
+                                g.heads.to(device), g.valid.to(device), None if g.mask is None else g.mask.to(device))
                         for g in self.layers[layer].gathers)
             self._on[(layer, device)] = got
         return got
@@ -134,7 +138,7 @@ class PagedStore:
                 self._on[key] = kernel_runs(self.layout, layer, self.block_ids, views)
             if self._on[key] is not None:
                 return self._on[key]
-        gathers = self._on_device(layer, k0.device)
+        gathers = self.gathers_on(layer, k0.device)
         if pages is None:
             def pages(buf: int, blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 k_view, v_view = views(buf)

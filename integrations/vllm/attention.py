@@ -9,9 +9,12 @@ and computed something for these rows that is discarded: the runner adapter lowe
 
     softmax over [every KV head's run of the prefix] + [the request's own tokens, causal],
 
-computed as two parts merged by log-sum-exp (`kvzip_plugin.prefix_attention`). The prefix part is
-one pass per store and layer for all of the step's requests on it. Other requests keep vLLM's kernel
-untouched. Positions are never needed: keys carry their RoPE rotation.
+computed from every page's partial softmax. On the torch path (CPU) the decode rows of every store with
+few of them take one pass per layer together (`kvzip_plugin.step_decode`: a store's pages are read once
+per step, the op count does not grow with the stores); rows with several queries (prefill), stores with
+many decode rows, and every row where the Triton kernel reads the runs, take one pass per store and
+layer (`prefix_attention.attend_rows`: runs and own tokens merged by log-sum-exp). Other requests keep
+vLLM's kernel untouched. Positions are never needed: keys carry their RoPE rotation.
 
 Block table row of such a request: `[store blocks (n_blocks)] + [its own blocks]`; its own tokens
 start at slot `n_blocks * block_size` (the slot offset `L - n_blocks * block_size` of `runner.py`).
@@ -31,17 +34,17 @@ from dataclasses import dataclass
 import torch
 from kvzip_plugin.integrations.vllm import layout
 
-from kvzip_plugin.kernel_runs import backend_name
+from kvzip_plugin.kernel_runs import backend_name, use_kernel
 from kvzip_plugin.paged_store import PagedStore, PageReader, Views
 from kvzip_plugin.prefix_attention import OwnTokens, attend_rows, length_mask, own_positions
+from kvzip_plugin.step_decode import DecodeStep, PrefixPageCache, one_pass
 
 logger = logging.getLogger("vllm.kvzip_plugin.attention")
 _backend: str | None = None  # what read the runs last (logged when it changes)
 
 
-def _log_backend(runs: object) -> None:
+def _log_backend(name: str) -> None:
     global _backend
-    name = backend_name(runs)
     if name != _backend:
         _backend = name
         logger.info("kvzip-plugin: requests on head-page stores attend to the runs through %s", name)
@@ -62,22 +65,42 @@ class _Group:
     decode_mask: torch.Tensor  # [R, 1, 1, T] additive mask of the padding (`length_mask`), for every layer
 
 
-def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta) -> list[_Group]:
-    """Group this step's rows by store (once per step: the same for every layer)."""
+@dataclass(frozen=True)
+class StepPlan:
+    """How a step's rows on head-page stores attend: `decode` (torch path) takes the decode rows of every
+    store with few of them (`step_decode.one_pass`) in one pass per layer; `groups` the rest, store by store
+    (all rows where the Triton kernel reads)."""
+
+    groups: list[_Group]
+    decode: DecodeStep | None
+
+
+def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta, cache: PrefixPageCache, num_heads: int) -> StepPlan:
+    """Group this step's rows by store (once per step: the same for every layer); `num_heads`: H_q."""
     qsl = meta.query_start_loc.tolist()
     seq_lens = meta.seq_lens.tolist()
+    dev = meta.block_table.device
     by_store: dict[int, list[tuple[int, PagedStore]]] = {}
     for row, store in rows.values():
         by_store.setdefault(id(store), []).append((row, store))
-    groups = []
+    torch_path = not use_kernel(dev)
+    groups, stores, rows_of, decode_q, own_lens, own_tables = [], [], [], [], [], []
     for members in by_store.values():
         store = members[0][1]
         rws = [row for row, _ in members]
         spans = [(int(qsl[row]), int(qsl[row + 1])) for row in rws]
         decode = [i for i, (qs, qe) in enumerate(spans) if qe - qs == 1]
-        lens = torch.tensor([int(seq_lens[rws[i]]) for i in decode], dtype=torch.long)
         first, bs = store.layout.n_blocks, store.layout.page_size
-        dev = meta.block_table.device
+        if torch_path and decode and one_pass(len(decode), num_heads // store.layout.n_heads):
+            stores.append(store)
+            rows_of.append(list(range(len(decode_q), len(decode_q) + len(decode))))
+            decode_q += [spans[i][0] for i in decode]
+            own_lens += [int(seq_lens[rws[i]]) for i in decode]
+            own_tables.append(meta.block_table[torch.tensor([rws[i] for i in decode], device=dev)][:, first:])
+            decode = []
+            if len(rws) == len(rows_of[-1]):
+                continue  # no prefill row on this store
+        lens = torch.tensor([int(seq_lens[rws[i]]) for i in decode], dtype=torch.long)
         blocks = offsets = torch.zeros(0, 0, dtype=torch.long, device=dev)
         mask = torch.zeros(0, 1, 1, 0, device=dev)
         if decode:
@@ -89,10 +112,17 @@ def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta) -> list[_Group]:
         groups.append(_Group(store, rws, spans, decode,
                              torch.tensor([spans[i][0] for i in decode], dtype=torch.long), lens, blocks, offsets,
                              mask))
-    return groups
+    step = None
+    if stores:
+        width = max(t.shape[1] for t in own_tables)
+        table = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in own_tables])
+        step = DecodeStep.plan(stores, rows_of, torch.tensor(decode_q, dtype=torch.long),
+                               torch.tensor(own_lens, dtype=torch.long), table, stores[0].layout.n_heads,
+                               stores[0].layout.page_size, cache)
+    return StepPlan(groups, step)
 
 
-def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, groups: list[_Group], views: Views,
+def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, plan: StepPlan, views: Views,
                  pages: PageReader, own_views: tuple[torch.Tensor, torch.Tensor], meta, num_heads: int, head_size: int,
                  scale: float) -> None:
     """Overwrite the output rows of requests on head-page stores, for one layer.
@@ -101,7 +131,7 @@ def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, groups: 
         layer: index of the layer (row of each store's layout).
         query: `[num_tokens, H_q, D]` (or flat) post-RoPE queries of the step.
         output: the attention output vLLM's forward filled, `[num_tokens, H_q * D]` (or 3-D); written in place.
-        groups: `plan_step` of this step.
+        plan: `plan_step` of this step.
         views: token-major views of every layer's buffer (the store's pages may lie in any of them).
         pages: the fastest read of head pages of any layer's buffer (`layout.page_reader`).
         own_views: this layer's (keys, values) token-major views (the requests' own tokens).
@@ -109,7 +139,10 @@ def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, groups: 
     """
     q_all = query.view(query.shape[0], num_heads, head_size)
     out_all = output.view(output.shape[0], num_heads, head_size)
-    for grp in groups:
+    if plan.decode is not None:
+        _log_backend("torch, every store's decode rows in one pass")
+        plan.decode.attend(layer, q_all, out_all, pages, scale)
+    for grp in plan.groups:
         own = None
         if grp.decode:  # one query each: the requests' own tokens in one batched gather
             own = OwnTokens(own_views[0][grp.decode_blocks, grp.decode_offsets].transpose(1, 2),  # [R, H_kv, T, D]
@@ -123,6 +156,6 @@ def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, groups: 
                 prefill.append((qs, qe, layout.read_tokens(own_views[0], table, n_own),  # [H_kv, n_own, D]
                                 layout.read_tokens(own_views[1], table, n_own)))
         runs = grp.store.read_runs(layer, views, pages)
-        _log_backend(runs)
+        _log_backend(backend_name(runs))
         attend_rows(q_all, out_all, runs, scale, grp.decode_q, own, prefill)
 

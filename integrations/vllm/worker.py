@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from kvzip_plugin.integrations.vllm import layout
-from kvzip_plugin.integrations.vllm.attention import attend_paged, plan_step
+from kvzip_plugin.integrations.vllm.attention import StepPlan, attend_paged, plan_step
 from kvzip_plugin.integrations.vllm.protocol import (
     CompactCommand,
     CompactionResult,
@@ -42,6 +42,7 @@ from kvzip_plugin.head_scores import head_level_scores
 from kvzip_plugin.metrics import KVzipStats, ScoringClock
 from kvzip_plugin.paged_store import PagedStore, StoreIndex, write_store
 from kvzip_plugin.scoring.kvzip import chunk_scores
+from kvzip_plugin.step_decode import PrefixPageCache
 from kvzip_plugin.store import place_runs, select_runs, uniform_tokens
 
 logger = logging.getLogger("vllm.kvzip_plugin.worker")
@@ -74,7 +75,8 @@ class WorkerState:
         self.store_of: dict[str, int] = {}  # scheduled request -> job id of the compacted prefix it reads
         self.store_index = StoreIndex()  # head-page stores held by this worker
         self.paged_rows: dict[str, tuple[int, PagedStore]] = {}  # this step: request -> (row, store)
-        self._paged_plan: tuple[Any, list] | None = None  # (attention metadata, its plan_step groups)
+        self._paged_plan: tuple[Any, StepPlan] | None = None  # (attention metadata, its plan_step)
+        self.prefix_pages = PrefixPageCache()  # the stores' pages by layer, listed for the steps' decode rows
         self.plain_attention: dict[str, str | None] = {}  # layer -> what head-page attention cannot do
         self.batch_rows: dict[str, int] = {}  # scoring req -> row in this step's batch (runner.py)
         self.step_tokens: dict[str, int] = {}
@@ -94,6 +96,7 @@ class WorkerState:
         sent). Any layer we cannot address disables KVzip in this worker."""
         self.kv_caches = dict(kv_caches)
         self._readers: dict[int, Any] = {}
+        self.prefix_pages = PrefixPageCache(size=64 * max(len(kv_caches), 1))  # ~64 sets of stores
         self.layer_index = {name: i for i, name in enumerate(self.kv_caches)}
         self.layer_names = list(self.kv_caches)
         for name, kv in self.kv_caches.items():
@@ -253,7 +256,8 @@ class WorkerState:
         if spec is None:
             return
         if self._paged_plan is None or self._paged_plan[0] is not meta:  # once per step (same metadata)
-            self._paged_plan = (meta, plan_step(self.paged_rows, meta))
+            self._paged_plan = (meta, plan_step(self.paged_rows, meta, self.prefix_pages,
+                                                self.num_heads[name]))
         attend_paged(self.layer_index[name], query, output, self._paged_plan[1], self.views, self.pages,
                      layout.token_major(kv_cache, spec), meta, self.num_heads[name], spec.head_size, self.scales[name])
 

@@ -10,7 +10,8 @@ inspected between steps. Prints `RESULT <json>` on the last line. Not a test mod
 Scenarios: `sequential` (one request at a time on a shared prefix), `mixed` (one batch of requests
 on a compacted prefix, on a prefix being scored, and plain), `salts` (two tenants, same
 prefix, different cache salts), `churn` (random admissions and aborts while prefixes compress),
-`cancel` (the prefix cache is reset while a job scores), `repeat` (the same prompt twice), `sliced`
+`cancel` (the prefix cache is reset while a job scores), `repeat` (the same prompt twice), `stores`
+(one batch decoding on two compacted prefixes at once, beside a plain request), `sliced`
 (a job scores beside decoding clients and a late client prefill; every step's scheduled tokens).
 `KVZIP_TEST_PREFIX_CACHING=0` turns vLLM's prefix caching off.
 """
@@ -292,6 +293,36 @@ def mixed(h: Harness) -> dict:
             "kvzip": h.kvzip_state(), "pool": h.pool_state()}
 
 
+def stores(h: Harness) -> dict:
+    """Requests on two compacted prefixes (A: job 0, B: job 1) and a plain request decode in the same steps."""
+    a, b = prefix_ids(0), prefix_ids(1)
+    for p in (a, b):
+        h.run("w", p + list(SUFFIXES[0]))
+        h.run("w", p + list(SUFFIXES[1]))
+        h.drain()  # compacted
+    batch = {"a1": a + list(SUFFIXES[2]), "b1": b + list(SUFFIXES[3]), "a2": a + list(SUFFIXES[4]),
+             "p1": prefix_ids(7)[:40]}
+    for rid, ids in batch.items():
+        h.add(rid, ids, max_tokens=MAX_TOKENS)
+    done: dict = {}
+    steps_on_both = 0
+    while len(done) < len(batch):
+        on = {r.request_id.split("-")[0][0] for r in h.scheduler.running
+              if r.num_computed_tokens >= r.num_prompt_tokens}  # decoding: a..., b..., p...
+        steps_on_both += {"a", "b", "p"} <= on
+        for out in h.step():
+            rid = out.request_id.split("-")[0]
+            if out.finished and rid in batch:
+                comp = out.outputs[0]
+                done[rid] = {"id": rid, "tokens": list(comp.token_ids),
+                             "logprobs": [lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids, strict=True)],
+                             "offset": h._lookup(h.offsets, rid, None)}
+    h.drain()
+    return {"prefixes": {"a": a, "b": b}, "suffixes": [list(s) for s in SUFFIXES], "batch": batch,
+            "requests": [done[r] for r in batch], "steps_on_both": steps_on_both, "kvzip": h.kvzip_state(),
+            "pool": h.pool_state()}
+
+
 def sliced(h: Harness) -> dict:
     """A job scores while client requests decode, and a new client request arrives mid-job. Records every
     step's scheduled tokens (scoring vs client, and which client requests prefilled in it)."""
@@ -331,7 +362,8 @@ def sliced(h: Harness) -> dict:
             "gate": {"held_steps": h.connector.sched.gate.held_steps, "forced": h.connector.sched.gate.forced}}
 
 
-SCENARIOS = {"sliced": sliced, "mixed": mixed, "sequential": sequential, "salts": salts, "churn": churn,
+SCENARIOS = {"sliced": sliced, "mixed": mixed, "stores": stores, "sequential": sequential, "salts": salts,
+             "churn": churn,
              "cancel": cancel, "repeat": repeat}
 
 

@@ -21,7 +21,7 @@ pytest.importorskip("vllm")
 from kvzip_plugin.hf.attention import install  # noqa: E402
 from kvzip_plugin.store import place_runs  # noqa: E402
 from tests.integrations.reference import check_against_reference  # noqa: E402
-from tests.integrations.vllm.run_kvzip import BLOCK_SIZE  # noqa: E402
+from tests.integrations.vllm.run_kvzip import BLOCK_SIZE, MAX_TOKENS  # noqa: E402
 from tests.integrations.vllm.spawn import spawn  # noqa: E402
 
 L = 6 * BLOCK_SIZE
@@ -240,6 +240,24 @@ def test_mixed_steps_stay_correct(tiny_model_dir, tmp_path_factory, reference_mo
         if r["id"] in ("b1", "p1"):  # not on a compacted prefix: what vLLM alone gives (batch effects ~1e-6)
             assert r["offset"] is None and r["tokens"] == b["tokens"]
             assert max(abs(x - y) for x, y in zip(r["logprobs"], b["logprobs"], strict=True)) < 1e-4
+
+
+def test_rows_on_two_compacted_prefixes_decode_together_correctly(tiny_model_dir, tmp_path, reference_model):
+    """Two `pair` stores' requests and a plain request in the same decode steps (the step's decode rows on
+    every store attend in one pass): each request equals transformers on its own prefix's kept pairs."""
+    res = scenario(tiny_model_dir, "stores", "kvzip", 0.5, KVZIP_DUMP_DIR=str(tmp_path))
+    base = scenario(tiny_model_dir, "stores", "none")
+    assert res["kvzip"]["finished"]["committed"] == 2 and res["steps_on_both"] >= MAX_TOKENS // 2
+    by_id = {r["id"]: r for r in res["requests"]}
+    sfx = {"a1": res["suffixes"][2], "b1": res["suffixes"][3], "a2": res["suffixes"][4]}
+    for job, name, rids in ((0, "a", ("a1", "a2")), (1, "b", ("b1",))):
+        dump = torch.load(tmp_path / f"job-{job}.pt")
+        assert all(by_id[rid]["offset"] is not None for rid in rids)
+        gaps = _check_against_reference(reference_model, res["prefixes"][name], dump["keep"], dump["n_protected"],
+                                        [by_id[rid] for rid in rids], [sfx[rid] for rid in rids])
+        assert len(gaps) == len(rids)
+    plain, plain_base = by_id["p1"], next(r for r in base["requests"] if r["id"] == "p1")
+    assert plain["offset"] is None and plain["tokens"] == plain_base["tokens"]
 
 
 @pytest.fixture(scope="module")
