@@ -28,7 +28,7 @@ writes the runs into the leading `layout.n_blocks` of them and reports that coun
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -123,8 +123,8 @@ def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta, cache: PrefixPag
 
 
 def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, plan: StepPlan, views: Views,
-                 pages: PageReader, own_views: tuple[torch.Tensor, torch.Tensor], meta, num_heads: int, head_size: int,
-                 scale: float) -> None:
+                 pages: PageReader, own_views_of: Callable[[], tuple[torch.Tensor, torch.Tensor]], meta,
+                 num_heads: int, head_size: int, scale: float) -> None:
     """Overwrite the output rows of requests on head-page stores, for one layer.
 
     Args:
@@ -134,7 +134,8 @@ def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, plan: St
         plan: `plan_step` of this step.
         views: token-major views of every layer's buffer (the store's pages may lie in any of them).
         pages: the fastest read of head pages of any layer's buffer (`layout.page_reader`).
-        own_views: this layer's (keys, values) token-major views (the requests' own tokens).
+        own_views_of: this layer's (keys, values) token-major views (the requests' own tokens), built on demand
+            (only the per-store path reads them).
         meta: vLLM's attention metadata (`seq_lens` = own tokens, `block_table`).
     """
     q_all = query.view(query.shape[0], num_heads, head_size)
@@ -142,6 +143,7 @@ def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, plan: St
     if plan.decode is not None:
         _log_backend("torch, every store's decode rows in one pass")
         plan.decode.attend(layer, q_all, out_all, pages, scale)
+    own_views = own_views_of() if plan.groups else None
     for grp in plan.groups:
         own = None
         if grp.decode:  # one query each: the requests' own tokens in one batched gather

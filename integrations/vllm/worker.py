@@ -259,7 +259,8 @@ class WorkerState:
             self._paged_plan = (meta, plan_step(self.paged_rows, meta, self.prefix_pages,
                                                 self.num_heads[name]))
         attend_paged(self.layer_index[name], query, output, self._paged_plan[1], self.views, self.pages,
-                     layout.token_major(kv_cache, spec), meta, self.num_heads[name], spec.head_size, self.scales[name])
+                     lambda: layout.token_major(kv_cache, spec), meta, self.num_heads[name], spec.head_size,
+                     self.scales[name])
 
     def _job(self, tgt: ScoringTarget, n_kv_heads: int) -> _JobScores:
         job = self.jobs.get(tgt.job_id)

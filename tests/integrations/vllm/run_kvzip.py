@@ -112,6 +112,16 @@ class Harness:
             "offset": self._lookup(self.offsets, rid, None),
         }
 
+    def step_batch(self, batch: dict, done: dict) -> None:
+        """One step; record each request of `batch` that finished in it into `done` (tokens, logprobs, offset)."""
+        for out in self.step():
+            rid = out.request_id.split("-")[0]
+            if out.finished and rid in batch:
+                comp = out.outputs[0]
+                done[rid] = {"id": rid, "tokens": list(comp.token_ids),
+                             "logprobs": [lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids, strict=True)],
+                             "offset": self._lookup(self.offsets, rid, None)}
+
     @staticmethod
     def _lookup(table: dict, rid: str, default):
         """vLLM appends a random suffix to external request ids (`r0` -> `r0-1a2b3c4d`)."""
@@ -280,13 +290,7 @@ def mixed(h: Harness) -> dict:
         running = {r.request_id.split("-")[0] for r in h.scheduler.running}
         if sched is not None and any(j.pending for j in sched.jobs.values()) and running & {"a1", "a2"}:
             scoring_steps_with_a += 1
-        for out in h.step():
-            rid = out.request_id.split("-")[0]
-            if out.finished and rid in batch:
-                comp = out.outputs[0]
-                done[rid] = {"id": rid, "tokens": list(comp.token_ids),
-                             "logprobs": [lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids, strict=True)],
-                             "offset": h._lookup(h.offsets, rid, None)}
+        h.step_batch(batch, done)
     h.drain()
     return {"prefixes": {"a": a, "b": b}, "suffixes": [list(s) for s in SUFFIXES], "batch": batch,
             "warm": warm, "requests": [done[r] for r in batch], "scoring_steps_with_a": scoring_steps_with_a,
@@ -310,13 +314,7 @@ def stores(h: Harness) -> dict:
         on = {r.request_id.split("-")[0][0] for r in h.scheduler.running
               if r.num_computed_tokens >= r.num_prompt_tokens}  # decoding: a..., b..., p...
         steps_on_both += {"a", "b", "p"} <= on
-        for out in h.step():
-            rid = out.request_id.split("-")[0]
-            if out.finished and rid in batch:
-                comp = out.outputs[0]
-                done[rid] = {"id": rid, "tokens": list(comp.token_ids),
-                             "logprobs": [lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids, strict=True)],
-                             "offset": h._lookup(h.offsets, rid, None)}
+        h.step_batch(batch, done)
     h.drain()
     return {"prefixes": {"a": a, "b": b}, "suffixes": [list(s) for s in SUFFIXES], "batch": batch,
             "requests": [done[r] for r in batch], "steps_on_both": steps_on_both, "kvzip": h.kvzip_state(),

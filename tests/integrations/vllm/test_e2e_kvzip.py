@@ -246,7 +246,6 @@ def test_rows_on_two_compacted_prefixes_decode_together_correctly(tiny_model_dir
     """Two `pair` stores' requests and a plain request in the same decode steps (the step's decode rows on
     every store attend in one pass): each request equals transformers on its own prefix's kept pairs."""
     res = scenario(tiny_model_dir, "stores", "kvzip", 0.5, KVZIP_DUMP_DIR=str(tmp_path))
-    base = scenario(tiny_model_dir, "stores", "none")
     assert res["kvzip"]["finished"]["committed"] == 2 and res["steps_on_both"] >= MAX_TOKENS // 2
     by_id = {r["id"]: r for r in res["requests"]}
     sfx = {"a1": res["suffixes"][2], "b1": res["suffixes"][3], "a2": res["suffixes"][4]}
@@ -256,8 +255,7 @@ def test_rows_on_two_compacted_prefixes_decode_together_correctly(tiny_model_dir
         gaps = _check_against_reference(reference_model, res["prefixes"][name], dump["keep"], dump["n_protected"],
                                         [by_id[rid] for rid in rids], [sfx[rid] for rid in rids])
         assert len(gaps) == len(rids)
-    plain, plain_base = by_id["p1"], next(r for r in base["requests"] if r["id"] == "p1")
-    assert plain["offset"] is None and plain["tokens"] == plain_base["tokens"]
+    assert by_id["p1"]["offset"] is None  # the plain request keeps vLLM's kernel (checked against `none` in mixed)
 
 
 @pytest.fixture(scope="module")
