@@ -9,12 +9,13 @@ and computed something for these rows that is discarded: the runner adapter lowe
 
     softmax over [every KV head's run of the prefix] + [the request's own tokens, causal],
 
-computed from every page's partial softmax. On the torch path (CPU) the decode rows of every store with
-few of them take one pass per layer together (`kvzip_plugin.step_decode`: a store's pages are read once
-per step, the op count does not grow with the stores); rows with several queries (prefill), stores with
-many decode rows, and every row where the Triton kernel reads the runs, take one pass per store and
-layer (`prefix_attention.attend_rows`: runs and own tokens merged by log-sum-exp). Other requests keep
-vLLM's kernel untouched. Positions are never needed: keys carry their RoPE rotation.
+computed from every page's partial softmax. On the torch path (CPU), when two stores or more have a
+few decode rows in a step, those rows take one pass per layer together (`kvzip_plugin.step_decode`: a
+store's pages are read once per step, the op count does not grow with the stores); rows with several
+queries (prefill), stores with many decode rows, a lone store, and every row where the Triton kernel reads
+the runs, take one pass per store and layer (`prefix_attention.attend_rows`: runs and own tokens merged
+by log-sum-exp). Other requests keep vLLM's kernel untouched. Positions are never needed: keys carry
+their RoPE rotation.
 
 Block table row of such a request: `[store blocks (n_blocks)] + [its own blocks]`; its own tokens
 start at slot `n_blocks * block_size` (the slot offset `L - n_blocks * block_size` of `runner.py`).
@@ -68,8 +69,8 @@ class _Group:
 @dataclass(frozen=True)
 class StepPlan:
     """How a step's rows on head-page stores attend: `decode` (torch path) takes the decode rows of every
-    store with few of them (`step_decode.one_pass`) in one pass per layer; `groups` the rest, store by store
-    (all rows where the Triton kernel reads)."""
+    store with few of them (`step_decode.one_pass`) in one pass per layer when two stores or more have
+    such rows; `groups` the rest, store by store (all rows where the Triton kernel reads)."""
 
     groups: list[_Group]
     decode: DecodeStep | None
@@ -83,15 +84,23 @@ def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta, cache: PrefixPag
     by_store: dict[int, list[tuple[int, PagedStore]]] = {}
     for row, store in rows.values():
         by_store.setdefault(id(store), []).append((row, store))
-    torch_path = not use_kernel(dev)
+    def decode_of(members: list[tuple[int, PagedStore]]) -> list[int]:
+        return [row for row, _ in members if int(qsl[row + 1]) - int(qsl[row]) == 1]
+
+    # the one pass pays off for the decode rows of two stores or more (for one, the per-store path is faster)
+    batched = set()
+    if not use_kernel(dev):
+        batched = {key for key, members in by_store.items() if decode_of(members) and one_pass(
+            len(decode_of(members)), num_heads // members[0][1].layout.n_heads)}
+        batched = batched if len(batched) > 1 else set()
     groups, stores, rows_of, decode_q, own_lens, own_tables = [], [], [], [], [], []
-    for members in by_store.values():
+    for key, members in by_store.items():
         store = members[0][1]
         rws = [row for row, _ in members]
         spans = [(int(qsl[row]), int(qsl[row + 1])) for row in rws]
         decode = [i for i, (qs, qe) in enumerate(spans) if qe - qs == 1]
         first, bs = store.layout.n_blocks, store.layout.page_size
-        if torch_path and decode and one_pass(len(decode), num_heads // store.layout.n_heads):
+        if key in batched:
             stores.append(store)
             rows_of.append(list(range(len(decode_q), len(decode_q) + len(decode))))
             decode_q += [spans[i][0] for i in decode]
