@@ -118,12 +118,10 @@ def main() -> None:
             t_runs = time_it(shared, dev, args.repeats)
             own_blocks = layout.n_blocks + torch.arange(b * own_pages).view(b, own_pages)
             # the own tokens into the requests' own blocks (token-major, as the engines)
-            pages_k[own_blocks.flatten()] = torch.stack([torch.nn.functional.pad(
-                own_k[i].transpose(0, 1), (0, 0, 0, 0, 0, own_pages * args.page - args.own)).view(
-                own_pages, args.page, h_kv, d) for i in range(b)]).flatten(0, 1)
-            pages_v[own_blocks.flatten()] = torch.stack([torch.nn.functional.pad(
-                own_v[i].transpose(0, 1), (0, 0, 0, 0, 0, own_pages * args.page - args.own)).view(
-                own_pages, args.page, h_kv, d) for i in range(b)]).flatten(0, 1)
+            for dst, src in ((pages_k, own_k), (pages_v, own_v)):  # src [B, H_kv, own, D] -> token-major pages
+                dst[own_blocks.flatten()] = torch.nn.functional.pad(
+                    src.transpose(1, 2), (0, 0, 0, 0, 0, own_pages * args.page - args.own)).reshape(
+                    b * own_pages, args.page, h_kv, d)
             cache = PrefixPageCache()
 
             step = DecodeStep.plan([store], [list(range(b))], decode_q, own_lens, own_blocks.to(dev), h_kv, args.page,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvzip_plugin.kernel_runs import KernelRuns, kernel_runs, use_kernel
-from kvzip_plugin.prefix_attention import PageRuns, SegmentRuns
+from kvzip_plugin.prefix_attention import PageRuns, SegmentRuns, length_mask
 from kvzip_plugin.store import HeadPageLayout, copy_plan, run_gather_index
 
 Views = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
@@ -101,8 +101,7 @@ class PagedStore:
                 sel = buffers == b
                 mask = None
                 if bool((valid[sel] < ps).any()):
-                    used = torch.arange(ps).view(1, ps) < valid[sel].view(-1, 1)
-                    mask = torch.zeros(used.shape).masked_fill_(~used, float("-inf")).view(-1, 1, 1, ps)
+                    mask = length_mask(valid[sel], ps)
                 gathers.append(_Gather(int(b), sel.nonzero().flatten(), ids[blocks[sel]], slots[sel], heads[sel],
                                        valid[sel], mask))
             layers.append(_LayerRuns(tuple(gathers), int(blocks.numel()), starts.tolist(),

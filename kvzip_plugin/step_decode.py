@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from kvzip_plugin.paged_store import PagedStore, PageReader
-from kvzip_plugin.prefix_attention import PAGE_ROWS_MAX, attend
+from kvzip_plugin.prefix_attention import PAGE_ROWS_MAX, attend, length_mask
 
 _NEG_INF = float("-inf")
 
@@ -42,12 +42,6 @@ def one_pass(n_requests: int, group: int) -> bool:
     return n_requests * group <= PAGE_ROWS_MAX
 
 
-def page_mask(valid: torch.Tensor, page_size: int) -> torch.Tensor:
-    """`[P]` used tokens of each page -> additive mask `[P, 1, 1, page_size]` (0 used, -inf past them)."""
-    used = torch.arange(page_size, device=valid.device).view(1, -1) < valid.view(-1, 1)
-    return torch.zeros(used.shape, device=valid.device).masked_fill_(~used, _NEG_INF).view(-1, 1, 1, page_size)
-
-
 @dataclass(frozen=True)
 class PrefixPages:
     """One layer's head pages of a set of stores, listed once, buffer by buffer.
@@ -56,7 +50,7 @@ class PrefixPages:
         reads: `(buffer, blocks [P_b], head slots [P_b])` per buffer the pages lie in.
         store: `[P]` the store (index in the set) of each page, in the order of `reads`.
         head: `[P]` its KV head.
-        mask: `[P, 1, 1, page_size]` additive mask of its unused tail (`page_mask`).
+        mask: `[P, 1, 1, page_size]` additive mask of its unused tail (`length_mask`).
     """
 
     reads: tuple[tuple[int, torch.Tensor, torch.Tensor], ...]
@@ -79,7 +73,7 @@ class PrefixPages:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         ps = stores[0].layout.page_size
         return cls(tuple(reads), torch.cat(owner) if owner else empty, torch.cat(head) if head else empty,
-                   page_mask(torch.cat(valid) if valid else empty, ps))
+                   length_mask(torch.cat(valid) if valid else empty, ps))
 
 
 class PrefixPageCache:
@@ -101,9 +95,6 @@ class PrefixPageCache:
             self._entries.pop(next(iter(self._entries)))
         self._entries[key] = (stores, pages)
         return pages
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 @dataclass(frozen=True)
@@ -157,7 +148,7 @@ class DecodeStep:
         valid = torch.clamp(own_lens[row] - page * page_size, max=page_size)
         return cls(tuple(stores), decode_q.to(dev), members.to(dev),
                    own_block_rows[row.to(dev), page.to(dev)].long(), head.to(dev), (row * h + head).to(dev),
-                   page_mask(valid, page_size).to(dev), h, cache)
+                   length_mask(valid, page_size).to(dev), h, cache)
 
     def attend(self, layer: int, q_all: torch.Tensor, out_all: torch.Tensor, pages: PageReader,
                scale: float) -> None:

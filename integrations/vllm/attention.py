@@ -84,31 +84,29 @@ def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta, cache: PrefixPag
     by_store: dict[int, list[tuple[int, PagedStore]]] = {}
     for row, store in rows.values():
         by_store.setdefault(id(store), []).append((row, store))
-    def decode_of(members: list[tuple[int, PagedStore]]) -> list[int]:
-        return [row for row, _ in members if int(qsl[row + 1]) - int(qsl[row]) == 1]
-
-    # the one pass pays off for the decode rows of two stores or more (for one, the per-store path is faster)
-    batched = set()
-    if not use_kernel(dev):
-        batched = {key for key, members in by_store.items() if decode_of(members) and one_pass(
-            len(decode_of(members)), num_heads // members[0][1].layout.n_heads)}
-        batched = batched if len(batched) > 1 else set()
-    groups, stores, rows_of, decode_q, own_lens, own_tables = [], [], [], [], [], []
-    for key, members in by_store.items():
-        store = members[0][1]
+    per_store = []  # (store, its rows, their query spans, positions in them of the rows with one query)
+    for members in by_store.values():
         rws = [row for row, _ in members]
         spans = [(int(qsl[row]), int(qsl[row + 1])) for row in rws]
-        decode = [i for i, (qs, qe) in enumerate(spans) if qe - qs == 1]
+        per_store.append((members[0][1], rws, spans, [i for i, (qs, qe) in enumerate(spans) if qe - qs == 1]))
+    # the one pass pays off for the decode rows of two stores or more (for one, the per-store path is faster)
+    batched: set[int] = set()
+    if not use_kernel(dev):
+        batched = {k for k, (store, _, _, decode) in enumerate(per_store)
+                   if decode and one_pass(len(decode), num_heads // store.layout.n_heads)}
+        batched = batched if len(batched) > 1 else set()
+    groups, stores, rows_of, decode_q, own_lens, own_tables = [], [], [], [], [], []
+    for k, (store, rws, spans, decode) in enumerate(per_store):
         first, bs = store.layout.n_blocks, store.layout.page_size
-        if key in batched:
+        if k in batched:
             stores.append(store)
             rows_of.append(list(range(len(decode_q), len(decode_q) + len(decode))))
             decode_q += [spans[i][0] for i in decode]
             own_lens += [int(seq_lens[rws[i]]) for i in decode]
             own_tables.append(meta.block_table[torch.tensor([rws[i] for i in decode], device=dev)][:, first:])
-            decode = []
-            if len(rws) == len(rows_of[-1]):
+            if len(rws) == len(decode):
                 continue  # no prefill row on this store
+            decode = []
         lens = torch.tensor([int(seq_lens[rws[i]]) for i in decode], dtype=torch.long)
         blocks = offsets = torch.zeros(0, 0, dtype=torch.long, device=dev)
         mask = torch.zeros(0, 1, 1, 0, device=dev)
