@@ -29,13 +29,15 @@ STATS_INTERVAL_S = 1.0
 
 class MetricsPublisher:
     """The statistics gathered since the last flush (`stats`) and the series they go to (None without
-    `--enable-metrics`). A flush publishes at most once per `STATS_INTERVAL_S` unless forced."""
+    `--enable-metrics`). A flush publishes at most once per `STATS_INTERVAL_S` unless forced or the job
+    gauges changed: a job shorter than the interval must still show on `kvzip_jobs_queued`/`_running`."""
 
     def __init__(self, enable_metrics: bool, model_name: str | None) -> None:
         self.stats = KVzipStats()
         self.prom: Any = None
         self.labels: list[str] = []
         self._flushed = 0.0
+        self._jobs_published: tuple[int, int] | None = None
         if enable_metrics:
             try:
                 self.prom, self.labels = make_prom_metrics(model_name)
@@ -45,9 +47,10 @@ class MetricsPublisher:
     def flush(self, blocks_saved: int, bytes_saved: int, jobs_queued: int, jobs_running: int,
               force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._flushed < STATS_INTERVAL_S:
+        jobs_changed = (jobs_queued, jobs_running) != self._jobs_published
+        if not force and not jobs_changed and now - self._flushed < STATS_INTERVAL_S:
             return
-        self._flushed = now
+        self._flushed, self._jobs_published = now, (jobs_queued, jobs_running)
         self.stats.blocks_saved, self.stats.bytes_saved = blocks_saved, bytes_saved
         self.stats.jobs_queued, self.stats.jobs_running = jobs_queued, jobs_running
         stats, self.stats = self.stats, KVzipStats()

@@ -23,6 +23,9 @@ from tests.integrations.sglang import harness
 from tests.integrations.vllm.spawn import REPO
 
 BLOCK_SIZE = 32
+SCORING_STEP_TOKENS = "8"
+"""Scoring slices of 8 tokens at most: on the tiny model a job then spans tens of steps instead of one to three,
+so that aborts, resets and restarts land inside jobs, not between them."""
 
 
 
@@ -77,7 +80,7 @@ class VLLMServer:
         else:
             cmd += ["--kv-compression", "kvzip", "--kv-compression-ratio", str(ratio),
                     "--kv-compression-structure", structure, "--kv-compression-min-prefix-tokens", "64",
-                    "--kv-compression-min-hits", "2"]
+                    "--kv-compression-min-hits", "2", "--kv-compression-scoring-step-tokens", SCORING_STEP_TOKENS]
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -129,6 +132,17 @@ class VLLMServer:
         ok = finish == ["length"] and len(tokens) == max_tokens
         return (Outcome.OK if ok else Outcome.LOST), tokens
 
+    def top2_gap(self, ids: list[int]) -> float:
+        """How far apart (in logprob) the two likeliest next tokens after `ids` are: near 0 is a tie, which
+        another batch's rounding may flip."""
+        body = {"model": "tiny", "prompt": ids, "max_tokens": 1, "temperature": 0.0, "logprobs": 2}
+        req = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            top = json.loads(resp.read())["choices"][0]["logprobs"]["top_logprobs"][0]
+        best = sorted(top.values(), reverse=True)
+        return best[0] - best[1]
+
     def reset(self) -> dict:
         """`POST /reset_prefix_cache?reset_running_requests=true` (preempts running requests, resets the cache)."""
         return post_status(self.url + "/reset_prefix_cache?reset_running_requests=true")
@@ -178,7 +192,8 @@ class SGLangServer:
             args += ["--kv-compression", "none"]
         else:
             args += ["--kv-compression", "kvzip", "--kv-compression-ratio", str(ratio), "--kv-compression-structure",
-                     structure, "--kv-compression-min-prefix-tokens", "64", "--kv-compression-min-hits", "2"]
+                     structure, "--kv-compression-min-prefix-tokens", "64", "--kv-compression-min-hits", "2",
+                     "--kv-compression-scoring-step-tokens", SCORING_STEP_TOKENS]
         self.server = harness.SGLangServer(model_dir, *args, log_path=log_path,
                                            env={"KVZIP_DUMP_DIR": str(self.dump_dir)})
         self.url = self.server.url
@@ -229,6 +244,13 @@ class SGLangServer:
             self.server.abort(rid)
         except OSError:
             pass
+
+    def top2_gap(self, ids: list[int]) -> float:
+        """How far apart (in logprob) the two likeliest next tokens after `ids` are (see `VLLMServer.top2_gap`)."""
+        out = self.server.post("/generate", {"input_ids": ids, "return_logprob": True, "top_logprobs_num": 2,
+                                             "sampling_params": {"temperature": 0.0, "max_new_tokens": 1}})
+        top = out["meta_info"]["output_top_logprobs"][0]
+        return top[0][0] - top[1][0]
 
     def reset(self) -> dict:
         """`POST /flush_cache` (SGLang flushes only when no request runs: a refusal is a clean answer)."""

@@ -42,6 +42,12 @@ from typing import Any
 from kvzip_plugin.eval import loadgen
 from tests.fault.servers import SERVERS, Outcome
 
+TIE_GAP = 1e-2
+"""A ratio-1.0 answer may leave `none`'s only where `none` itself hesitates: its two likeliest tokens within this
+many logprob of each other. The random tiny model has such near-ties, and the engine alone flips them: on SGLang,
+f0-507 (seed 0) gets token 482 at its 6th step from a fresh `none` server and 475 from one whose prefix cache
+holds its document (top-2 gap 0.002). Those are reported as `tie_flips`; any other difference fails the run."""
+
 ERROR_LINE = re.compile(r"\bERROR\b|Traceback \(most recent call last\)")
 
 
@@ -94,11 +100,14 @@ class Report:
             out.append(f"slots at idle: {idle}")
         if jobs and jobs["submitted"] != jobs["committed"] + jobs["failed"] + jobs["cancelled"]:
             out.append(f"job outcomes do not add up: {jobs}")
+        resets = [e for e in self.events if e["event"] == "reset"]
+        if resets and not all(e.get("reset_met_the_job") for e in resets):
+            out.append(f"the cache reset never met a job in {resets[0].get('attempts')} attempt(s)")
         if not any(e.get("committed") for e in self.events):
             out.append("no prefix was compressed before the restart")
         if self.identity.get("different"):
             out.append(f"ratio 1.0 differs from none on {self.identity['different']} prompt(s)")
-        if not self.identity.get("compared"):
+        if not self.identity.get("compared") and not self.identity.get("skipped"):
             out.append("no ratio-1.0 prompt to compare with none")
         return out
 
@@ -153,11 +162,56 @@ def _jobs(server) -> dict[str, float]:
 
 def _start_a_job(server, seed: int) -> None:
     """Send a document no planned request uses twice (two questions, one after the other), so that the plugin
-    queues a job on it just before the reset: by then the planned documents are compressed already."""
+    queues a job on it just before the reset: by then the planned documents are compressed already. It is
+    longer than the planned ones (640 tokens, scored in slices of 8 tokens: about a second on the tiny model)."""
     rng = random.Random(f"fault/job/{seed}")
-    doc = [rng.randrange(3, 500) for _ in range(240)]
+    doc = [rng.randrange(3, 500) for _ in range(640)]
     for q in range(2):
         server.request(f"f{seed}-job-doc-{q}", doc + [rng.randrange(3, 500) for _ in range(6)], 2, None, None)
+
+
+def _reset_during_a_job(server, seed: int, attempts: int = 4, grace: float = 3.0) -> dict[str, Any]:
+    """The engine's cache reset while a job is queued or scoring. A job's document is sent from a thread while
+    this one polls the plugin's gauges every 10 ms and resets the moment a job shows. The scrape and the reset
+    travel through the API server, so on the tiny model the job sometimes ends first: then another document is
+    tried (at most `attempts`). The reset met the job when the engine refused it (SGLang flushes only when
+    idle) or the plugin cancelled the job for it (vLLM: `cancelled` moves). Returns the event's record: the
+    last attempt's answer, the job counters before and after it, and the attempts made."""
+    for attempt in range(attempts):
+        sender = threading.Thread(target=_start_a_job, args=(server, seed * 100 + attempt), daemon=True)
+        sender.start()
+        before = _jobs(server)
+        prefix, sent_at, running = f"{server.engine}:", None, False
+        while not running:
+            try:
+                running = loadgen.jobs_active(loadgen.scrape(server.url), prefix)
+            except OSError:
+                pass
+            if sent_at is None and not sender.is_alive():
+                sent_at = time.monotonic()
+            if running or (sent_at is not None and time.monotonic() - sent_at > grace):
+                break
+            time.sleep(0.01)
+        answer = server.reset()
+        sender.join()
+        after = _settled_jobs(server, before)
+        met = running and (answer["status"] != 200 or after["cancelled"] > before["cancelled"])
+        if met:
+            break
+    return {"job_running_at_reset": running, "reset_met_the_job": met, "attempts": attempt + 1, "answer": answer,
+            "jobs_before": before, **after}
+
+
+def _settled_jobs(server, before: dict[str, float], timeout: float = 5.0) -> dict[str, float]:
+    """The job counters once they show the reset's effect: vLLM publishes them with the next step's stats, so a
+    scrape right after the reset may still read the old values. Waits (at most `timeout`) for an outcome to move."""
+    ended = ("committed", "failed", "cancelled")
+    deadline = time.monotonic() + timeout
+    while True:
+        now = _jobs(server)
+        if sum(now[o] for o in ended) > sum(before[o] for o in ended) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
 
 
 def _series(snap, name: str):
@@ -165,8 +219,11 @@ def _series(snap, name: str):
         yield labels, snap.get(name, **labels)
 
 
-def run(engine: str, model_dir: Path, work: Path, n: int, prefixes: int, seed: int, clients: int = 4) -> Report:
-    """The whole fault run (module docstring); returns its report (`Report.failures()` empty = passed)."""
+def run(engine: str, model_dir: Path, work: Path, n: int, prefixes: int, seed: int, clients: int = 4,
+        identity: bool = True) -> Report:
+    """The whole fault run (module docstring); returns its report (`Report.failures()` empty = passed).
+    `identity=False` leaves out the last step (a third server start, `none`): the short CI run does, since the
+    e2e tests of both engines check ratio 1.0 against `none` already."""
     t_start = time.perf_counter()
     cls = SERVERS[engine]
     requests = plan(n, prefixes, seed)
@@ -188,13 +245,8 @@ def run(engine: str, model_dir: Path, work: Path, n: int, prefixes: int, seed: i
                 # the plugin's gauges as a dashboard saw them so far (peaks over 0.25 s polls)
                 peaks = {k.split(":", 1)[1]: v for k, v in poller.peaks.items() if "kvzip_jobs" in k}
                 if segment == 0:
-                    _start_a_job(server, seed)
-                    # hold the reset until the plugin's gauges show a job queued or scoring (so the reset meets
-                    # one); the report says whether one showed (without one the reset tested only the cache)
-                    running = loadgen.wait_kvzip_job(server.url, 30.0, prefix=f"{engine}:", interval=0.05)
                     report.events.append({"event": "reset", "during": "requests in flight",
-                                          "job_running_at_reset": running,
-                                          "answer": server.reset(), **_jobs(server), "gauge_peaks": peaks})
+                                          **_reset_during_a_job(server, seed), "gauge_peaks": peaks})
                 elif segment == 1:
                     report.events.append({"event": "restart", **_jobs(server), "gauge_peaks": peaks})
                     restarts.begin()
@@ -215,8 +267,11 @@ def run(engine: str, model_dir: Path, work: Path, n: int, prefixes: int, seed: i
     for r in results:
         report.outcomes[r.outcome] = report.outcomes.get(r.outcome, 0) + 1
     report.lost = [asdict(r) for r in results if r.outcome == Outcome.LOST][:10]
-    _progress("identity check: the ratio-1.0 segment's answers against a `none` server")
-    report.identity = _identity(cls, model_dir, work, requests, results)
+    if identity:
+        _progress("identity check: the ratio-1.0 segment's answers against a `none` server")
+        report.identity = _identity(cls, model_dir, work, requests, results)
+    else:
+        report.identity = {"skipped": "identity=False (the short CI run)"}
     report.wall_s = time.perf_counter() - t_start
     return report
 
@@ -233,14 +288,18 @@ def _identity(cls, model_dir: Path, work: Path, requests: list[Planned], results
         return {"compared": 0, "different": 0}
     server = cls(model_dir, work / "none.log", ratio=None)
     try:
-        diff = []
+        diff, ties = [], []
         for p in todo:
             _, tokens = server.request(p.rid + "-none", p.ids, p.max_tokens, p.salt, None)
-            if tokens != done[p.rid].tokens:
-                diff.append(p.rid)
+            got = done[p.rid].tokens
+            if tokens != got:
+                at = next(i for i, (a, b) in enumerate(zip(tokens, got, strict=False)) if a != b)
+                gap = server.top2_gap(p.ids + tokens[:at])
+                example = {"rid": p.rid, "at": at, "none": tokens[at], "kvzip": got[at], "none_top2_gap": gap}
+                (ties if gap < TIE_GAP else diff).append(example)
     finally:
         server.stop()
-    return {"compared": len(todo), "different": len(diff), "examples": diff[:5]}
+    return {"compared": len(todo), "different": len(diff), "examples": diff[:5], "tie_flips": ties}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""A short seeded fault run on each real CPU server (`suite.py`: client aborts, a cache reset while jobs
-run, salts, a restart into ratio 1.0 compared with `none`); the long run is `python -m tests.fault.suite`
+"""A short seeded fault run on each real CPU server (`suite.py`: client aborts, a cache reset while a job
+runs, salts, a restart into ratio 1.0; the comparison with a `none` server is left to the long run and to the
+e2e tests); the long run is `python -m tests.fault.suite`
 (result in benchmarks/results/fault-suite-*.json). A few minutes per engine on the 2-core CI machine."""
 
 from __future__ import annotations
@@ -35,7 +36,15 @@ def test_short_fault_run(engine, tmp_path):
         harness.require_sglang()
     from tests.integrations.vllm.tiny_model import build_tiny_llama
 
-    report = run(engine, build_tiny_llama(tmp_path / "model"), tmp_path, n=90, prefixes=3, seed=1)
+    report = run(engine, build_tiny_llama(tmp_path / "model"), tmp_path, n=90, prefixes=3, seed=1, identity=False)
     detail = json.dumps(asdict(report), indent=1)[:8000]
     assert report.failures() == [], detail
     assert report.outcomes.get(Outcome.OK, 0) >= 45 and report.outcomes.get(Outcome.ABORTED, 0) > 0, detail
+    # the reset met a job (queued or scoring) and got the engine's own answer: vLLM resets (running requests
+    # preempted), SGLang refuses while requests run (400, as without the plugin) or flushes once idle (200)
+    reset = report.events[0]
+    assert reset["event"] == "reset" and reset["reset_met_the_job"], detail
+    if engine == "vllm":  # vLLM reset: the plugin cancelled the job (its pinned blocks released) and it succeeded
+        assert reset["answer"]["status"] == 200 and reset["cancelled"] > reset["jobs_before"]["cancelled"], detail
+    else:  # SGLang refuses to flush while requests run, with or without the plugin
+        assert reset["answer"]["status"] == 400, detail

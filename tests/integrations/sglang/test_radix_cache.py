@@ -129,6 +129,21 @@ def test_fallback_is_one_log_line_and_one_metric(pools):
     assert isinstance(observed[0][0], KVzipStats)
 
 
+def test_job_gauges_are_published_when_they_change():
+    """The other series are published once a second at most; the job gauges at every change, so that a job
+    shorter than that interval still shows on `kvzip_jobs_queued` / `kvzip_jobs_running`."""
+    from kvzip_plugin.integrations.sglang.metrics import MetricsPublisher
+
+    observed = []
+    pub = MetricsPublisher(enable_metrics=False, model_name=None)
+    pub.prom = SimpleNamespace(observe=lambda stats, labels: observed.append((stats.jobs_queued, stats.jobs_running)))
+    for queued, running in [(0, 0), (0, 0), (1, 0), (0, 1), (0, 1), (0, 0), (0, 0)]:
+        pub.flush(0, 0, queued, running)  # all within one interval
+    assert observed == [(0, 0), (1, 0), (0, 1), (0, 0)]
+    pub.flush(0, 0, 0, 0, force=True)
+    assert observed[-1] == (0, 0) and len(observed) == 5
+
+
 @pytest.mark.parametrize(("server_args", "code"), [
     ({"speculative_algorithm": "EAGLE"}, "speculative_decoding"),
     ({"pp_size": 2}, "pipeline_parallel"),
