@@ -170,28 +170,18 @@ def _start_a_job(server, seed: int) -> None:
         server.request(f"f{seed}-job-doc-{q}", doc + [rng.randrange(3, 500) for _ in range(6)], 2, None, None)
 
 
-def _reset_during_a_job(server, seed: int, attempts: int = 4, grace: float = 3.0) -> dict[str, Any]:
+def _reset_during_a_job(server, seed: int, attempts: int = 4, wait_s: float = 10.0) -> dict[str, Any]:
     """The engine's cache reset while a job is queued or scoring. A job's document is sent from a thread while
-    this one polls the plugin's gauges every 10 ms and resets the moment a job shows. The scrape and the reset
-    travel through the API server, so on the tiny model the job sometimes ends first: then another document is
-    tried (at most `attempts`). The reset met the job when the engine refused it (SGLang flushes only when
-    idle) or the plugin cancelled the job for it (vLLM: `cancelled` moves). Returns the event's record: the
-    last attempt's answer, the job counters before and after it, and the attempts made."""
+    this one polls the plugin's gauges every 10 ms (at most `wait_s`) and resets the moment a job shows. The
+    scrape and the reset travel through the API server, so on the tiny model the job sometimes ends first: then
+    another document is tried (at most `attempts`). The reset met the job when the engine refused it (SGLang
+    flushes only when idle) or the plugin cancelled the job for it (vLLM: `cancelled` moves). Returns the
+    event's record: the last attempt's answer, the job counters before and after it, and the attempts made."""
     for attempt in range(attempts):
+        before = _jobs(server)
         sender = threading.Thread(target=_start_a_job, args=(server, seed * 100 + attempt), daemon=True)
         sender.start()
-        before = _jobs(server)
-        prefix, sent_at, running = f"{server.engine}:", None, False
-        while not running:
-            try:
-                running = loadgen.jobs_active(loadgen.scrape(server.url), prefix)
-            except OSError:
-                pass
-            if sent_at is None and not sender.is_alive():
-                sent_at = time.monotonic()
-            if running or (sent_at is not None and time.monotonic() - sent_at > grace):
-                break
-            time.sleep(0.01)
+        running = loadgen.wait_kvzip_job(server.url, wait_s, prefix=f"{server.engine}:", interval=0.01)
         answer = server.reset()
         sender.join()
         after = _settled_jobs(server, before)
