@@ -142,11 +142,34 @@ class PagedStore:
             def pages(buf: int, blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 k_view, v_view = views(buf)
                 return k_view[blocks, :, slots], v_view[blocks, :, slots]
-        runs = PageRuns([(*pages(g.buffer, g.blocks, g.slots), g.heads, g.mask) for g in gathers],
-                        [g.rows for g in gathers], lr.starts, lr.lengths)
+        read = [pages(g.buffer, g.blocks, g.slots) for g in gathers]
+        if len(gathers) == 1:  # all of the layer's pages in one buffer: head-major already
+            g = gathers[0]
+            runs = PageRuns([(*read[0], g.heads, g.mask)], [g.rows], lr.starts, lr.lengths, head_major=True)
+        elif ps == 1:  # copied into runs below, buffer by buffer
+            runs = PageRuns([(*r, g.heads, g.mask) for r, g in zip(read, gathers, strict=True)],
+                            [g.rows for g in gathers], lr.starts, lr.lengths)
+        else:  # every buffer's pages in one chunk: the attention's op count is that of one buffer, not one per buffer
+            heads, rows, mask = self._merged_on(layer, k0.device)
+            runs = PageRuns([(torch.cat([k for k, _ in read]), torch.cat([v for _, v in read]), heads, mask)],
+                            [rows], lr.starts, lr.lengths)
         if ps > 1:
             return runs
         return SegmentRuns(*runs.runs(), lr.starts, lr.lengths)  # pages of one token: always the copied runs
+
+    def _merged_on(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`layer`'s pages of all buffers as one chunk, buffer by buffer: (heads `[P]`, positions in the
+        head-major page order `[P]`, mask `[P, 1, 1, page_size]` or None when every page is full), cached."""
+        key = ("merged", layer, device)
+        got = self._on.get(key)
+        if got is None:
+            gathers = self.gathers_on(layer, device)
+            valid = torch.cat([g.valid for g in gathers])
+            ps = self.layout.page_size
+            got = (torch.cat([g.heads for g in gathers]), torch.cat([g.rows for g in gathers]),
+                   length_mask(valid, ps) if bool((valid < ps).any()) else None)
+            self._on[key] = got
+        return got
 
 
 def write_store(keep: torch.Tensor, layout: HeadPageLayout, src_block_ids: Sequence[int],

@@ -220,15 +220,18 @@ class PageRuns:
     """A layer's runs as the engine's pages (`page_attention`), with where each page falls in the runs.
 
     Attributes:
-        chunks: `page_attention`'s `(keys [P, page, D], values, heads [P], mask)`, one per buffer.
+        chunks: `page_attention`'s `(keys [P, page, D], values, heads [P], mask)`: one per buffer, or one
+            for all (a layer's pages may lie in many buffers; every chunk costs the attention its own ops).
         rows: per chunk, `[P]` the positions of its pages in the layer's head-major page order.
         starts, lengths: each KV head's run in the pages taken in that order (`segment_attention`).
+        head_major: one chunk whose pages are in that order already (`runs` needs no reordering).
     """
 
     chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
     rows: list[torch.Tensor]
     starts: list[int]
     lengths: list[int]
+    head_major: bool = False
 
     def attention(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         h_kv = len(self.lengths)
@@ -249,7 +252,7 @@ class PageRuns:
         """The pages copied one after another: `[N, D]` keys and values."""
         k0 = self.chunks[0][0]
         ps, d = k0.shape[1], k0.shape[2]
-        if len(self.chunks) == 1:
+        if self.head_major:
             return self.chunks[0][0].reshape(-1, d), self.chunks[0][1].reshape(-1, d)
         n = sum(int(r.numel()) for r in self.rows)
         out_k, out_v = k0.new_empty((n, ps, d)), k0.new_empty((n, ps, d))

@@ -34,7 +34,9 @@ from dataclasses import dataclass
 
 import torch
 from kvzip_plugin.integrations.vllm import layout
+from kvzip_plugin.integrations.vllm.cpu_kernel import KERNEL_NAME, FlatPages, KernelStep
 
+from kvzip_plugin import envs
 from kvzip_plugin.kernel_runs import backend_name, use_kernel
 from kvzip_plugin.paged_store import PagedStore, PageReader, Views
 from kvzip_plugin.prefix_attention import OwnTokens, attend_rows, length_mask, own_positions
@@ -68,19 +70,31 @@ class _Group:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """How a step's rows on head-page stores attend: `decode` (torch path) takes the decode rows of every
-    store with few of them (`step_decode.one_pass`) in one pass per layer when two stores or more have
-    such rows; `groups` the rest, store by store (all rows where the Triton kernel reads)."""
+    """How a step's rows on head-page stores attend: `kernel` (CPU, vLLM's own kernel) takes them all in
+    one call per layer; otherwise `decode` (torch path) takes the decode rows of every store with few of
+    them (`step_decode.one_pass`) in one pass per layer when two stores or more have such rows, and
+    `groups` the rest, store by store (all rows where the Triton kernel reads)."""
 
     groups: list[_Group]
     decode: DecodeStep | None
+    kernel: KernelStep | None = None
 
 
-def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta, cache: PrefixPageCache, num_heads: int) -> StepPlan:
-    """Group this step's rows by store (once per step: the same for every layer); `num_heads`: H_q."""
+def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta, cache: PrefixPageCache, num_heads: int,
+              flat: FlatPages | None = None) -> StepPlan:
+    """Group this step's rows by store (once per step: the same for every layer); `num_heads`: H_q; `flat`:
+    the pool as vLLM's CPU kernel can read head pages (None: not available)."""
     qsl = meta.query_start_loc.tolist()
     seq_lens = meta.seq_lens.tolist()
     dev = meta.block_table.device
+    if flat is not None and dev.type == "cpu" and envs.prefix_attention_backend() == "auto":
+        by_store: dict[int, tuple[PagedStore, list]] = {}
+        for row, store in rows.values():
+            by_store.setdefault(id(store), (store, []))[1].append(
+                (int(qsl[row]), int(qsl[row + 1]), int(seq_lens[row]), meta.block_table[row][store.layout.n_blocks:]))
+        kernel = KernelStep.plan(list(by_store.values()), flat, dev) if by_store else None
+        if kernel is not None:
+            return StepPlan([], None, kernel)
     by_store: dict[int, list[tuple[int, PagedStore]]] = {}
     for row, store in rows.values():
         by_store.setdefault(id(store), []).append((row, store))
@@ -131,7 +145,7 @@ def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta, cache: PrefixPag
 
 def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, plan: StepPlan, views: Views,
                  pages: PageReader, own_views_of: Callable[[], tuple[torch.Tensor, torch.Tensor]], meta,
-                 num_heads: int, head_size: int, scale: float) -> None:
+                 num_heads: int, head_size: int, scale: float, flat: FlatPages | None = None) -> None:
     """Overwrite the output rows of requests on head-page stores, for one layer.
 
     Args:
@@ -144,9 +158,15 @@ def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, plan: St
         own_views_of: this layer's (keys, values) token-major views (the requests' own tokens), built on demand
             (only the per-store path reads them).
         meta: vLLM's attention metadata (`seq_lens` = own tokens, `block_table`).
+        flat: the pool for vLLM's CPU kernel (`plan.kernel`).
     """
     q_all = query.view(query.shape[0], num_heads, head_size)
     out_all = output.view(output.shape[0], num_heads, head_size)
+    if plan.kernel is not None:
+        assert flat is not None
+        _log_backend(KERNEL_NAME)
+        plan.kernel.attend(layer, q_all, out_all, flat, scale)
+        return
     if plan.decode is not None:
         _log_backend("torch, every store's decode rows in one pass")
         plan.decode.attend(layer, q_all, out_all, pages, scale)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from kvzip_plugin.integrations.vllm import layout
 from kvzip_plugin.integrations.vllm.attention import StepPlan, attend_paged, plan_step
+from kvzip_plugin.integrations.vllm.cpu_kernel import FlatPages
 from kvzip_plugin.integrations.vllm.protocol import (
     CompactCommand,
     CompactionResult,
@@ -77,6 +78,7 @@ class WorkerState:
         self.paged_rows: dict[str, tuple[int, PagedStore]] = {}  # this step: request -> (row, store)
         self._paged_plan: tuple[Any, StepPlan] | None = None  # (attention metadata, its plan_step)
         self.prefix_pages = PrefixPageCache()  # the stores' pages by layer, listed for the steps' decode rows
+        self.flat: FlatPages | None = None  # the pool as vLLM's CPU kernel reads head pages (CPU backend)
         self.plain_attention: dict[str, str | None] = {}  # layer -> what head-page attention cannot do
         self.batch_rows: dict[str, int] = {}  # scoring req -> row in this step's batch (runner.py)
         self.step_tokens: dict[str, int] = {}
@@ -123,6 +125,14 @@ class WorkerState:
         if self.unsupported:
             logger.warning("kvzip-plugin: KV layout not supported (%s); this worker will not score or compact",
                            self.unsupported)
+        self.flat = None
+        specs = [self.specs[n] for n in self.layer_names] if not self.unsupported else []
+        if specs and all(s.kind == "cpu_vec" for s in specs):
+            self.flat = FlatPages.of([self.kv_caches[n] for n in self.layer_names], specs[0].num_kv_heads,
+                                     specs[0].block_size, specs[0].head_size)
+            if self.flat is None:
+                logger.info("kvzip-plugin: the layers' KV buffers are not one allocation at a constant stride; "
+                            "head-page stores attend through torch")
 
     def _wrap(self, name: str, impl: Any) -> None:
         if getattr(impl.forward, _WRAPPED, False):
@@ -257,10 +267,10 @@ class WorkerState:
             return
         if self._paged_plan is None or self._paged_plan[0] is not meta:  # once per step (same metadata)
             self._paged_plan = (meta, plan_step(self.paged_rows, meta, self.prefix_pages,
-                                                self.num_heads[name]))
+                                                self.num_heads[name], self.flat))
         attend_paged(self.layer_index[name], query, output, self._paged_plan[1], self.views, self.pages,
                      lambda: layout.token_major(kv_cache, spec), meta, self.num_heads[name], spec.head_size,
-                     self.scales[name])
+                     self.scales[name], self.flat)
 
     def _job(self, tgt: ScoringTarget, n_kv_heads: int) -> _JobScores:
         job = self.jobs.get(tgt.job_id)

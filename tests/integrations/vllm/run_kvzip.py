@@ -162,7 +162,8 @@ class Harness:
 
     @staticmethod
     def prefix_attention() -> str | None:
-        """How the worker's head-page stores were read ("KernelRuns": the Triton kernel; "torch"); the
+        """How the worker's head-page stores were read ("KernelRuns": the Triton kernel; "vllm_cpu_kernel": vLLM's
+        CPU kernel; "torch"); the
         worker is in this process (executor "uni"). None without a store."""
         from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
@@ -170,8 +171,11 @@ class Harness:
         stores = list(worker.store_index.stores.values()) if worker is not None else []
         if not stores:
             return None
-        kernel = any(k[0] == "kernel" and v is not None for s in stores for k, v in s._on.items())
-        return "KernelRuns" if kernel else "torch"
+        if any(k[0] == "kernel" and v is not None for s in stores for k, v in s._on.items()):
+            return "KernelRuns"
+        if any(k[0] == "vllm_cpu_kernel" and v is not None for s in stores for k, v in s._on.items()):
+            return "vllm_cpu_kernel"
+        return "torch"
 
 
 def sequential(h: Harness) -> dict:

@@ -153,7 +153,7 @@ def test_nonuniform_prefix_holds_exactly_its_head_pages(kvzip_nonuniform, none_s
     structure, res, dump = kvzip_nonuniform
     state = res["kvzip"]
     assert state["structure"] == structure and state["finished"] == {"committed": 1, "failed": 0, "cancelled": 0}
-    assert state["prefix_attention"] == "torch"  # CPU default (KVZIP_PREFIX_ATTENTION=auto)
+    assert state["prefix_attention"] == "vllm_cpu_kernel"  # CPU default (KVZIP_PREFIX_ATTENTION=auto)
     (prefix,) = state["compacted"]
     keep = dump["keep"]
     lengths = keep.sum(-1)
@@ -242,11 +242,16 @@ def test_mixed_steps_stay_correct(tiny_model_dir, tmp_path_factory, reference_mo
             assert max(abs(x - y) for x, y in zip(r["logprobs"], b["logprobs"], strict=True)) < 1e-4
 
 
-def test_rows_on_two_compacted_prefixes_decode_together_correctly(tiny_model_dir, tmp_path, reference_model):
-    """Two `pair` stores' requests and a plain request in the same decode steps (the step's decode rows on
-    every store attend in one pass): each request equals transformers on its own prefix's kept pairs."""
-    res = scenario(tiny_model_dir, "stores", "kvzip", 0.5, KVZIP_DUMP_DIR=str(tmp_path))
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_rows_on_two_compacted_prefixes_decode_together_correctly(tiny_model_dir, tmp_path, reference_model,
+                                                                  backend):
+    """Two `pair` stores' requests and a plain request in the same decode steps (CPU default: every row on
+    every store in one call of vLLM's CPU kernel; `torch`: the step's decode rows on every store in one
+    pass): each request equals transformers on its own prefix's kept pairs."""
+    res = scenario(tiny_model_dir, "stores", "kvzip", 0.5, KVZIP_DUMP_DIR=str(tmp_path),
+                   KVZIP_PREFIX_ATTENTION=backend)
     assert res["kvzip"]["finished"]["committed"] == 2 and res["steps_on_both"] >= MAX_TOKENS // 2
+    assert res["kvzip"]["prefix_attention"] == {"auto": "vllm_cpu_kernel", "torch": "torch"}[backend]
     by_id = {r["id"]: r for r in res["requests"]}
     sfx = {"a1": res["suffixes"][2], "b1": res["suffixes"][3], "a2": res["suffixes"][4]}
     for job, name, rids in ((0, "a", ("a1", "a2")), (1, "b", ("b1",))):

@@ -1,0 +1,190 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Requests on head-page stores attend through vLLM's own CPU attention kernel, reading the pages in place.
+
+vLLM's CPU cache of a layer is `[num_blocks, H_kv, block_size, 2 * D]` (ISA `vec`, `layout.py`), and all
+layers' views lie in one allocation, a constant stride apart (`vllm.v1.worker.utils.allocate_kv_cache`).
+So a head page (one KV head's `[block_size, 2 * D]` slice of one block of one layer) is one block of a
+cache with ONE KV head viewed over the whole allocation: page `(layer l, block b, head slot s)` is block
+`l * pages_per_layer + b * H_kv + s` of `FlatPages`' views.
+
+A request on a compacted prefix then attends, for each KV head h, as one "virtual request" of that
+one-head cache: its G query heads of h over the block table
+
+    [the pages of run (layer, h)] + [head h's slice of each of its own blocks],
+
+seq_len = run length + own tokens (runs are whole pages in vLLM: `store.select_runs` rounds them to the
+block size), causal as vLLM computes it (the run precedes every query; own tokens are causal). One kernel
+call per layer serves every row on every store, decode and prefill; the engine's own work partitioning
+(`get_scheduler_metadata`) and vectorized kernel do the rest. The keys carry their RoPE rotation from their
+original positions, so no position is needed. The result is exactly the softmax over the kept pairs and
+the own tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvzip_plugin.paged_store import PagedStore
+
+KERNEL_NAME = "vLLM's CPU attention kernel"
+
+
+@dataclass(frozen=True)
+class FlatPages:
+    """Every head page of every layer as one block of a one-KV-head cache.
+
+    Attributes:
+        key_cache, value_cache: `[n_pages, 1, block_size, D]` views as vLLM's CPU kernel takes them.
+        pages_per_layer: page index distance between the same (block, head) of consecutive layers.
+        n_kv_heads, block_size, head_size: the layers' shapes.
+    """
+
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    pages_per_layer: int
+    n_kv_heads: int
+    block_size: int
+    head_size: int
+
+    @classmethod
+    def of(cls, kv_caches: Sequence[torch.Tensor], n_kv_heads: int, block_size: int, head_size: int
+           ) -> FlatPages | None:
+        """The views over `kv_caches` (layer order, each `[num_blocks, H_kv, block_size, 2D]` contiguous, ISA
+        `vec`); None where the layers do not lie in one allocation a whole number of pages apart (the caller
+        keeps the torch path)."""
+        if not kv_caches:
+            return None
+        first = kv_caches[0]
+        page = block_size * 2 * head_size  # elements of one head page
+        esize = first.element_size()
+        ptr0 = first.data_ptr()
+        storage = first.untyped_storage().data_ptr()
+        stride = None
+        for i, kv in enumerate(kv_caches):
+            if (kv.dtype != first.dtype or kv.shape != first.shape or not kv.is_contiguous()
+                    or kv.untyped_storage().data_ptr() != storage):
+                return None
+            delta = kv.data_ptr() - ptr0
+            if i == 1:
+                stride = delta
+            if delta % (page * esize) or (i and (stride is None or stride <= 0 or delta != i * stride)):
+                return None
+        per_layer = first.shape[0] * n_kv_heads if stride is None else stride // (page * esize)
+        if per_layer < first.shape[0] * n_kv_heads:
+            return None  # layers overlap
+        n_pages = (len(kv_caches) - 1) * per_layer + first.shape[0] * n_kv_heads
+        if n_pages >= 2 ** 31:
+            return None  # block ids are int32
+        flat = torch.as_strided(first, (n_pages, 1, 2 * block_size, head_size), (page, page, head_size, 1))
+        key_cache, value_cache = flat.chunk(2, dim=2)
+        return cls(key_cache, value_cache, per_layer, n_kv_heads, block_size, head_size)
+
+
+def store_tables(store: PagedStore, flat: FlatPages, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The store's runs as flat page ids: `[layers, H_kv, max_pages]` int64 (run order, 0 past a run) and
+    `[layers, H_kv]` pages of each run; cached on the store. None when a run ends in a partly used page
+    (the own tokens must start on a page boundary of the virtual sequence)."""
+    key = ("vllm_cpu_kernel", device)
+    if key in store._on:
+        return store._on[key]
+    ps = store.layout.page_size
+    n_layers, h = store.layout.n_layers, flat.n_kv_heads
+    n_pages = -(-store.layout.lengths.long() // ps)  # [layers, H]
+    got = None
+    if bool((store.layout.lengths.long() % ps == 0).all()):
+        width = max(int(n_pages.max()), 1) if n_pages.numel() else 1
+        table = torch.zeros(n_layers, h, width, dtype=torch.long)
+        for layer, lr in enumerate(store.layers):
+            starts = torch.cumsum(n_pages[layer], 0) - n_pages[layer]  # first page of each head, head-major
+            for g in lr.gathers:
+                pos = g.rows - starts[g.heads]  # page index within its head's run
+                table[layer, g.heads, pos] = g.buffer * flat.pages_per_layer + g.blocks * h + g.slots
+        got = (table.to(device), n_pages.to(device))
+    store._on[key] = got
+    return got
+
+
+@dataclass(frozen=True)
+class KernelStep:
+    """A step's rows on head-page stores as virtual requests of the one-head cache, planned once per step.
+
+    Attributes:
+        tokens, heads: `[N]` token index in the step and KV head of every virtual query row (virtual request
+            by virtual request): the queries are `q.view(T, H_kv, G, D)[tokens, heads]`.
+        query_start_loc: `[V + 1]` int32.
+        tables: `[layers, V, W]` int32 block tables; seq_lens `[layers, V]` int32.
+        max_query_len: the longest virtual request's query count.
+    """
+
+    tokens: torch.Tensor
+    heads: torch.Tensor
+    query_start_loc: torch.Tensor
+    tables: torch.Tensor
+    seq_lens: torch.Tensor
+    max_query_len: int
+
+    @classmethod
+    def plan(cls, groups: Sequence[tuple[PagedStore, Sequence[tuple[int, int, int, torch.Tensor]]]], flat: FlatPages,
+             device: torch.device) -> KernelStep | None:
+        """Args:
+            groups: per store, its rows as `(q_start, q_end, own tokens, own block ids [>= own pages])`.
+
+        None when a store's runs cannot be read this way (`store_tables`)."""
+        h, bs = flat.n_kv_heads, flat.block_size
+        tables, lens, toks, heads, qlens, run_tabs = [], [], [], [], [], []
+        width = 1
+        for store, _ in groups:
+            got = store_tables(store, flat, device)
+            if got is None:
+                return None
+            run_tabs.append(got)
+            width = max(width, got[0].shape[-1])
+        n_own_max = max(-(-n_own // bs) for _, rows in groups for _, _, n_own, _ in rows)
+        hs = torch.arange(h, device=device)
+        for (_, rows), (tab, n_pages) in zip(groups, run_tabs, strict=True):
+            for qs, qe, n_own, own_blocks in rows:
+                n_blocks = -(-n_own // bs)
+                own = own_blocks[:n_blocks].to(device).long()
+                own = torch.cat([own, own[-1:].expand(n_own_max - n_blocks)])  # padding: a real block, never read
+                own_pages = own.view(1, -1) * h + hs.view(-1, 1)  # [H, n_own_max] (layer 0's)
+                layers = torch.arange(tab.shape[0], device=device).view(-1, 1, 1) * flat.pages_per_layer
+                t = torch.zeros(tab.shape[0], h, width + n_own_max, dtype=torch.long, device=device)
+                t[..., :tab.shape[-1]] = tab
+                cols = n_pages.unsqueeze(-1) + torch.arange(n_own_max, device=device)  # [layers, H, n_own_max]
+                t.scatter_(2, cols, own_pages.unsqueeze(0) + layers)
+                tables.append(t)  # [layers, H, W]
+                lens.append(n_pages * bs + n_own)  # [layers, H]
+                n_q = qe - qs
+                toks.append(torch.arange(qs, qe, device=device).repeat(h))
+                heads.append(hs.repeat_interleave(n_q))
+                qlens += [n_q] * h
+        qsl = torch.zeros(len(qlens) + 1, dtype=torch.int32)
+        qsl[1:] = torch.cumsum(torch.tensor(qlens), 0)
+        return cls(torch.cat(toks), torch.cat(heads), qsl.to(device),
+                   torch.cat(tables, 1).to(torch.int32).contiguous(),
+                   torch.cat(lens, 1).to(torch.int32).contiguous(), max(qlens))
+
+    def attend(self, layer: int, q_all: torch.Tensor, out_all: torch.Tensor, flat: FlatPages, scale: float) -> None:
+        """Overwrite the rows' outputs of `layer` (`q_all`, `out_all`: the step's `[T, H_q, D]`) with their
+        attention over their store's runs and their own tokens, in one call of vLLM's CPU kernel."""
+        from vllm import _custom_ops as ops
+        from vllm import envs as vllm_envs
+
+        t, h_q, d = q_all.shape
+        h = flat.n_kv_heads
+        g = h_q // h
+        q = q_all.view(t, h, g, d)[self.tokens, self.heads]  # [N, G, D]
+        out = torch.empty_like(q)
+        seq_lens = self.seq_lens[layer]
+        meta = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=seq_lens.numel(), num_heads=g, num_kv_heads=1, head_dim=d, seq_lens=seq_lens, dtype=q.dtype,
+            query_start_loc=self.query_start_loc, causal=True, sliding_window_size=-1, isa="vec",
+            enable_kv_split=vllm_envs.VLLM_CPU_ATTN_SPLIT_KV)  # as vLLM's own CPU backend
+        ops.cpu_attention_with_kv_cache(
+            query=q, key_cache=flat.key_cache, value_cache=flat.value_cache, output=out,
+            query_start_loc=self.query_start_loc, seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None,
+            sliding_window=-1, block_table=self.tables[layer], softcap=0.0, scheduler_metadata=meta, s_aux=None)
+        out_all.view(t, h, g, d)[self.tokens, self.heads] = out.to(out_all.dtype)
