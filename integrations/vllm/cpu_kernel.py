@@ -116,7 +116,6 @@ class KernelStep:
             by virtual request): the queries are `q.view(T, H_kv, G, D)[tokens, heads]`.
         query_start_loc: `[V + 1]` int32.
         tables: `[layers, V, W]` int32 block tables; seq_lens `[layers, V]` int32.
-        max_query_len: the longest virtual request's query count.
     """
 
     tokens: torch.Tensor
@@ -124,7 +123,6 @@ class KernelStep:
     query_start_loc: torch.Tensor
     tables: torch.Tensor
     seq_lens: torch.Tensor
-    max_query_len: int
 
     @classmethod
     def plan(cls, groups: Sequence[tuple[PagedStore, Sequence[tuple[int, int, int, torch.Tensor]]]], flat: FlatPages,
@@ -165,7 +163,7 @@ class KernelStep:
         qsl[1:] = torch.cumsum(torch.tensor(qlens), 0)
         return cls(torch.cat(toks), torch.cat(heads), qsl.to(device),
                    torch.cat(tables, 1).to(torch.int32).contiguous(),
-                   torch.cat(lens, 1).to(torch.int32).contiguous(), max(qlens))
+                   torch.cat(lens, 1).to(torch.int32).contiguous())
 
     def attend(self, layer: int, q_all: torch.Tensor, out_all: torch.Tensor, flat: FlatPages, scale: float) -> None:
         """Overwrite the rows' outputs of `layer` (`q_all`, `out_all`: the step's `[T, H_q, D]`) with their
