@@ -9,7 +9,10 @@ and computed something for these rows that is discarded: the runner adapter lowe
 
     softmax over [every KV head's run of the prefix] + [the request's own tokens, causal],
 
-computed from every page's partial softmax. On the torch path (CPU), when two stores or more have a
+On vLLM's CPU backend (default) every such row of every store is computed by vLLM's own CPU kernel
+reading the head pages in place, one call per layer (`cpu_kernel.py`). Otherwise the softmax is
+computed from every page's partial softmax. On the torch path (`KVZIP_PREFIX_ATTENTION=torch`, or a pool
+the CPU kernel cannot address), when two stores or more have a
 few decode rows in a step, those rows take one pass per layer together (`kvzip_plugin.step_decode`: a
 store's pages are read once per step, the op count does not grow with the stores); rows with several
 queries (prefill), stores with many decode rows, a lone store, and every row where the Triton kernel reads
