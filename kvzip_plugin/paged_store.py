@@ -75,8 +75,16 @@ class PagedStore:
     layout: HeadPageLayout
     block_ids: torch.Tensor
     layers: tuple[_LayerRuns, ...]
-    # (layer, device) -> the gathers' tensors there; ("kernel", layer, device) -> KernelRuns, or None
+    # (layer, device) -> the gathers' tensors there; ("kernel", layer, device) -> KernelRuns, or None; and what
+    # else a reader derives once per store (`cached`)
     _on: dict = field(default_factory=dict, repr=False)
+
+    def cached(self, key: tuple, build: Callable[[], object]) -> object:
+        """What `build` returns for `key` (a tuple naming what it is and the device), built once per store:
+        index tensors and page tables derived from the layout, read every step. A None result is kept too."""
+        if key not in self._on:
+            self._on[key] = build()
+        return self._on[key]
 
     @property
     def n_slots(self) -> int:
@@ -110,13 +118,10 @@ class PagedStore:
 
     def gathers_on(self, layer: int, device: torch.device) -> tuple[_Gather, ...]:
         """`layer`'s pages by buffer (head-major within each), their index tensors on `device` (cached)."""
-        got = self._on.get((layer, device))
-        if got is None:
-            got = tuple(_Gather(g.buffer, g.rows.to(device), g.blocks.to(device), g.slots.to(device),
-                                g.heads.to(device), g.valid.to(device), None if g.mask is None else g.mask.to(device))
-                        for g in self.layers[layer].gathers)
-            self._on[(layer, device)] = got
-        return got
+        return self.cached((layer, device), lambda: tuple(
+            _Gather(g.buffer, g.rows.to(device), g.blocks.to(device), g.slots.to(device), g.heads.to(device),
+                    g.valid.to(device), None if g.mask is None else g.mask.to(device))
+            for g in self.layers[layer].gathers))
 
     def read_runs(self, layer: int, views: Views,
                   pages: PageReader | None = None) -> PageRuns | SegmentRuns | KernelRuns:
@@ -132,11 +137,10 @@ class PagedStore:
             return PageRuns([], [], lr.starts, lr.lengths)
         k0, _ = views(lr.gathers[0].buffer)
         if use_kernel(k0.device):
-            key = ("kernel", layer, k0.device)
-            if key not in self._on:  # None: buffers the kernel cannot address (torch path)
-                self._on[key] = kernel_runs(self.layout, layer, self.block_ids, views)
-            if self._on[key] is not None:
-                return self._on[key]
+            got = self.cached(("kernel", layer, k0.device),  # None: buffers the kernel cannot address (torch path)
+                              lambda: kernel_runs(self.layout, layer, self.block_ids, views))
+            if got is not None:
+                return got
         gathers = self.gathers_on(layer, k0.device)
         if pages is None:
             def pages(buf: int, blocks: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,16 +164,13 @@ class PagedStore:
     def _merged_on(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`layer`'s pages of all buffers as one chunk, buffer by buffer: (heads `[P]`, positions in the
         head-major page order `[P]`, mask `[P, 1, 1, page_size]` or None when every page is full), cached."""
-        key = ("merged", layer, device)
-        got = self._on.get(key)
-        if got is None:
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             gathers = self.gathers_on(layer, device)
             valid = torch.cat([g.valid for g in gathers])
             ps = self.layout.page_size
-            got = (torch.cat([g.heads for g in gathers]), torch.cat([g.rows for g in gathers]),
-                   length_mask(valid, ps) if bool((valid < ps).any()) else None)
-            self._on[key] = got
-        return got
+            return (torch.cat([g.heads for g in gathers]), torch.cat([g.rows for g in gathers]),
+                    length_mask(valid, ps) if bool((valid < ps).any()) else None)
+        return self.cached(("merged", layer, device), build)
 
 
 def write_store(keep: torch.Tensor, layout: HeadPageLayout, src_block_ids: Sequence[int],

@@ -90,17 +90,18 @@ def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta, cache: PrefixPag
     qsl = meta.query_start_loc.tolist()
     seq_lens = meta.seq_lens.tolist()
     dev = meta.block_table.device
-    if flat is not None and dev.type == "cpu" and envs.prefix_attention_backend() == "auto":
-        by_store: dict[int, tuple[PagedStore, list]] = {}
-        for row, store in rows.values():
-            by_store.setdefault(id(store), (store, []))[1].append(
-                (int(qsl[row]), int(qsl[row + 1]), int(seq_lens[row]), meta.block_table[row][store.layout.n_blocks:]))
-        kernel = KernelStep.plan(list(by_store.values()), flat, dev) if by_store else None
-        if kernel is not None:
-            return StepPlan([], None, kernel)
     by_store: dict[int, list[tuple[int, PagedStore]]] = {}
     for row, store in rows.values():
         by_store.setdefault(id(store), []).append((row, store))
+    if by_store and flat is not None and dev.type == "cpu" and envs.prefix_attention_backend() == "auto":
+        groups = []  # per store: its rows' (query span, own tokens, own blocks: the table after the store's)
+        for members in by_store.values():
+            store = members[0][1]
+            groups.append((store, [(int(qsl[row]), int(qsl[row + 1]), int(seq_lens[row]),
+                                    meta.block_table[row][store.layout.n_blocks:]) for row, _ in members]))
+        kernel = KernelStep.plan(groups, flat, dev)
+        if kernel is not None:
+            return StepPlan([], None, kernel)
     per_store = []  # (store, its rows, their query spans, positions in them of the rows with one query)
     for members in by_store.values():
         rws = [row for row, _ in members]

@@ -59,23 +59,18 @@ class FlatPages:
             return None
         first = kv_caches[0]
         page = block_size * 2 * head_size  # elements of one head page
-        esize = first.element_size()
-        ptr0 = first.data_ptr()
+        page_bytes = page * first.element_size()
         storage = first.untyped_storage().data_ptr()
-        stride = None
-        for i, kv in enumerate(kv_caches):
-            if (kv.dtype != first.dtype or kv.shape != first.shape or not kv.is_contiguous()
-                    or kv.untyped_storage().data_ptr() != storage):
-                return None
-            delta = kv.data_ptr() - ptr0
-            if i == 1:
-                stride = delta
-            if delta % (page * esize) or (i and (stride is None or stride <= 0 or delta != i * stride)):
-                return None
-        per_layer = first.shape[0] * n_kv_heads if stride is None else stride // (page * esize)
-        if per_layer < first.shape[0] * n_kv_heads:
-            return None  # layers overlap
-        n_pages = (len(kv_caches) - 1) * per_layer + first.shape[0] * n_kv_heads
+        if any(kv.dtype != first.dtype or kv.shape != first.shape or not kv.is_contiguous()
+               or kv.untyped_storage().data_ptr() != storage for kv in kv_caches):
+            return None
+        layer_pages = first.shape[0] * n_kv_heads
+        stride = kv_caches[1].data_ptr() - first.data_ptr() if len(kv_caches) > 1 else layer_pages * page_bytes
+        if stride % page_bytes or stride < layer_pages * page_bytes or any(  # a whole number of pages, no overlap
+                kv.data_ptr() - first.data_ptr() != i * stride for i, kv in enumerate(kv_caches)):
+            return None
+        per_layer = stride // page_bytes
+        n_pages = (len(kv_caches) - 1) * per_layer + layer_pages
         if n_pages >= 2 ** 31:
             return None  # block ids are int32
         flat = torch.as_strided(first, (n_pages, 1, 2 * block_size, head_size), (page, page, head_size, 1))
@@ -87,24 +82,21 @@ def store_tables(store: PagedStore, flat: FlatPages, device: torch.device) -> tu
     """The store's runs as flat page ids: `[layers, H_kv, max_pages]` int64 (run order, 0 past a run) and
     `[layers, H_kv]` pages of each run; cached on the store. None when a run ends in a partly used page
     (the own tokens must start on a page boundary of the virtual sequence)."""
-    key = ("vllm_cpu_kernel", device)
-    if key in store._on:
-        return store._on[key]
-    ps = store.layout.page_size
-    n_layers, h = store.layout.n_layers, flat.n_kv_heads
-    n_pages = -(-store.layout.lengths.long() // ps)  # [layers, H]
-    got = None
-    if bool((store.layout.lengths.long() % ps == 0).all()):
-        width = max(int(n_pages.max()), 1) if n_pages.numel() else 1
-        table = torch.zeros(n_layers, h, width, dtype=torch.long)
+    def build() -> tuple[torch.Tensor, torch.Tensor] | None:
+        ps = store.layout.page_size
+        lengths = store.layout.lengths.long()  # [layers, H]
+        if not bool((lengths % ps == 0).all()):
+            return None
+        n_pages = lengths // ps
+        h = flat.n_kv_heads
+        table = torch.zeros(store.layout.n_layers, h, max(int(n_pages.max()), 1), dtype=torch.long)
         for layer, lr in enumerate(store.layers):
-            starts = torch.cumsum(n_pages[layer], 0) - n_pages[layer]  # first page of each head, head-major
+            first = torch.tensor(lr.starts, dtype=torch.long) // ps  # first page of each head's run, head-major
             for g in lr.gathers:
-                pos = g.rows - starts[g.heads]  # page index within its head's run
-                table[layer, g.heads, pos] = g.buffer * flat.pages_per_layer + g.blocks * h + g.slots
-        got = (table.to(device), n_pages.to(device))
-    store._on[key] = got
-    return got
+                page_ids = g.buffer * flat.pages_per_layer + g.blocks * h + g.slots
+                table[layer, g.heads, g.rows - first[g.heads]] = page_ids
+        return table.to(device), n_pages.to(device)
+    return store.cached(("vllm_cpu_kernel", device), build)
 
 
 @dataclass(frozen=True)
@@ -116,6 +108,7 @@ class KernelStep:
             by virtual request): the queries are `q.view(T, H_kv, G, D)[tokens, heads]`.
         query_start_loc: `[V + 1]` int32.
         tables: `[layers, V, W]` int32 block tables; seq_lens `[layers, V]` int32.
+        split_kv: vLLM's own CPU backend setting (`VLLM_CPU_ATTN_SPLIT_KV`), read once per step.
     """
 
     tokens: torch.Tensor
@@ -123,6 +116,7 @@ class KernelStep:
     query_start_loc: torch.Tensor
     tables: torch.Tensor
     seq_lens: torch.Tensor
+    split_kv: bool
 
     @classmethod
     def plan(cls, groups: Sequence[tuple[PagedStore, Sequence[tuple[int, int, int, torch.Tensor]]]], flat: FlatPages,
@@ -131,6 +125,8 @@ class KernelStep:
             groups: per store, its rows as `(q_start, q_end, own tokens, own block ids [>= own pages])`.
 
         None when a store's runs cannot be read this way (`store_tables`)."""
+        from vllm import envs as vllm_envs
+
         h, bs = flat.n_kv_heads, flat.block_size
         tables, lens, toks, heads, qlens, run_tabs = [], [], [], [], [], []
         width = 1
@@ -142,16 +138,18 @@ class KernelStep:
             width = max(width, got[0].shape[-1])
         n_own_max = max(-(-n_own // bs) for _, rows in groups for _, _, n_own, _ in rows)
         hs = torch.arange(h, device=device)
+        n_layers = run_tabs[0][0].shape[0]
+        layers = torch.arange(n_layers, device=device).view(-1, 1, 1) * flat.pages_per_layer
+        own_cols = torch.arange(n_own_max, device=device)
         for (_, rows), (tab, n_pages) in zip(groups, run_tabs, strict=True):
             for qs, qe, n_own, own_blocks in rows:
                 n_blocks = -(-n_own // bs)
                 own = own_blocks[:n_blocks].to(device).long()
                 own = torch.cat([own, own[-1:].expand(n_own_max - n_blocks)])  # padding: a real block, never read
                 own_pages = own.view(1, -1) * h + hs.view(-1, 1)  # [H, n_own_max] (layer 0's)
-                layers = torch.arange(tab.shape[0], device=device).view(-1, 1, 1) * flat.pages_per_layer
-                t = torch.zeros(tab.shape[0], h, width + n_own_max, dtype=torch.long, device=device)
+                t = torch.zeros(n_layers, h, width + n_own_max, dtype=torch.long, device=device)
                 t[..., :tab.shape[-1]] = tab
-                cols = n_pages.unsqueeze(-1) + torch.arange(n_own_max, device=device)  # [layers, H, n_own_max]
+                cols = n_pages.unsqueeze(-1) + own_cols  # [layers, H, n_own_max]
                 t.scatter_(2, cols, own_pages.unsqueeze(0) + layers)
                 tables.append(t)  # [layers, H, W]
                 lens.append(n_pages * bs + n_own)  # [layers, H]
@@ -163,13 +161,12 @@ class KernelStep:
         qsl[1:] = torch.cumsum(torch.tensor(qlens), 0)
         return cls(torch.cat(toks), torch.cat(heads), qsl.to(device),
                    torch.cat(tables, 1).to(torch.int32).contiguous(),
-                   torch.cat(lens, 1).to(torch.int32).contiguous())
+                   torch.cat(lens, 1).to(torch.int32).contiguous(), bool(vllm_envs.VLLM_CPU_ATTN_SPLIT_KV))
 
     def attend(self, layer: int, q_all: torch.Tensor, out_all: torch.Tensor, flat: FlatPages, scale: float) -> None:
         """Overwrite the rows' outputs of `layer` (`q_all`, `out_all`: the step's `[T, H_q, D]`) with their
         attention over their store's runs and their own tokens, in one call of vLLM's CPU kernel."""
         from vllm import _custom_ops as ops
-        from vllm import envs as vllm_envs
 
         t, h_q, d = q_all.shape
         h = flat.n_kv_heads
@@ -180,7 +177,7 @@ class KernelStep:
         meta = ops.cpu_attn_get_scheduler_metadata(
             num_reqs=seq_lens.numel(), num_heads=g, num_kv_heads=1, head_dim=d, seq_lens=seq_lens, dtype=q.dtype,
             query_start_loc=self.query_start_loc, causal=True, sliding_window_size=-1, isa="vec",
-            enable_kv_split=vllm_envs.VLLM_CPU_ATTN_SPLIT_KV)  # as vLLM's own CPU backend
+            enable_kv_split=self.split_kv)
         ops.cpu_attention_with_kv_cache(
             query=q, key_cache=flat.key_cache, value_cache=flat.value_cache, output=out,
             query_start_loc=self.query_start_loc, seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None,
