@@ -94,12 +94,9 @@ def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta, cache: PrefixPag
     for row, store in rows.values():
         by_store.setdefault(id(store), []).append((row, store))
     if by_store and flat is not None and dev.type == "cpu" and envs.prefix_attention_backend() == "auto":
-        groups = []  # per store: its rows' (query span, own tokens, own blocks: the table after the store's)
-        for members in by_store.values():
-            store = members[0][1]
-            groups.append((store, [(int(qsl[row]), int(qsl[row + 1]), int(seq_lens[row]),
-                                    meta.block_table[row][store.layout.n_blocks:]) for row, _ in members]))
-        kernel = KernelStep.plan(groups, flat, dev)
+        groups = [(members[0][1], [(int(qsl[row]), int(qsl[row + 1]), int(seq_lens[row]), row) for row, _ in members])
+                  for members in by_store.values()]  # per store: its rows' query span, own tokens, table row
+        kernel = KernelStep.plan(groups, meta.block_table, flat, dev)
         if kernel is not None:
             return StepPlan([], None, kernel)
     per_store = []  # (store, its rows, their query spans, positions in them of the rows with one query)

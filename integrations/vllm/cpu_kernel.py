@@ -119,49 +119,68 @@ class KernelStep:
     split_kv: bool
 
     @classmethod
-    def plan(cls, groups: Sequence[tuple[PagedStore, Sequence[tuple[int, int, int, torch.Tensor]]]], flat: FlatPages,
-             device: torch.device) -> KernelStep | None:
+    def plan(cls, groups: Sequence[tuple[PagedStore, Sequence[tuple[int, int, int, int]]]], block_table: torch.Tensor,
+             flat: FlatPages, device: torch.device) -> KernelStep | None:
         """Args:
-            groups: per store, its rows as `(q_start, q_end, own tokens, own block ids [>= own pages])`.
+            groups: per store, its rows as `(q_start, q_end, own tokens, row of block_table)`.
+            block_table: the step's `[rows, max_blocks]` block table; a row's own blocks follow its store's
+                `layout.n_blocks` blocks.
 
-        None when a store's runs cannot be read this way (`store_tables`)."""
+        A few torch ops per step whatever the number of rows (no per-row torch op). None when a store's
+        runs cannot be read this way (`store_tables`)."""
         from vllm import envs as vllm_envs
 
         h, bs = flat.n_kv_heads, flat.block_size
-        tables, lens, toks, heads, qlens, run_tabs = [], [], [], [], [], []
-        width = 1
+        run_tabs = []
         for store, _ in groups:
             got = store_tables(store, flat, device)
             if got is None:
                 return None
             run_tabs.append(got)
-            width = max(width, got[0].shape[-1])
-        n_own_max = max(-(-n_own // bs) for _, rows in groups for _, _, n_own, _ in rows)
-        hs = torch.arange(h, device=device)
         n_layers = run_tabs[0][0].shape[0]
-        layers = torch.arange(n_layers, device=device).view(-1, 1, 1) * flat.pages_per_layer
-        own_cols = torch.arange(n_own_max, device=device)
-        for (_, rows), (tab, n_pages) in zip(groups, run_tabs, strict=True):
-            for qs, qe, n_own, own_blocks in rows:
-                n_blocks = -(-n_own // bs)
-                own = own_blocks[:n_blocks].to(device).long()
-                own = torch.cat([own, own[-1:].expand(n_own_max - n_blocks)])  # padding: a real block, never read
-                own_pages = own.view(1, -1) * h + hs.view(-1, 1)  # [H, n_own_max] (layer 0's)
-                t = torch.zeros(n_layers, h, width + n_own_max, dtype=torch.long, device=device)
-                t[..., :tab.shape[-1]] = tab
-                cols = n_pages.unsqueeze(-1) + own_cols  # [layers, H, n_own_max]
-                t.scatter_(2, cols, own_pages.unsqueeze(0) + layers)
-                tables.append(t)  # [layers, H, W]
-                lens.append(n_pages * bs + n_own)  # [layers, H]
-                n_q = qe - qs
-                toks.append(torch.arange(qs, qe, device=device).repeat(h))
-                heads.append(hs.repeat_interleave(n_q))
-                qlens += [n_q] * h
-        qsl = torch.zeros(len(qlens) + 1, dtype=torch.int32)
-        qsl[1:] = torch.cumsum(torch.tensor(qlens), 0)
-        return cls(torch.cat(toks), torch.cat(heads), qsl.to(device),
-                   torch.cat(tables, 1).to(torch.int32).contiguous(),
-                   torch.cat(lens, 1).to(torch.int32).contiguous(), bool(vllm_envs.VLLM_CPU_ATTN_SPLIT_KV))
+        width = max(tab.shape[-1] for tab, _ in run_tabs)
+        runs = torch.zeros(len(groups), n_layers, h, width, dtype=torch.long, device=device)  # [S, layers, H, W]
+        for s, (tab, _) in enumerate(run_tabs):
+            runs[s, ..., :tab.shape[-1]] = tab
+        run_pages = torch.stack([n for _, n in run_tabs])  # [S, layers, H]
+        # per row: store, first own column, query span, own tokens, table row (Python ints, one pass)
+        store_of, first, q_start, q_len, n_own, table_row = [], [], [], [], [], []
+        for s, (store, rows) in enumerate(groups):
+            for qs, qe, own, row in rows:
+                store_of.append(s)
+                first.append(store.layout.n_blocks)
+                q_start.append(qs)
+                q_len.append(qe - qs)
+                n_own.append(own)
+                table_row.append(row)
+        sel = torch.tensor(store_of, dtype=torch.long, device=device)
+        own_t = torch.tensor(n_own, dtype=torch.long, device=device)  # [R]
+        n_blocks = (own_t + bs - 1) // bs
+        n_own_max = max(-(-o // bs) for o in n_own)
+        cols = torch.arange(n_own_max, device=device)
+        # each row's own blocks, padded with its last one (a real block, never read: seq_len stops before)
+        src = torch.tensor(first, dtype=torch.long, device=device).unsqueeze(1) + torch.minimum(
+            cols.unsqueeze(0), (n_blocks - 1).clamp_min(0).unsqueeze(1))
+        own = block_table[torch.tensor(table_row, dtype=torch.long, device=device).unsqueeze(1), src].long()
+        hs = torch.arange(h, device=device)
+        layer_off = torch.arange(n_layers, device=device) * flat.pages_per_layer
+        own_pages = (own.view(-1, 1, 1, n_own_max) * h + hs.view(1, 1, -1, 1)
+                     + layer_off.view(1, -1, 1, 1))  # [R, layers, H, n_own_max]
+        pages = run_pages[sel]  # [R, layers, H]
+        tab = torch.zeros(len(store_of), n_layers, h, width + n_own_max, dtype=torch.long, device=device)
+        tab[..., :width] = runs[sel]
+        tab.scatter_(3, pages.unsqueeze(-1) + cols, own_pages)  # the own pages right after the run's
+        n_virtual = len(store_of) * h  # virtual request r * H + head
+        tables = tab.permute(1, 0, 2, 3).reshape(n_layers, n_virtual, width + n_own_max)
+        seq_lens = (pages * bs + own_t.view(-1, 1, 1)).permute(1, 0, 2).reshape(n_layers, n_virtual)
+        q_lens = torch.tensor(q_len, dtype=torch.long, device=device).repeat_interleave(h)  # [V]
+        qsl = torch.zeros(n_virtual + 1, dtype=torch.long, device=device)
+        qsl[1:] = torch.cumsum(q_lens, 0)
+        virtual = torch.repeat_interleave(torch.arange(n_virtual, device=device), q_lens)  # [N]
+        tokens = torch.tensor(q_start, dtype=torch.long, device=device)[virtual // h] + (
+            torch.arange(virtual.numel(), device=device) - qsl[virtual])
+        return cls(tokens, virtual % h, qsl.to(torch.int32), tables.to(torch.int32).contiguous(),
+                   seq_lens.to(torch.int32).contiguous(), bool(vllm_envs.VLLM_CPU_ATTN_SPLIT_KV))
 
     def attend(self, layer: int, q_all: torch.Tensor, out_all: torch.Tensor, flat: FlatPages, scale: float) -> None:
         """Overwrite the rows' outputs of `layer` (`q_all`, `out_all`: the step's `[T, H_q, D]`) with their

@@ -75,10 +75,15 @@ def test_rows_on_two_stores_attend_exactly_through_vllms_cpu_kernel(structure):
     for *_, n_q in rows:
         spans.append((at, at + n_q))
         at += n_q
+    # the step's block table: a row not on a store first, then each row's store blocks, its own blocks and
+    # unused columns (never read)
+    block_table = torch.full((len(rows) + 1, 12), 10_000, dtype=torch.int32)
     groups = {}
-    for (store, _, _, own, n_own, _), (qs, qe) in zip(rows, spans, strict=True):
-        groups.setdefault(id(store), (store, []))[1].append((qs, qe, n_own, torch.tensor(own)))
-    step = KernelStep.plan(list(groups.values()), flat, torch.device("cpu"))
+    for i, ((store, _, _, own, n_own, _), (qs, qe)) in enumerate(zip(rows, spans, strict=True)):
+        first = store.layout.n_blocks
+        block_table[i + 1, :first + len(own)] = torch.tensor([0] * first + own)
+        groups.setdefault(id(store), (store, []))[1].append((qs, qe, n_own, i + 1))
+    step = KernelStep.plan(list(groups.values()), block_table, flat, torch.device("cpu"))
     assert step is not None
     q_all = torch.randn(at, H * G, D, generator=g)
     for layer in range(LAYERS):
