@@ -151,6 +151,9 @@ class SchedulerState:
         self.pool = kv_cache_manager.block_pool
         groups = kv_cache_manager.kv_cache_config.kv_cache_groups
         spec = groups[0].kv_cache_spec
+        if not hasattr(spec, "num_kv_heads"):  # e.g. a Mamba group first (the connector refuses such models)
+            self.disabled = "kv_cache_spec"
+            return
         self.block_size = spec.block_size
         self.block_bytes = spec.page_size_bytes * len(groups[0].layer_names)
         self.n_layers, self.n_kv_heads = len(groups[0].layer_names), int(spec.num_kv_heads)

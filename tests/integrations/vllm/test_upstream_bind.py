@@ -127,3 +127,17 @@ def test_disabled_and_refused_managers_are_counted_apart():
     assert counter.managers_built == 2 and counter.managers_bound == 1
     assert counter.bind_disabled == {"hash_block_size": 1} and counter.skipped_by_mode == 0
     assert counter.connector_refuses == {"hybrid_kv_cache": 2}
+
+
+def test_a_mamba_group_first_disables_instead_of_raising():
+    """`bind` on a manager whose first group is Mamba (vLLM's own hybrid tests build such managers; the
+    connector refuses those models before binding) turns KVzip off for it instead of raising."""
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    mamba = MambaSpec(block_size=BS, shapes=((1,),), dtypes=(torch.float32,))
+    config = KVCacheConfig(num_blocks=11, kv_cache_tensors=[], kv_cache_groups=[
+        KVCacheGroupSpec(["mamba"], mamba), KVCacheGroupSpec(["full"], _spec())])
+    with upstream_bind.patched(mode="all") as counter:
+        manager = _manager(config)
+    assert counter.bind_errors == []
+    assert counter.bind_disabled == {"kv_cache_spec": 1} and not upstream_bind.is_bound(manager)
