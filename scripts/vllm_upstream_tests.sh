@@ -111,7 +111,8 @@ def get_sdist(version: str) -> tuple[Path, dict]:
     CACHE.mkdir(parents=True, exist_ok=True)
     entry = index_entry(version)
     path = Path(os.environ["VLLM_SDIST"]) if os.environ.get("VLLM_SDIST") else CACHE / f"vllm-{version}.tar.gz"
-    if not path.exists() or (entry and sha256(path) != entry["sha256"]):
+    digest = sha256(path) if path.exists() else None
+    if digest is None or (entry and digest != entry["sha256"]):
         if entry is None or os.environ.get("VLLM_SDIST"):
             raise SystemExit(f"vllm_upstream_tests: {path} missing or not the index's sdist")
         log(f"downloading {entry['url']}")
@@ -123,7 +124,7 @@ def get_sdist(version: str) -> tuple[Path, dict]:
             part.unlink()
             raise SystemExit("vllm_upstream_tests: downloaded sdist does not match the index's sha256")
         part.rename(path)
-    digest = sha256(path)
+        digest = entry["sha256"]  # the download's, checked just above
     return path, {"file": path.name, "sha256": digest, "size": path.stat().st_size,
                   "url": entry["url"] if entry else None,
                   "sha256_checked_against_index": bool(entry and entry["sha256"] == digest)}

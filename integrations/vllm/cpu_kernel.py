@@ -143,12 +143,13 @@ class KernelStep:
         for s, (tab, _) in enumerate(run_tabs):
             runs[s, ..., :tab.shape[-1]] = tab
         run_pages = torch.stack([n for _, n in run_tabs])  # [S, layers, H]
-        # per row: store, first own column, query span, own tokens, table row (Python ints, one pass)
-        store_of, first, q_start, q_len, n_own, table_row = [], [], [], [], [], []
-        for s, (store, rows) in enumerate(groups):
+        first = torch.tensor([store.layout.n_blocks for store, _ in groups], dtype=torch.long,
+                             device=device)  # [S] a row's first own column: its store's blocks come before
+        # per row: store, query span, own tokens, table row (Python ints, one pass)
+        store_of, q_start, q_len, n_own, table_row = [], [], [], [], []
+        for s, (_, rows) in enumerate(groups):
             for qs, qe, own, row in rows:
                 store_of.append(s)
-                first.append(store.layout.n_blocks)
                 q_start.append(qs)
                 q_len.append(qe - qs)
                 n_own.append(own)
@@ -159,7 +160,7 @@ class KernelStep:
         n_own_max = max(-(-o // bs) for o in n_own)
         cols = torch.arange(n_own_max, device=device)
         # each row's own blocks, padded with its last one (a real block, never read: seq_len stops before)
-        src = torch.tensor(first, dtype=torch.long, device=device).unsqueeze(1) + torch.minimum(
+        src = first[sel].unsqueeze(1) + torch.minimum(
             cols.unsqueeze(0), (n_blocks - 1).clamp_min(0).unsqueeze(1))
         own = block_table[torch.tensor(table_row, dtype=torch.long, device=device).unsqueeze(1), src].long()
         hs = torch.arange(h, device=device)
