@@ -26,6 +26,7 @@ ENV_STRUCTURE = "KVZIP_KV_COMPRESSION_STRUCTURE"
 ENV_SCORER = "KVZIP_KV_COMPRESSION_SCORER"
 ENV_HEAD_SCORES = "KVZIP_KV_COMPRESSION_HEAD_SCORES"
 ENV_SCORING_STEP_TOKENS = "KVZIP_KV_COMPRESSION_SCORING_STEP_TOKENS"
+ENV_SCORING_MAX_SLOWDOWN = "KVZIP_KV_COMPRESSION_SCORING_MAX_SLOWDOWN"
 
 SCORERS = ("kvzip", "kvzip_head")
 """`kvzip`: KVzip's context-dependent scores (a scoring pass per prefix). `kvzip_head`: the
@@ -58,6 +59,15 @@ class KVCompressionSettings:
     """Head-score file for `kvzip_head` (`kvzip_plugin.head_scores`); None = the file shipped for the model."""
     scoring_step_tokens: int | None = None
     """Scoring tokens per engine step (`slicing.ScoringBudget.step_tokens`; 0 = no slicing); None = default."""
+    scoring_max_slowdown: float | None = None
+    """Step-time slowdown scoring may cause clients (`slicing.ScoringBudget.target_slowdown`); None = default."""
+
+    def scoring_budget(self) -> Any:
+        """The `slicing.ScoringBudget` these settings ask for (unset fields: its defaults)."""
+        from kvzip_plugin.slicing import ScoringBudget
+
+        given = {"step_tokens": self.scoring_step_tokens, "target_slowdown": self.scoring_max_slowdown}
+        return ScoringBudget(**{k: v for k, v in given.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
         """The values that were set (what an engine stores in its config and passes to its processes)."""
@@ -70,7 +80,7 @@ class KVCompressionSettings:
         data = dict(data or {})
         return make_settings(data.get("ratio"), data.get("min_prefix_tokens"), data.get("min_hits"),
                              data.get("structure"), data.get("scorer"), data.get("head_scores"),
-                             data.get("scoring_step_tokens"))
+                             data.get("scoring_step_tokens"), data.get("scoring_max_slowdown"))
 
 
 def _first_error(exc: Exception) -> str:
@@ -138,6 +148,13 @@ def validate_scoring_step_tokens(value: Any) -> int:
     return int(_validated(ScoringBudget, "step_tokens", value))
 
 
+def validate_scoring_max_slowdown(value: Any) -> float:
+    """A slowdown accepted by `ScoringBudget.target_slowdown` (a finite number > 1)."""
+    from kvzip_plugin.slicing import ScoringBudget
+
+    return float(_validated(ScoringBudget, "target_slowdown", value))
+
+
 def validate_head_scores(value: Any) -> str:
     """An existing head-score file; raises ValueError naming the field."""
     path = os.path.expanduser(str(value).strip())
@@ -148,7 +165,7 @@ def validate_head_scores(value: Any) -> str:
 
 def make_settings(
     ratio: Any = None, min_prefix_tokens: Any = None, min_hits: Any = None, structure: Any = None,
-    scorer: Any = None, head_scores: Any = None, scoring_step_tokens: Any = None,
+    scorer: Any = None, head_scores: Any = None, scoring_step_tokens: Any = None, scoring_max_slowdown: Any = None,
 ) -> KVCompressionSettings:
     """Validated settings; raises ValueError naming the offending field."""
     settings = KVCompressionSettings(
@@ -159,6 +176,8 @@ def make_settings(
         scorer=None if scorer is None else validate_scorer(scorer),
         head_scores=None if head_scores is None else validate_head_scores(head_scores),
         scoring_step_tokens=None if scoring_step_tokens is None else validate_scoring_step_tokens(scoring_step_tokens),
+        scoring_max_slowdown=(None if scoring_max_slowdown is None
+                              else validate_scoring_max_slowdown(scoring_max_slowdown)),
     )
     if settings.scorer == "kvzip_head" and (settings.structure or DEFAULT_STRUCTURE) != "pair":
         raise ValueError(f"scorer: 'kvzip_head' keeps whole heads through the pair store and needs structure "
@@ -186,6 +205,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> KVCompression
         (ENV_SCORER, "scorer", validate_scorer),
         (ENV_HEAD_SCORES, "head_scores", validate_head_scores),
         (ENV_SCORING_STEP_TOKENS, "scoring_step_tokens", validate_scoring_step_tokens),
+        (ENV_SCORING_MAX_SLOWDOWN, "scoring_max_slowdown", validate_scoring_max_slowdown),
     ):
         raw = env.get(var, "").strip()
         if not raw:
@@ -227,6 +247,7 @@ FLAGS = {
     "scorer": "--kv-compression-scorer",
     "head_scores": "--kv-compression-head-scores",
     "scoring_step_tokens": "--kv-compression-scoring-step-tokens",
+    "scoring_max_slowdown": "--kv-compression-scoring-max-slowdown",
 }
 """Settings field -> its flag (the argparse destination is the flag without dashes)."""
 
@@ -310,6 +331,16 @@ def add_kv_compression_args(parser: argparse.ArgumentParser, *, mode_help: str,
         "as a low-priority workload: never in a step where a client request waits or prefills (for at most "
         "2 s), then in slices of this many tokens beside the running requests. 0: no slicing (a job's "
         "scoring prefills run whole, as fast as possible, stalling the requests that share their steps).",
+    )
+    group.add_argument(
+        FLAGS["scoring_max_slowdown"],
+        type=_argparse_type(validate_scoring_max_slowdown),
+        default=None,
+        metavar="FLOAT",
+        help="Step-time slowdown a compression job may cause the running requests, > 1 (default 1.2). Slices "
+        "share decode steps while those steps stay within it; where even the smallest slice exceeds it (a "
+        "CPU), scoring runs only in steps without clients (sized to delay a request arriving then by at most "
+        "this share of a prefill step), and under a load that never leaves room, one small slice per 30 s.",
     )
     return parser
 

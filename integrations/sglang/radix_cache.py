@@ -90,7 +90,7 @@ class KVzipRadixCache(UnifiedRadixCache):
             min_prefix_tokens=self.kvzip_settings.min_prefix_tokens or policy.min_prefix_tokens,
             min_hits=self.kvzip_settings.min_hits or policy.min_hits,
         )
-        budget = scoring_budget(self.kvzip_settings.scoring_step_tokens, server_args)
+        budget = scoring_budget(self.kvzip_settings, server_args)
         self.slicing = Slicing(budget, self.page_size) if budget.step_tokens > 0 else None
         self.jobs = Jobs(self)
         self.entries = CompactedEntries(self.token_to_kv_pool_allocator.free, self._entry_dropped)

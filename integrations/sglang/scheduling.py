@@ -339,7 +339,9 @@ class Jobs:
         self.end(j, JobStatus.COMMITTED)
         sliced = "" if cache.slicing is None else (" (scoring slices: {step_tokens} tokens now, {slices} slices, "
                                                    "{held_steps} held, {deferred} decode rounds between, {drained} "
-                                                   "drained)".format(**cache.slicing.describe()))
+                                                   "drained, idle slice {idle_tokens} tokens, {forced} forced, "
+                                                   "no room beside decode {no_room} times)"
+                                                   .format(**cache.slicing.describe()))
         logger.info("kvzip-plugin: job %d committed (%s): %d -> %d tokens (%d slots saved, %s) in %.3f s%s",
                     j.job.job_id, cache.kvzip_config.structure, L, P, L - P,
                     "head pages" if store is not None else "SGLang's own slots", seconds, sliced)

@@ -7,10 +7,13 @@ batch carries no decode rows (without `--enable-mixed-chunk`): a scoring request
 every decoding client for as long as it runs. Per scheduling round (AROUND `Scheduler.get_next_batch_to_run`,
 `hooks.py`), with one scoring request of a job in the waiting queue at a time (`scheduling.Jobs`):
 
-* `hold` (a client request waits for admission or is being prefilled in chunks): a scoring request not
-  started yet is taken out of the waiting queue for the round; at most `max_wait_s`, then one slice goes
-  through (counted as forced). A scoring request already started cannot be held: it goes on in slices;
-* `slice`: the scoring request's chunk is capped at the gate's adaptive slice: its first chunk through
+* `hold` (a client request waits for admission or is being prefilled in chunks; or clients decode and no
+  slice fits beside them, `ScoringGate.share_decode`): a scoring request not started yet is taken out of
+  the waiting queue for the round; at most `max_wait_s` (`busy_wait_s` for decoding clients), then one slice
+  goes through (counted as forced). A scoring request already started goes on in slices beside client
+  prefills; beside decoding clients alone, the round defers prefill (below), so they decode and it waits;
+* `slice`: the scoring request's chunk is capped at the gate's adaptive slice (`slice_tokens`: the one
+  beside clients, or the idle one when no client decodes or waits): its first chunk through
   `PrefillAdder.add_one_req` (its `rem_chunk_tokens` lowered for that call), its next ones through
   `SchedulePolicy.shortest_prefill_chunk_limit` (the limit SGLang applies to the chunked request). Client
   requests that fit in the rest of the round's budget join the batch; one that would need a chunk of its
@@ -19,8 +22,7 @@ every decoding client for as long as it runs. Per scheduling round (AROUND `Sche
 * interleave: after a round that ran a slice while clients decode and none waits, the next round defers
   prefill (AROUND `Scheduler._should_defer_prefill`, SGLang's own prefill/decode interval), so decoding
   clients get a step between two slices;
-* `full` (slicing off, or chunked prefill off: SGLang cannot split a prefill then): unchanged. A scoring
-  request alone on the server (no client decoding or waiting) runs at SGLang's own chunk size too.
+* `full` (slicing off, or chunked prefill off: SGLang cannot split a prefill then): unchanged.
 
 The slice adapts as on vLLM: the gate times each round against client-only decode rounds. Where SGLang runs
 prefill and decode in separate batches, a client's inter-token time during a job is about one decode step
@@ -33,6 +35,7 @@ import logging
 import time
 from typing import Any
 
+from kvzip_plugin.settings import KVCompressionSettings
 from kvzip_plugin.slicing import Decision, ScoringBudget, ScoringGate
 
 logger = logging.getLogger("sglang.kvzip_plugin")
@@ -44,12 +47,12 @@ WHOLE_SEQUENCE_BACKENDS = frozenset({"torch_native"})
 long request costs as much as prefilling all of it: there a slice costs a whole prefill."""
 
 
-def scoring_budget(step_tokens: int | None, server_args: Any) -> ScoringBudget:
+def scoring_budget(settings: KVCompressionSettings, server_args: Any) -> ScoringBudget:
     """The scoring budget: `--kv-compression-scoring-step-tokens` when given; else the default, except on a
     backend of `WHOLE_SEQUENCE_BACKENDS` (SGLang's CPU backend), where slicing would multiply the job's cost
     by its number of slices (measured: `benchmarks/bench_scoring_stall_sglang.py`): unsliced there, logged."""
-    if step_tokens is not None:
-        return ScoringBudget(step_tokens=step_tokens)
+    if settings.scoring_step_tokens is not None:
+        return settings.scoring_budget()
     backends = {getattr(server_args, name, None) for name in ("attention_backend", "prefill_attention_backend")}
     whole = sorted(b for b in backends if b in WHOLE_SEQUENCE_BACKENDS)
     if whole:
@@ -57,7 +60,7 @@ def scoring_budget(step_tokens: int | None, server_args: Any) -> ScoringBudget:
                     "over the whole sequence, so each slice would cost a whole prefill (set "
                     "--kv-compression-scoring-step-tokens to slice anyway)", whole[0])
         return ScoringBudget(step_tokens=0)
-    return ScoringBudget()
+    return settings.scoring_budget()
 
 
 def _is_scoring(req: Any) -> bool:
@@ -114,8 +117,16 @@ class Slicing:
         self.defer_next = False
         chunking = (getattr(sched, "chunked_prefill_size", None) or 0) > 0
         decision: Decision = self.gate.decide(client_prefill, decoding, now) if chunking else "full"
-        if decision != "full" and not self.drain and (decoding or client_prefill):  # alone: the whole chunk
-            self.cap = max(self.page_size, self.gate.step_tokens // self.page_size * self.page_size)
+        if decision == "hold" and scoring_chunked and decoding and not client_prefill:
+            # no room beside the decoding clients: the started scoring request waits, they decode
+            self.deferring = True
+            try:
+                return original(sched, running_batch, last_batch, *args, **kwargs)
+            finally:
+                self.deferring = False
+        if decision != "full" and not self.drain:
+            tokens = self.gate.slice_tokens if decision == "slice" else self.gate.step_tokens
+            self.cap = max(self.page_size, tokens // self.page_size * self.page_size)
         held = waiting if decision == "hold" else []
         if held:
             ids = {id(r) for r in held}
@@ -133,7 +144,8 @@ class Slicing:
         return plan
 
     def defer_prefill(self, original, sched: Any, running_batch: Any, *args: Any, **kwargs: Any) -> bool:
-        """`Scheduler._should_defer_prefill`: True in the decode round between two slices."""
+        """`Scheduler._should_defer_prefill`: True in the decode round between two slices, and in a round
+        that holds a started scoring request for decoding clients."""
         if self.deferring and any(not _is_scoring(r) for r in running_batch.reqs):
             self.deferred += 1
             return True
@@ -183,8 +195,10 @@ class Slicing:
 
     def describe(self) -> dict[str, Any]:
         """Counts for the state dump and the job log."""
-        return {"step_tokens": self.gate.step_tokens, "slices": self.slices, "held_steps": self.gate.held_steps,
-                "forced": self.gate.forced, "deferred": self.deferred, "drained": self.drained}
+        g = self.gate
+        return {"step_tokens": g.step_tokens, "idle_tokens": g.idle_tokens, "share_decode": g.share_decode,
+                "no_room": g.no_room, "slices": self.slices, "held_steps": g.held_steps, "forced": g.forced,
+                "deferred": self.deferred, "drained": self.drained}
 
 
 def _clients_decode(running_batch: Any, last_batch: Any, chunked: Any) -> bool:

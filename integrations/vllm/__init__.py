@@ -78,6 +78,7 @@ def kv_transfer_config(
     scorer: str | None = None,
     head_scores: str | None = None,
     scoring_step_tokens: int | None = None,
+    scoring_max_slowdown: float | None = None,
     *,
     settings: KVCompressionSettings | None = None,
 ) -> dict[str, Any]:
@@ -85,7 +86,7 @@ def kv_transfer_config(
     or JSON-encode it for `--kv-transfer-config`). Validates like the CLI flags."""
     if settings is None:
         settings = make_settings(ratio, min_prefix_tokens, min_hits, structure, scorer, head_scores,
-                                 scoring_step_tokens)
+                                 scoring_step_tokens, scoring_max_slowdown)
     return {
         "kv_connector": CONNECTOR_NAME,
         "kv_connector_module_path": CONNECTOR_MODULE,

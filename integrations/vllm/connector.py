@@ -52,7 +52,6 @@ from kvzip_plugin.config import KVzipConfig
 from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.metrics import KVzipStats
 from kvzip_plugin.settings import DEFAULT_STRUCTURE
-from kvzip_plugin.slicing import ScoringBudget
 
 # under the "vllm" logger so the lines get vLLM's handler (INFO shows by default)
 logger = init_logger("vllm.kvzip_plugin.connector")
@@ -118,9 +117,7 @@ class KVzipConnector(KVConnectorBase_V1):
         self.sched: SchedulerState | None = None
         self.worker: WorkerState | None = None
         if role == KVConnectorRole.SCHEDULER:
-            budget = ScoringBudget(**({} if self.settings.scoring_step_tokens is None
-                                      else {"step_tokens": self.settings.scoring_step_tokens}))
-            self.sched = SchedulerState(config, policy, vllm_config, budget)
+            self.sched = SchedulerState(config, policy, vllm_config, self.settings.scoring_budget())
             self.sched.disabled = self.disabled
             _wrap_schedule()
             _wrap_reset_prefix_cache()

@@ -372,9 +372,12 @@ class SchedulerState:
             self._end(j, JobStatus.COMMITTED)
             g = self.gate
             logger.info("kvzip-plugin: job %d committed (%s): %d -> %d token slots (%d blocks saved, %s); scoring "
-                        "slice now %d tokens, %d steps held for client prefills so far (%d forced slices)",
+                        "slice now %d tokens beside decoding clients (%s), %d in idle steps; %d steps held for "
+                        "client work so far (%d forced slices)",
                         j.job.job_id, self.config.structure, L, P, (L - P) // self.block_size,
-                        "head pages" if r.head_pages else "vLLM's block table", g.step_tokens, g.held_steps, g.forced)
+                        "head pages" if r.head_pages else "vLLM's block table", g.step_tokens,
+                        "sharing their steps" if g.share_decode else "no room: scoring waits for idle steps",
+                        g.idle_tokens, g.held_steps, g.forced)
 
     def _publish(self, j: _Job, head_pages: bool, dst_block_ids: list[int]) -> None:
         from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id

@@ -5,7 +5,8 @@
 Around each `Scheduler.schedule()` call (the connector's `schedule` wrapper), after the scheduler state
 handed vLLM at most one scoring request at a time (`SchedulerState.before_schedule`):
 
-* `hold` (a client request waits for admission or is still prefilling): the scoring requests are taken
+* `hold` (a client request waits for admission or is still prefilling, or clients decode and no slice fits
+  beside them: `ScoringGate.share_decode`): the scoring requests are taken
   out of `scheduler.running` / `scheduler.waiting` for this call and put back after it (at the end of
   `running`: the first to be preempted), and `max_num_active_reqs` is lowered by the running ones for the
   call, since they keep their rows (else vLLM would admit past `max_num_seqs`). vLLM schedules client work
@@ -14,8 +15,10 @@ handed vLLM at most one scoring request at a time (`SchedulerState.before_schedu
 * `slice`: the call runs with `scheduler_config.long_prefill_token_threshold` lowered to the gate's
   adaptive slice (or the user's own threshold if lower) and vLLM's adaptive floor off, restored after. Client prefills
   would have held the step, so only the scoring request's prefill chunk is cut (except in a slice forced
-  after the bounded wait). vLLM applies the cap only when more than one request is eligible: on an idle
-  server the scoring prefill runs whole;
+  after the bounded wait). vLLM applies that cap only when more than one request is eligible, so in a step
+  without clients the call runs with `max_num_scheduled_tokens` (the step's token budget) lowered to the
+  gate's idle slice instead, restored after: on an idle server the scoring prefill would otherwise run whole
+  and a request arriving meanwhile wait for all of it;
 * `full` (slicing off, or chunked prefill off: vLLM cannot split a prefill then): unchanged.
 """
 
@@ -82,9 +85,17 @@ def scoring_step(gate: ScoringGate, scheduler: Any, chunked_prefill: bool) -> It
     if decision == "full":
         yield decision
         return
+    step = gate.slice_tokens
+    if not prefill and not decoding:  # the scoring request alone: vLLM would run its prefill whole
+        budget = scheduler.max_num_scheduled_tokens
+        scheduler.max_num_scheduled_tokens = min(budget, step)
+        try:
+            yield decision
+        finally:
+            scheduler.max_num_scheduled_tokens = budget
+        return
     config = scheduler.scheduler_config
     threshold, adaptive = config.long_prefill_token_threshold, scheduler.adaptive_long_prefill_threshold
-    step = gate.step_tokens
     config.long_prefill_token_threshold = step if threshold == 0 else min(threshold, step)
     scheduler.adaptive_long_prefill_threshold = False
     try:

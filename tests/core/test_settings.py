@@ -112,3 +112,28 @@ def test_scoring_step_tokens():
     assert settings_from_args(args, logging.getLogger("t"))[1].scoring_step_tokens == 512
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-compression-scoring-step-tokens", "-5"])
+
+
+def test_scoring_max_slowdown():
+    """The slowdown a job may cause running requests: > 1 and finite; it reaches the scoring budget."""
+    import argparse
+    import logging
+
+    from kvzip_plugin.settings import add_kv_compression_args, settings_from_args
+
+    s = make_settings(scoring_max_slowdown="1.5", scoring_step_tokens=64)
+    assert s.scoring_max_slowdown == 1.5 and KVCompressionSettings.from_dict(s.to_dict()) == s
+    assert s.scoring_budget().target_slowdown == 1.5 and s.scoring_budget().step_tokens == 64
+    assert make_settings().scoring_budget().target_slowdown == 1.2  # unset: the budget's default
+    for bad in (1.0, 0.5, "nan", "inf", "fast"):
+        with pytest.raises(ValueError, match="target_slowdown"):
+            make_settings(scoring_max_slowdown=bad)
+    env = {"KVZIP_KV_COMPRESSION": "kvzip", "KVZIP_KV_COMPRESSION_SCORING_MAX_SLOWDOWN": "2"}
+    assert settings_from_env(env) == KVCompressionSettings(scoring_max_slowdown=2.0)
+    with pytest.raises(ValueError, match="KVZIP_KV_COMPRESSION_SCORING_MAX_SLOWDOWN"):
+        settings_from_env({**env, "KVZIP_KV_COMPRESSION_SCORING_MAX_SLOWDOWN": "1"})
+    parser = add_kv_compression_args(argparse.ArgumentParser(), mode_help="", env_applies="")
+    args = parser.parse_args(["--kv-compression", "kvzip", "--kv-compression-scoring-max-slowdown", "1.1"])
+    assert settings_from_args(args, logging.getLogger("t"))[1].scoring_max_slowdown == 1.1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-compression-scoring-max-slowdown", "0.9"])

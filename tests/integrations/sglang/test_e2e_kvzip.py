@@ -302,7 +302,10 @@ def test_scoring_runs_in_slices_between_decode_steps(sglang_tiny_model_dir, tmp_
     server = _server(sglang_tiny_model_dir, tmp_path_factory, "sliced", "--kv-compression-ratio", "0.5",
                      "--max-running-requests", "4", "--max-total-tokens", "2048", "--page-size", str(PAGE),
                      "--chunked-prefill-size", str(CHUNK), "--kv-compression-structure", "head",
-                     "--kv-compression-scoring-step-tokens", str(step))
+                     "--kv-compression-scoring-step-tokens", str(step),
+                     # any slowdown: slices share the decoding clients' rounds whatever this machine's step
+                     # times (the gate's timing rules: tests/core/test_slicing.py)
+                     "--kv-compression-scoring-max-slowdown", "1000")
     stop, answered, errors = threading.Event(), [], []
 
     def decode_client(seed: int) -> None:
@@ -337,6 +340,16 @@ def test_scoring_runs_in_slices_between_decode_steps(sglang_tiny_model_dir, tmp_
         assert not errors and answered and set(answered) == {60}, (errors, answered)
         _assert_scores_equal_transformers(torch.load(Path(server.dump_dir) / "job-0.pt"), prefix,
                                           sglang_tiny_model_dir, step)
+        # a second job with no client at all: its scoring prefill still goes in slices of at most `step`
+        # (the idle slice), not at SGLang's chunk size (CHUNK) as before
+        other, start = scenarios.prefix_ids(seed=7), server.log_offset()
+        for sfx in scenarios.SUFFIXES[:2]:
+            scenarios.generate(server, other + list(sfx), max_new=1)
+        found = scenarios.wait_for_log(server, r"kvzip-plugin: job \d+ committed.*", timeout=240, start=start)
+        assert found, server.log[-4000:]
+        m2 = re.search(r"(\d+) slices, .*idle slice (\d+) tokens", found.group(0))
+        assert m2 and int(m2.group(1)) - slices >= scenarios.PREFIX_LEN // step, found.group(0)
+        assert int(m2.group(2)) <= step, found.group(0)
     finally:
         stop.set()
         server.stop()

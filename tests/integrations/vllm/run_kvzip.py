@@ -326,8 +326,9 @@ def stores(h: Harness) -> dict:
 
 
 def sliced(h: Harness) -> dict:
-    """A job scores while client requests decode, and a new client request arrives mid-job. Records every
-    step's scheduled tokens (scoring vs client, and which client requests prefilled in it)."""
+    """A job scores while client requests decode, and a new client request arrives mid-job; then a second job
+    scores with no client at all. Records every step's scheduled tokens (scoring vs client, and which client
+    requests prefilled in it)."""
     from kvzip_plugin.integrations.vllm.scheduler import is_scoring_request
 
     prefix = prefix_ids(0)
@@ -360,8 +361,16 @@ def sliced(h: Harness) -> dict:
         if not h.scheduler.has_requests():
             break
     h.drain()
-    return {"steps": steps, "late_added": late_added, "kvzip": h.kvzip_state(), "pool": h.pool_state(),
-            "gate": {"held_steps": h.connector.sched.gate.held_steps, "forced": h.connector.sched.gate.forced}}
+    # a second job with no client beside it: its scoring prefill goes in idle slices, not whole
+    alone_from = len(steps)
+    other = prefix_ids(1)
+    h.run("a0", other + list(SUFFIXES[0]))  # caches the prefix
+    h.add("a1", other + list(SUFFIXES[1]), max_tokens=1)  # the second hit queues the job, then ends
+    h.drain(400)
+    gate = h.connector.sched.gate
+    return {"steps": steps[:alone_from], "alone_steps": steps[alone_from:], "late_added": late_added,
+            "kvzip": h.kvzip_state(), "pool": h.pool_state(),
+            "gate": {"held_steps": gate.held_steps, "forced": gate.forced, "idle_tokens": gate.idle_tokens}}
 
 
 SCENARIOS = {"sliced": sliced, "mixed": mixed, "stores": stores, "sequential": sequential, "salts": salts,

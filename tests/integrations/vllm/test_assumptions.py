@@ -480,7 +480,8 @@ def test_scoring_slicing_hooks_used_by_kvzip():
     """`integrations/vllm/slicing.py`: a held step takes scoring requests out of `running` (a list) and the
     waiting queue (`remove_request` / `add_request`) around one `schedule()` call; a sliced step lowers
     `scheduler_config.long_prefill_token_threshold`, which `schedule()` reads at each call and applies to
-    running and waiting requests alike, with the instance's adaptive floor switched off."""
+    running and waiting requests alike, with the instance's adaptive floor switched off; a slice without
+    clients lowers `max_num_scheduled_tokens` instead."""
     from vllm.config import SchedulerConfig
     from vllm.v1.core.sched.request_queue import FCFSRequestQueue, PriorityRequestQueue
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -498,6 +499,11 @@ def test_scoring_slicing_hooks_used_by_kvzip():
         assert params(queue.remove_request) == params(queue.add_request) == ["self", "request"]
     fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
     assert {"long_prefill_token_threshold", "enable_chunked_prefill"} <= fields
+    # the cap applies only with more than one eligible request; a slice of the scoring request alone lowers
+    # the step's token budget, an instance attribute read at each call
+    assert re.search(r"long_prefill_token_threshold\s*if num_eligible_reqs > 1\s*else 0", src)
+    assert "token_budget = self.max_num_scheduled_tokens" in src
+    assert "self.max_num_scheduled_tokens = (" in inspect.getsource(Scheduler.__init__)
 
 
 def test_reset_and_stats_hooks_used_by_kvzip():

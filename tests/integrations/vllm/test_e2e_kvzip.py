@@ -265,12 +265,15 @@ def test_rows_on_two_compacted_prefixes_decode_together_correctly(tiny_model_dir
 
 @pytest.fixture(scope="module")
 def sliced_runs(tiny_model_dir, tmp_path_factory):
-    """The `sliced` scenario with scoring slices of 32 tokens, and with slicing off (0)."""
+    """The `sliced` scenario with scoring slices of 32 tokens, and with slicing off (0). The sliced run allows
+    any slowdown, so slices share the decoding clients' steps whatever this machine's step times (the gate's
+    timing rules are tested in tests/core/test_slicing.py)."""
     out = {}
     for step in (32, 0):
         dump = tmp_path_factory.mktemp(f"kvzip_sliced_{step}")
         res = scenario(tiny_model_dir, "sliced", "kvzip", 0.5, KVZIP_DUMP_DIR=str(dump),
-                       KVZIP_KV_COMPRESSION_SCORING_STEP_TOKENS=str(step))
+                       KVZIP_KV_COMPRESSION_SCORING_STEP_TOKENS=str(step),
+                       KVZIP_KV_COMPRESSION_SCORING_MAX_SLOWDOWN="1000")
         out[step] = (res, torch.load(next(iter(sorted(dump.glob("job-*.pt"))))))
     return out
 
@@ -280,7 +283,7 @@ def test_scoring_runs_in_slices_after_client_prefills(sliced_runs):
     clients it adds at most the step budget; the job still commits."""
     res, _ = sliced_runs[32]
     steps = res["steps"]
-    assert res["kvzip"]["finished"]["committed"] == 1 and res["late_added"]
+    assert res["kvzip"]["finished"]["committed"] == 2 and res["late_added"]
     with_clients = [st for st in steps if st["scoring"] and st["clients"]]
     assert len(with_clients) >= 3  # scoring went on beside the decoding clients, in several slices
     assert all(st["scoring"] <= 32 for st in with_clients)
@@ -291,6 +294,19 @@ def test_scoring_runs_in_slices_after_client_prefills(sliced_runs):
     # without slicing, a scoring prefill runs whole beside the decoding clients
     full, _ = sliced_runs[0]
     assert max(st["scoring"] for st in full["steps"] if st["clients"]) > 32
+
+
+def test_scoring_alone_runs_in_idle_slices(sliced_runs):
+    """A job on an otherwise idle server scores in slices of at most the step tokens (vLLM would run the
+    scoring prefill whole, and a request arriving meanwhile would wait for all of it): the step's token
+    budget is lowered to the gate's idle slice."""
+    res, _ = sliced_runs[32]
+    alone = [st["scoring"] for st in res["alone_steps"] if st["scoring"] and not st["clients"]]
+    assert len(alone) >= 4 and max(alone) <= 32, alone
+    assert res["pool"]["referenced"] == []
+    full, _ = sliced_runs[0]
+    whole = [st["scoring"] for st in full["alone_steps"] if st["scoring"] and not st["clients"]]
+    assert whole and max(whole) > 32, whole
 
 
 def test_sliced_scoring_keeps_the_same_pairs(sliced_runs):
