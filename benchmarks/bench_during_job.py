@@ -107,10 +107,28 @@ def start_job(url: str, doc: str, prefix: str, wait_s: float, timeout: float, ma
     return {"started": False, "requests": max_requests, "seconds": time.monotonic() - t0}
 
 
-def client_args(args: argparse.Namespace, seed: int) -> argparse.Namespace:
-    """`bench_engine_clients.client_argv`'s view of this load: its `control` scenario with `seed`."""
+def client_args(args: argparse.Namespace, seed: int, rate: float | None = None) -> argparse.Namespace:
+    """`bench_engine_clients.client_argv`'s view of this load: its `control` scenario with `seed`, sent at
+    `rate` requests/s (Poisson; None: as fast as `--concurrency` allows)."""
     return argparse.Namespace(**{**vars(args), "prefix_len": args.input_len, "suffix_len": 0, "seed": seed,
-                                 "num_prefixes": 1})
+                                 "num_prefixes": 1, "request_rate": rate})
+
+
+def capacity_rps(result: dict[str, Any]) -> float | None:
+    """Requests/s a closed-loop load at `--concurrency` got through (the client's own figure)."""
+    rps = result.get("request_throughput")
+    if isinstance(rps, (int, float)) and rps > 0:
+        return float(rps)
+    done, dur = result.get("completed"), result.get("duration")
+    return done / dur if isinstance(done, (int, float)) and isinstance(dur, (int, float)) and dur else None
+
+
+def job_end(samples: list[tuple[float, dict[str, float]]], prefix: str, start: float) -> float | None:
+    """Seconds after `start` of the first scrape that saw no job queued or running (None: none did)."""
+    for t, v in samples:
+        if t >= start and not jobs_active(v, prefix):
+            return t - start
+    return None
 
 
 def pool_blocks(args: argparse.Namespace) -> int:
@@ -121,19 +139,24 @@ def pool_blocks(args: argparse.Namespace) -> int:
     return max(job + load, math.ceil(args.max_model_len / bs) + 1)
 
 
-def run_phase(args: argparse.Namespace, phase: str, repeat: int, url: str, work: Path, doc: str) -> dict[str, Any]:
+def run_phase(args: argparse.Namespace, phase: str, repeat: int, url: str, work: Path, doc: str,
+              rate: float | None) -> dict[str, Any]:
     prefix = f"{args.engine}:"
-    rec: dict[str, Any] = {"phase": phase, "load_average_at_start": os.getloadavg()}
+    rec: dict[str, Any] = {"phase": phase, "load_average_at_start": os.getloadavg(), "request_rate": rate}
     before = scrape(url)
     if phase == "job":
         rec["trigger"] = start_job(url, doc, prefix, args.job_wait, args.request_timeout)
     seed = args.seed + (2 if phase == "job" else 1)
     with MetricsPoller(url, interval=args.metrics_interval, prefix=prefix) as poller:
         t0 = time.monotonic()
-        rec["client"] = run_client(client_args(args, seed), "control", args.num_prompts, url, work)
+        rec["client"] = run_client(client_args(args, seed, rate), "control", args.num_prompts, url, work)
         t1 = time.monotonic()
     rec["load_s"] = t1 - t0
     rec["job_active_fraction"] = active_fraction(poller.samples, prefix, t0, t1)
+    if phase == "job":  # did the job finish while the load ran (issue 17: it must, under a 50 % load)
+        end = job_end(poller.samples, prefix, t0)
+        rec["job_end_s"] = end
+        rec["job_finished_during_load"] = end is not None and end <= t1 - t0
     rec["settle_s"] = wait_kvzip_idle(url, args.settle, prefix=prefix)
     rec["metrics"] = summarize(before, scrape(url), poller.peaks, prefix=prefix)
     c = rec["client"]
@@ -157,7 +180,16 @@ def run_repeat(args: argparse.Namespace, repeat: int, tokenizer: Any, work: Path
     with Server(cmd, server_env(server_args(args)), log, url, args.startup_timeout) as server:
         rec["startup_s"] = server.startup_s
         rec["warm"] = run_client(client_args(args, args.seed), "control", args.num_prompts, url, work)
-        rec["phases"] = {phase: run_phase(args, phase, repeat, url, work, doc) for phase in order}
+        rec["capacity_rps"] = capacity_rps(rec["warm"])
+        rate = None
+        if args.load_fraction is not None:
+            if rec["capacity_rps"] is None:
+                raise RuntimeError(f"the warm-up load reported no throughput: {rec['warm']}")
+            rate = args.load_fraction * rec["capacity_rps"]
+            print(f"   capacity {rec['capacity_rps']:.3f} req/s at concurrency {args.concurrency}; load "
+                  f"{args.load_fraction:.0%} of it: {rate:.3f} req/s (Poisson)", flush=True)
+        rec["request_rate"] = rate
+        rec["phases"] = {phase: run_phase(args, phase, repeat, url, work, doc, rate) for phase in order}
     rec["thread_setup"] = thread_setup(log)
     rec["wall_s"] = time.monotonic() - t0
     rec["ratios"] = ratios(rec)
@@ -185,6 +217,9 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out[name] = statistics.median(vals) if vals else None
         out[f"{name}_per_repeat"] = vals
     out["job_active_fraction"] = [r["phases"]["job"]["job_active_fraction"] for r in ok]
+    out["job_finished_during_load"] = [r["phases"]["job"].get("job_finished_during_load") for r in ok]
+    out["request_rate"] = [r.get("request_rate") for r in ok]
+    out["capacity_rps"] = [r.get("capacity_rps") for r in ok]
     out["no_job_active_fraction"] = [r["phases"]["no-job"]["job_active_fraction"] for r in ok]
     out["failed_requests"] = sum(int(p["client"].get("failed") or 0) for r in runs for p in r["phases"].values())
     # the load's wall time too: a stall that only the few requests then running wait through (one gap each)
@@ -199,7 +234,11 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"Client latency while a KVzip job scores a {st['job_prefix_len']}-token document, over the same "
              f"server's load without a job ({doc['meta'].get('engine', st['engine'])}, {len(s['repeats'])} repeats, "
              f"phase order flipped each repeat; load: {st['num_prompts']} random prompts of {st['input_len']} + "
-             f"{st['output_len']} tokens at concurrency {st['concurrency']}). Target <= {TARGET}x.", "",
+             f"{st['output_len']} tokens at concurrency {st['concurrency']}"
+             + ("" if st.get("load_fraction") is None else
+                f", sent as Poisson arrivals at {st['load_fraction']:.0%} of the rate the warm-up load measured ("
+                + ", ".join(f"{x:.3f}" for x in s.get("request_rate") or []) + " req/s)")
+             + f"). Target <= {TARGET}x.", "",
              "| job / no-job | median | per repeat |", "|---|---|---|"]
     for name, _ in ALL_RATIOS:
         med = s[name]
@@ -208,6 +247,9 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += ["", "Share of the job-phase load that ran beside the job (poller): "
               + ", ".join("n/a" if x is None else f"{x:.2f}" for x in s["job_active_fraction"])
               + f"; failed requests: {s['failed_requests']}; meets the target: {s['meets_target']}.", ""]
+    if s.get("job_finished_during_load"):
+        lines[-1:] = [f"Job finished while the load ran: {', '.join(str(x) for x in s['job_finished_during_load'])}.",
+                      ""]
     if doc.get("caveat"):
         lines += [f"**Caveat:** {doc['caveat']}", ""]
     return "\n".join(lines)
@@ -224,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--num-prompts", type=int, default=12)
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--load-fraction", type=float, default=None,
+                   help="send the phases' load as Poisson arrivals at this fraction of the requests/s the warm-up "
+                   "load (closed loop at --concurrency) got through, e.g. 0.5 (issue 17's 50 %% load); default: "
+                   "closed loop, as many requests in flight as --concurrency (a server never idle)")
     p.add_argument("--job-prefix-len", type=int, default=2048, help="tokens of the document the job scores")
     p.add_argument("--job-wait", type=float, default=60.0, help="max seconds to wait for the job to be queued")
     p.add_argument("--max-model-len", type=int, default=None, help="default job prefix + 512")
@@ -250,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         from kvzip_plugin.hf.models import demo_model_dir
 
         args.model = str(demo_model_dir())
+    if args.load_fraction is not None and not 0 < args.load_fraction <= 1:
+        p.error("--load-fraction must be in (0, 1]")
     if min(args.repeats, args.num_prompts, args.concurrency) < 1:
         p.error("--repeats, --num-prompts and --concurrency must be >= 1")
     if args.job_prefix_len < args.min_prefix_tokens:

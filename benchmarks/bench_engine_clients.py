@@ -87,11 +87,13 @@ def client_argv(args: argparse.Namespace, scenario: str, num_prompts: int, url: 
     `concurrency` requests in flight (default `--concurrency`)."""
     p, s, o, n = args.prefix_len, args.suffix_len, args.output_len, args.num_prefixes
     concurrency = concurrency or args.concurrency
+    rate = getattr(args, "request_rate", None)  # requests/s, Poisson arrivals (both clients); None: all at once
+    rate_argv = [] if rate is None else ["--request-rate", f"{rate:.4f}"]
     if args.engine == "vllm":
         common = ["--backend", "vllm", "--base-url", url, "--model", SERVED_NAME, "--tokenizer", str(args.model),
                   "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--seed",
                   str(args.seed), "--ignore-eos", "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el",
-                  "--metric-percentiles", "50,99,100"]
+                  "--metric-percentiles", "50,99,100"] + rate_argv
         if scenario == "control":
             return common + ["--dataset-name", "random", "--random-input-len", str(p + s), "--random-output-len",
                              str(o), "--random-range-ratio", "0"]
@@ -101,7 +103,7 @@ def client_argv(args: argparse.Namespace, scenario: str, num_prompts: int, url: 
     # no client warm-up request: the benchmarks warm the server themselves, and a warm-up request sent while
     # a job runs would wait out a stall unmeasured (vLLM's client sends none by default)
     common = ["--backend", "sglang", "--base-url", url, "--tokenizer", str(args.model), "--max-concurrency",
-              str(concurrency), "--seed", str(args.seed), "--disable-tqdm", "--warmup-requests", "0"]
+              str(concurrency), "--seed", str(args.seed), "--disable-tqdm", "--warmup-requests", "0"] + rate_argv
     if scenario == "control":
         return common + ["--dataset-name", "random-ids", "--num-prompts", str(num_prompts), "--random-input-len",
                          str(p + s), "--random-output-len", str(o), "--random-range-ratio", "1"]
