@@ -14,9 +14,11 @@ job) on one fresh `--kv-compression kvzip` server per repeat, in two phases:
   poller records which part of the load ran beside it (`job_active_fraction`: a ratio over a load the
   job only partly covered understates the stall; size `--job-prefix-len` so it covers it all).
 
-Each phase uses its own random prompts (client seeds `--seed + 1` and `--seed + 2`, the same in every
-repeat; a warm-up load with seed `--seed` comes first) so the second phase never hits the first one's
-cache. The phase order flips every repeat (no-job first, then job first, ...): a drift of the machine does
+Both phases send the same load (client seed `--seed + 1`: the same prompts and, with `--load-fraction`, the
+same Poisson arrival times; a warm-up load with seed `--seed` comes first), and the engine's prefix cache is
+reset before each phase (vLLM `POST /reset_prefix_cache`, SGLang `POST /flush_cache`, with no request
+running) so the second phase never hits the first one's cache. (Before 2026-12-03 the phases used seeds
+`--seed + 1` and `--seed + 2`: different prompts and arrival bursts, a bias of up to ~10 % between phases.) The phase order flips every repeat (no-job first, then job first, ...): a drift of the machine does
 not favour one phase. After the job phase the benchmark waits for the job to end and records its outcome
 from the plugin's counters.
 
@@ -139,14 +141,23 @@ def pool_blocks(args: argparse.Namespace) -> int:
     return max(job + load, math.ceil(args.max_model_len / bs) + 1)
 
 
+def reset_cache(url: str, engine: str) -> None:
+    """Empty the engine's prefix cache (no request runs: both engines accept it then)."""
+    path = "/reset_prefix_cache" if engine == "vllm" else "/flush_cache"
+    req = urllib.request.Request(url.rstrip("/") + path, data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        resp.read()
+
+
 def run_phase(args: argparse.Namespace, phase: str, repeat: int, url: str, work: Path, doc: str,
               rate: float | None) -> dict[str, Any]:
     prefix = f"{args.engine}:"
     rec: dict[str, Any] = {"phase": phase, "load_average_at_start": os.getloadavg(), "request_rate": rate}
+    reset_cache(url, args.engine)  # the same prompts as the other phase: none may hit its cache
     before = scrape(url)
     if phase == "job":
         rec["trigger"] = start_job(url, doc, prefix, args.job_wait, args.request_timeout)
-    seed = args.seed + (2 if phase == "job" else 1)
+    seed = args.seed + 1
     with MetricsPoller(url, interval=args.metrics_interval, prefix=prefix) as poller:
         t0 = time.monotonic()
         rec["client"] = run_client(client_args(args, seed, rate), "control", args.num_prompts, url, work)
@@ -177,7 +188,10 @@ def run_repeat(args: argparse.Namespace, repeat: int, tokenizer: Any, work: Path
                            "log": str(log)}
     doc = document(tokenizer, args.job_prefix_len, args.seed + 100 + repeat)
     t0 = time.monotonic()
-    with Server(cmd, server_env(server_args(args)), log, url, args.startup_timeout) as server:
+    env = server_env(server_args(args))
+    if args.engine == "vllm":
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # /reset_prefix_cache
+    with Server(cmd, env, log, url, args.startup_timeout) as server:
         rec["startup_s"] = server.startup_s
         rec["warm"] = run_client(client_args(args, args.seed), "control", args.num_prompts, url, work)
         rec["capacity_rps"] = capacity_rps(rec["warm"])
