@@ -20,7 +20,7 @@ Both slices adapt to measured step times (running means of the client-only steps
   took more than `target_slowdown` times a plain decode step, grows by half if it stayed within half that
   margin, and stays otherwise, between `MIN_STEP_TOKENS` and the budget's `step_tokens`, starting small
   (`INITIAL_STEP_TOKENS`: a first slice of the full budget stalled the clients for a second on a CPU). When
-  even the smallest slice breaks the target twice in a row there is no room in the decode steps (a CPU: a
+  even the smallest slice breaks the target (`NO_ROOM_STRIKES`) there is no room in the decode steps (a CPU: a
   scoring step's fixed cost alone doubles a small decode step), and scoring waits for steps without clients
   (`share_decode` off); a forced slice re-measures, and turns sharing back on if it fits;
 * in a step without clients (the gaps of a partly loaded server), the slice is sized so that its step takes
@@ -54,6 +54,12 @@ INITIAL_STEP_TOKENS = 16
 
 DEFAULT_TARGET_SLOWDOWN = 1.2
 """Step time with a slice / without, that the adaptive slices aim to stay under (issue 17's target)."""
+
+NO_ROOM_STRIKES = 1
+"""Steps over the target at the smallest slice after which no slice fits beside decoding clients: one, since
+each such step slowed every running request (a CPU job's first three slices doubled the p99 inter-token
+latency of a short load with two strikes); a wrong call costs one forced slice per `busy_wait_s`, which
+re-measures."""
 
 DEFAULT_BUSY_WAIT_S = 30.0
 """Longest wait for room beside decoding clients, where even the smallest slice breaks the target: under a
@@ -136,7 +142,7 @@ class ScoringGate:
             if slowdown > target:
                 if self.step_tokens <= MIN_STEP_TOKENS:
                     self._over_at_min += 1
-                    if self._over_at_min >= 2 and self.share_decode:
+                    if self._over_at_min >= NO_ROOM_STRIKES and self.share_decode:
                         self.share_decode = False
                         self.no_room += 1
                 self.step_tokens = max(MIN_STEP_TOKENS, self.step_tokens // 2)
