@@ -27,6 +27,11 @@ SCORING_STEP_TOKENS = "8"
 """Scoring slices of 8 tokens at most: on the tiny model a job then spans tens of steps instead of one to three,
 so that aborts, resets and restarts land inside jobs, not between them."""
 
+SCORING_MAX_SLOWDOWN = "1000"
+"""Slices share the clients' steps whatever this machine's step times: the suite's load never leaves the server
+idle, and with the default (1.2) a CPU job would wait for the load to end (by design, `kvzip_plugin/slicing.py`),
+so no job would run inside the load the suite perturbs."""
+
 
 
 def post_status(url: str) -> dict:
@@ -80,7 +85,8 @@ class VLLMServer:
         else:
             cmd += ["--kv-compression", "kvzip", "--kv-compression-ratio", str(ratio),
                     "--kv-compression-structure", structure, "--kv-compression-min-prefix-tokens", "64",
-                    "--kv-compression-min-hits", "2", "--kv-compression-scoring-step-tokens", SCORING_STEP_TOKENS]
+                    "--kv-compression-min-hits", "2", "--kv-compression-scoring-step-tokens", SCORING_STEP_TOKENS,
+                    "--kv-compression-scoring-max-slowdown", SCORING_MAX_SLOWDOWN]
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -193,7 +199,8 @@ class SGLangServer:
         else:
             args += ["--kv-compression", "kvzip", "--kv-compression-ratio", str(ratio), "--kv-compression-structure",
                      structure, "--kv-compression-min-prefix-tokens", "64", "--kv-compression-min-hits", "2",
-                     "--kv-compression-scoring-step-tokens", SCORING_STEP_TOKENS]
+                     "--kv-compression-scoring-step-tokens", SCORING_STEP_TOKENS,
+                     "--kv-compression-scoring-max-slowdown", SCORING_MAX_SLOWDOWN]
         self.server = harness.SGLangServer(model_dir, *args, log_path=log_path,
                                            env={"KVZIP_DUMP_DIR": str(self.dump_dir)})
         self.url = self.server.url

@@ -46,9 +46,11 @@ def plugin_none(tiny_model_dir):
 @pytest.fixture(scope="module")
 def plugin_kvzip(tiny_model_dir):
     # trigger lowered to the 96-token shared prefix: the prefix is scored and compacted at ratio 1.0 across
-    # processes (metadata scheduler -> worker, acknowledgements back), and outputs must not change
+    # processes (metadata scheduler -> worker, acknowledgements back), and outputs must not change; scoring
+    # may share the decoding requests' steps (else on a CPU it waits for them to end, after the run returns)
     return run_llm(tiny_model_dir, single_process=False, KVZIP_KV_COMPRESSION="kvzip",
-                   KVZIP_KV_COMPRESSION_RATIO="1.0", KVZIP_KV_COMPRESSION_MIN_PREFIX_TOKENS="64")
+                   KVZIP_KV_COMPRESSION_RATIO="1.0", KVZIP_KV_COMPRESSION_MIN_PREFIX_TOKENS="64",
+                   KVZIP_KV_COMPRESSION_SCORING_MAX_SLOWDOWN="1000")
 
 
 def test_baseline_engine(baseline):
@@ -71,7 +73,8 @@ def test_none_is_token_identical(baseline, plugin_none):
 
 def test_kvzip_ratio_one_multiprocess_is_token_identical(baseline, plugin_kvzip):
     assert plugin_kvzip["kv_connector"] == "KVzipConnector"
-    assert plugin_kvzip["kv_connector_extra_config"] == {"kvzip": {"ratio": 1.0, "min_prefix_tokens": 64}}
+    assert plugin_kvzip["kv_connector_extra_config"] == {"kvzip": {"ratio": 1.0, "min_prefix_tokens": 64,
+                                                                   "scoring_max_slowdown": 1000.0}}
     assert plugin_kvzip["worker_kv_connector"] == "kvzip_plugin.integrations.vllm.connector.KVzipConnector"
     log = plugin_kvzip["log"]
     # one connector per role, each in its own process; the plugin registered in EngineCore and worker
