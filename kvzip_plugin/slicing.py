@@ -126,6 +126,15 @@ class ScoringGate:
     def _mean(old: float | None, new: float) -> float:
         return new if old is None else 0.8 * old + 0.2 * new
 
+    def _resized(self, tokens: int, over: bool, within_half: bool) -> int:
+        """A slice after a step it took part in: halved when the step was over its bound, grown by half when
+        it stayed within half of it, else kept; between `MIN_STEP_TOKENS` and the budget's `step_tokens`."""
+        if over:
+            return max(MIN_STEP_TOKENS, tokens // 2)
+        if within_half:
+            return min(self.budget.step_tokens, tokens + max(1, tokens // 2))
+        return tokens
+
     def _observe(self, now: float) -> None:
         """Time the previous step (scheduled at `_last[1]`, measured now) by its kind."""
         if self._last is None:
@@ -145,24 +154,20 @@ class ScoringGate:
                     if self._over_at_min >= NO_ROOM_STRIKES and self.share_decode:
                         self.share_decode = False
                         self.no_room += 1
-                self.step_tokens = max(MIN_STEP_TOKENS, self.step_tokens // 2)
             else:
                 self._over_at_min = 0
                 self.share_decode = True
-                if slowdown <= lo:
-                    self.step_tokens = min(self.budget.step_tokens, self.step_tokens + max(1, self.step_tokens // 2))
+            self.step_tokens = self._resized(self.step_tokens, slowdown > target, slowdown <= lo)
         elif kind == "idle" and self.prefill_step_s is not None:
             allowed = (target - 1) * self.prefill_step_s
-            if elapsed > allowed:
-                self.idle_tokens = max(MIN_STEP_TOKENS, self.idle_tokens // 2)
-            elif elapsed <= allowed / 2:
-                self.idle_tokens = min(self.budget.step_tokens, self.idle_tokens + max(1, self.idle_tokens // 2))
+            self.idle_tokens = self._resized(self.idle_tokens, elapsed > allowed, elapsed <= allowed / 2)
 
     @staticmethod
     def _client_kind(client_prefill: bool, clients_decoding: bool) -> str | None:
         return "prefill" if client_prefill else "plain" if clients_decoding else None
 
-    def _waited(self, since: float | None, wait_s: float, now: float) -> tuple[float, bool]:
+    @staticmethod
+    def _waited(since: float | None, wait_s: float, now: float) -> tuple[float, bool]:
         since = now if since is None else since
         return since, now - since >= wait_s
 
