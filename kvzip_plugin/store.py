@@ -74,6 +74,18 @@ def uniform_tokens(keep: torch.Tensor) -> torch.Tensor | None:
     return keep.nonzero()[:, 2].view(keep.shape[0], keep.shape[1], n)
 
 
+def block_table_tokens(keep: torch.Tensor, structure: str, ratio: float, tp_size: int = 1) -> torch.Tensor | None:
+    """`uniform_tokens(keep)` where the engine may lay the store out in its own block table: under tensor
+    parallelism every rank must choose the same layout (the scheduler publishes one physical length and one
+    attention path for the store), but each rank sees only its own heads' runs, which can be equal on one
+    rank and not on another. So with `tp_size > 1` only the structures whose runs are equal on every rank by
+    construction (`head`; any structure at ratio 1.0, which keeps everything) use the block table; the
+    others always go to head pages."""
+    if tp_size > 1 and structure != "head" and ratio < 1.0:
+        return None
+    return uniform_tokens(keep)
+
+
 @dataclass(frozen=True)
 class HeadPageLayout:
     """Where each (layer, KV head)'s run of a compacted prefix lies in the store's blocks.

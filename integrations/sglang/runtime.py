@@ -22,6 +22,12 @@ def unsupported_runtime_reason(cache: Any, server_args: Any, tp_worker: Any) -> 
             return "speculative_decoding", "speculative decoding is not supported"
         if int(getattr(server_args, "pp_size", 1) or 1) > 1:
             return "pipeline_parallel", "pipeline parallelism is not supported"
+        if int(getattr(server_args, "tp_size", 1) or 1) > 1:
+            # every TP rank runs its own copy of the scheduler and must form the same batches (SGLang broadcasts
+            # the requests and agrees on failures across ranks); the plugin's scoring gate decides on each
+            # rank's own step timings, so two ranks could schedule different batches and hang in a collective
+            return "tensor_parallel", ("tensor parallelism is not supported on SGLang yet (each rank's scheduler "
+                                       "would time its own scoring slices; use --tp-size 1, or vLLM)")
         if getattr(server_args, "enable_session_radix_cache", False) or getattr(
                 server_args, "enable_streaming_session", False):
             return "sessions", "session radix caches / streaming sessions are not supported"

@@ -123,7 +123,7 @@ class KVzipConnector(KVConnectorBase_V1):
             _wrap_reset_prefix_cache()
             _wrap_make_stats()
         else:
-            self.worker = WorkerState(config.score_query_block)
+            self.worker = WorkerState(config.score_query_block, vllm_config.parallel_config.tensor_parallel_size)
             if not self.disabled:
                 runner.install(self.worker)
         if not self.disabled:

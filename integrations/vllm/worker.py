@@ -11,8 +11,13 @@
   command's structure (`store.select_runs`). If every run has the same length P (always for `head`;
   `pair` at ratio 1.0) they are laid out by `plan_compaction` (slot j of every head = its j-th kept
   token) and served by vLLM's own kernel; otherwise they go to head pages (`store.py`) and are served
-  by the plugin's attention (`attention.py`). Source blocks are only read. Each rank selects its own
-  heads' tokens (under tensor parallelism `pair`'s threshold is per rank).
+  by the plugin's attention (`attention.py`). Source blocks are only read.
+* Tensor parallelism: each rank holds its own KV heads, scores them and selects their pairs (`pair`'s
+  threshold is per rank, so every rank keeps the same fraction and no rank's blocks sit half empty: the
+  scheduler reserves the same block ids on every rank, so the fullest rank would set the block count).
+  The layout must be the same on every rank (the scheduler publishes one `L - P` and one path for the
+  store), so under TP > 1 a `pair` / `layer_budget` store always goes to head pages, even on a rank whose
+  runs happen to be equal; `kvzip_head` takes the rank's rows of the head-score file.
 * Offsets: `offsets[req_id] = L - P` for scheduled requests on a compacted prefix; the runner
   adapter (`runner.py`) turns them into physical slots and `seq_lens`.
 """
@@ -44,7 +49,7 @@ from kvzip_plugin.metrics import KVzipStats, ScoringClock
 from kvzip_plugin.paged_store import PagedStore, StoreIndex, write_store
 from kvzip_plugin.scoring.kvzip import chunk_scores
 from kvzip_plugin.step_decode import PrefixPageCache
-from kvzip_plugin.store import place_runs, select_runs, uniform_tokens
+from kvzip_plugin.store import block_table_tokens, place_runs, select_runs
 
 logger = logging.getLogger("vllm.kvzip_plugin.worker")
 
@@ -62,8 +67,10 @@ class _JobScores:
 class WorkerState:
     """Per-worker KVzip state. One instance per worker process (the connector's)."""
 
-    def __init__(self, query_block: int = 512) -> None:
+    def __init__(self, query_block: int = 512, tp_size: int = 1) -> None:
         self.query_block = query_block
+        self.tp_size = tp_size
+        self.tp_rank = 0  # set in `register` (the distributed state exists by then)
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.layer_index: dict[str, int] = {}
         self.layer_names: list[str] = []
@@ -97,6 +104,7 @@ class WorkerState:
         `Attention` modules, `manager_block_size` is the scheduler's block size (the ids the worker is
         sent). Any layer we cannot address disables KVzip in this worker."""
         self.kv_caches = dict(kv_caches)
+        self.tp_rank = _tp_rank() if self.tp_size > 1 else 0
         self._readers: dict[int, Any] = {}
         self.prefix_pages = PrefixPageCache(size=64 * max(len(kv_caches), 1))  # ~64 sets of stores
         self.layer_index = {name: i for i, name in enumerate(self.kv_caches)}
@@ -295,11 +303,11 @@ class WorkerState:
             if cmd.head_scores is not None:  # kvzip_head: no scoring pass
                 spec = next(iter(self.specs.values()))
                 n_context = len(cmd.src_block_ids) * spec.block_size - cmd.n_protected
-                scores = head_level_scores(torch.tensor(cmd.head_scores), n_context)
+                rows = rank_head_rows(torch.tensor(cmd.head_scores), spec.num_kv_heads, self.tp_rank, self.tp_size)
+                scores = head_level_scores(rows, n_context)
                 if scores.shape[:2] != (len(self.kv_caches), spec.num_kv_heads):
-                    raise RuntimeError(f"head scores for {tuple(scores.shape[:2])} (layers, KV heads), this worker "
-                                       f"holds {len(self.kv_caches)} layers of {spec.num_kv_heads} KV heads "
-                                       "(TP > 1 is not supported by kvzip_head)")
+                    raise RuntimeError(f"head scores for {tuple(scores.shape[:2])} (layers, this rank's KV heads), "
+                                       f"this worker holds {len(self.kv_caches)} layers of {spec.num_kv_heads}")
                 job = _JobScores(scores, n_context + cmd.n_protected)
             if job is None:
                 raise RuntimeError("no scores were captured for this job")
@@ -318,8 +326,8 @@ class WorkerState:
         """Choose the runs and copy them. Returns (blocks used, head pages?, keep `[layers, H_kv, L]`)."""
         bs = next(iter(self.specs.values())).block_size
         keep = select_runs(job.scores.cpu(), cmd.n_protected, cmd.ratio, cmd.structure, bs)
-        tokens = uniform_tokens(keep)
-        if tokens is not None:  # one length everywhere (`head`: what the scheduler reserved): vLLM's kernel
+        tokens = block_table_tokens(keep, cmd.structure, cmd.ratio, self.tp_size)
+        if tokens is not None:  # one length everywhere (`head`: what the scheduler reserved), every rank: vLLM's kernel
             dst = cmd.dst_block_ids[:tokens.shape[-1] // bs]
             plan = plan_compaction(tokens, cmd.src_block_ids, dst, bs)
             for name, kv in self.kv_caches.items():
@@ -339,16 +347,38 @@ class WorkerState:
         self.store_index.add(cmd.job_id, PagedStore.build(store_layout, dst))
         return len(dst), True, keep
 
-    @staticmethod
-    def _dump(cmd: CompactCommand, keep: torch.Tensor, job: _JobScores) -> None:
+    def _dump(self, cmd: CompactCommand, keep: torch.Tensor, job: _JobScores) -> None:
         out = envs.dump_dir()
         if out is None:
             return
         Path(out).mkdir(parents=True, exist_ok=True)
-        torch.save({"job_id": cmd.job_id, "keep": keep, "scores": job.scores.cpu(), "structure": cmd.structure,
-                    "src_block_ids": cmd.src_block_ids, "dst_block_ids": cmd.dst_block_ids,
+        name = f"job-{cmd.job_id}.pt" if self.tp_size == 1 else f"job-{cmd.job_id}-rank{self.tp_rank}.pt"
+        torch.save({"job_id": cmd.job_id, "tp_rank": self.tp_rank, "keep": keep, "scores": job.scores.cpu(),
+                    "structure": cmd.structure, "src_block_ids": cmd.src_block_ids, "dst_block_ids": cmd.dst_block_ids,
                     "n_protected": cmd.n_protected, "prefix_len": job.prefix_len},
-                   Path(out) / f"job-{cmd.job_id}.pt")
+                   Path(out) / name)
+
+
+def _tp_rank() -> int:
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return int(get_tensor_model_parallel_rank())
+
+
+def rank_head_rows(head_scores: torch.Tensor, local_kv_heads: int, rank: int, tp_size: int) -> torch.Tensor:
+    """This rank's columns of `[layers, total KV heads]` head scores. vLLM gives rank r the KV heads
+    `[r * H_local, (r + 1) * H_local)`, or, when TP exceeds the KV head count, a replica of head
+    `r // (tp_size // total)` (`QKVParallelLinear`). A file of another width is returned as it is (the
+    caller's shape check names it)."""
+    total = head_scores.shape[1]
+    if tp_size == 1 or total == local_kv_heads:
+        return head_scores
+    if total >= tp_size and total == local_kv_heads * tp_size:
+        return head_scores[:, rank * local_kv_heads:(rank + 1) * local_kv_heads]
+    if total < tp_size and local_kv_heads == 1 and tp_size % total == 0:
+        head = rank // (tp_size // total)
+        return head_scores[:, head:head + 1]
+    return head_scores
 
 
 def _unplain(impl: Any) -> str | None:

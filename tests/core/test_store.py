@@ -8,6 +8,7 @@ import torch
 
 from kvzip_plugin.eviction import plan_eviction
 from kvzip_plugin.store import (
+    block_table_tokens,
     copy_plan,
     max_store_blocks,
     place_runs,
@@ -58,6 +59,24 @@ def test_head_runs_are_the_physical_budget_selection(ratio):
     keep = select_runs(scores, n_p, ratio, "head", PS)
     assert torch.equal(uniform_tokens(keep), top_kept_tokens(scores, P - n_p, n_p))
     assert uniform_tokens(select_runs(scores, n_p, 0.3, "pair", PS)) is None
+
+
+def test_tensor_parallel_ranks_agree_on_the_layout():
+    """Under TP a rank sees only its own heads' runs: runs that happen to be equal on this rank must not put
+    the store in the block table while another rank's unequal runs put it in head pages. Only `head` and
+    ratio 1.0 (equal runs on every rank by construction) keep the block table with TP > 1."""
+    scores, n_p = uneven_scores(n_layers=2, n_heads=1, n_ctx=60), 4
+    keep = select_runs(scores, n_p, 0.5, "pair", PS)
+    equal = keep.clone()
+    equal[1] = keep[0]  # this rank's two runs happen to have one length
+    assert uniform_tokens(equal) is not None
+    assert torch.equal(block_table_tokens(equal, "pair", 0.5, tp_size=1), uniform_tokens(equal))
+    assert block_table_tokens(equal, "pair", 0.5, tp_size=2) is None
+    assert block_table_tokens(equal, "layer_budget", 0.5, tp_size=2) is None
+    head = select_runs(scores, n_p, 0.5, "head", PS)
+    assert torch.equal(block_table_tokens(head, "head", 0.5, tp_size=4), uniform_tokens(head))
+    full = select_runs(scores, n_p, 1.0, "pair", PS)
+    assert torch.equal(block_table_tokens(full, "pair", 1.0, tp_size=2), uniform_tokens(full))
 
 
 def test_next_best_pairs_fill_the_page():

@@ -147,6 +147,8 @@ def test_job_gauges_are_published_when_they_change():
 @pytest.mark.parametrize(("server_args", "code"), [
     ({"speculative_algorithm": "EAGLE"}, "speculative_decoding"),
     ({"pp_size": 2}, "pipeline_parallel"),
+    ({"tp_size": 2}, "tensor_parallel"),
+    ({"tp_size": 1}, "no_model"),
     ({"enable_session_radix_cache": True}, "sessions"),
     ({"enable_streaming_session": True}, "sessions"),
     ({"enable_unified_cache_external_linker": True}, "external_linker"),

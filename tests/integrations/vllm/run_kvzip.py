@@ -13,7 +13,8 @@ prefix, different cache salts), `churn` (random admissions and aborts while pref
 `cancel` (the prefix cache is reset while a job scores), `repeat` (the same prompt twice), `stores`
 (one batch decoding on two compacted prefixes at once, beside a plain request), `sliced`
 (a job scores beside decoding clients and a late client prefill; every step's scheduled tokens).
-`KVZIP_TEST_PREFIX_CACHING=0` turns vLLM's prefix caching off.
+`KVZIP_TEST_PREFIX_CACHING=0` turns vLLM's prefix caching off; `KVZIP_TEST_TP=2` runs tensor parallelism
+over two CPU workers (the `mp` executor: the workers are other processes, so `prefix_attention` is None).
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ def make_llm(model_dir: str):
 
     prefix_caching = os.environ.get("KVZIP_TEST_PREFIX_CACHING", "1") == "1"
     dtype = os.environ.get("KVZIP_TEST_DTYPE", "float32")  # GPU runs: bfloat16 (FlashAttention)
+    tp = int(os.environ.get("KVZIP_TEST_TP", "1"))
+    parallel = {} if tp == 1 else {"tensor_parallel_size": tp, "gpu_memory_utilization": 0.2}
     return LLM(model=model_dir, tokenizer=model_dir, dtype=dtype, enable_prefix_caching=prefix_caching,
                block_size=BLOCK_SIZE, max_model_len=1024, max_num_seqs=4, enforce_eager=True, seed=0,
-               distributed_executor_backend="uni", disable_log_stats=False)
+               distributed_executor_backend="uni" if tp == 1 else "mp", disable_log_stats=False, **parallel)
 
 
 class Harness:

@@ -11,6 +11,7 @@ compacted prefix. Structures: `head` (vLLM's own block table and kernel) and `pa
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 pytest.importorskip("vllm")
 
 from kvzip_plugin.hf.attention import install  # noqa: E402
-from kvzip_plugin.store import place_runs  # noqa: E402
+from kvzip_plugin.store import place_runs, select_runs  # noqa: E402
 from tests.integrations.reference import check_against_reference  # noqa: E402
 from tests.integrations.vllm.run_kvzip import BLOCK_SIZE, MAX_TOKENS  # noqa: E402
 from tests.integrations.vllm.spawn import spawn  # noqa: E402
@@ -220,6 +221,56 @@ def test_head_level_scorer_compacts_without_a_scoring_pass(tiny_model_dir, tmp_p
         assert kept == list(range(n_p)) + list(range(L - (page - n_p), L))  # protected + most recent
     assert len(_adopted(res)) == 4
     _check_against_reference(reference_model, res["prefix"], keep, n_p, res["requests"], res["suffixes"])
+
+
+TP2 = {"KVZIP_TEST_TP": "2", "VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+       "VLLM_CPU_KVCACHE_SPACE": "1"}
+"""Tensor parallelism over two CPU workers, one core each (vLLM CPU binds a worker's threads per NUMA node,
+and this machine has one: the binding is given)."""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or not {0, 1} <= os.sched_getaffinity(0),
+                    reason="TP=2 on the CPU engine binds one worker to core 0 and one to core 1")
+@pytest.mark.parametrize("scorer", ["kvzip", "kvzip_head"])
+def test_tensor_parallel_ranks_compact_their_own_heads(tiny_model_dir, tmp_path, reference_model, kvzip_seq, dump_dir,
+                                                       scorer):
+    """TP=2: each of the two workers holds one of the tiny model's two KV heads. Each rank scores its own
+    head (the same scores as one worker gives that head), selects its pairs with its own `pair` threshold
+    (each rank keeps the ratio of its own pairs), and both lay the store out in head pages, the layout the
+    scheduler publishes for every rank; outputs equal transformers on the union of the ranks' kept pairs.
+    `kvzip_head`: each rank takes its own column of the head-score file."""
+    env = {**TP2, "KVZIP_KV_COMPRESSION_STRUCTURE": "pair", "KVZIP_DUMP_DIR": str(tmp_path / "dump")}
+    if scorer == "kvzip_head":
+        from transformers import AutoConfig
+
+        from kvzip_plugin.head_scores import save_head_scores
+
+        path = tmp_path / "heads.json"
+        save_head_scores(path, torch.tensor([[0.9, 0.1], [0.2, 0.8]]), AutoConfig.from_pretrained(tiny_model_dir),
+                         "tiny-llama", "test")
+        env |= {"KVZIP_KV_COMPRESSION_SCORER": "kvzip_head", "KVZIP_KV_COMPRESSION_HEAD_SCORES": str(path)}
+    res = scenario(tiny_model_dir, "sequential", "kvzip", 0.5, **env)
+    state = res["kvzip"]
+    assert state["finished"] == {"committed": 1, "failed": 0, "cancelled": 0}
+    ranks = sorted((torch.load(f) for f in (tmp_path / "dump").glob("job-*-rank*.pt")), key=lambda d: d["tp_rank"])
+    assert [d["tp_rank"] for d in ranks] == [0, 1]
+    assert all(d["keep"].shape == (2, 1, L) for d in ranks)  # one KV head per rank
+    n_p = ranks[0]["n_protected"]
+    for d in ranks:  # each rank's own threshold over its own scores
+        assert torch.equal(d["keep"], select_runs(d["scores"], n_p, 0.5, "pair", BLOCK_SIZE))
+    keep = torch.cat([d["keep"] for d in ranks], dim=1)  # [layers, 2 KV heads, L]
+    if scorer == "kvzip":
+        (one_worker,) = sorted(Path(dump_dir).glob("job-*.pt"))  # TP=1, the same prefix and scoring pass
+        torch.testing.assert_close(torch.cat([d["scores"] for d in ranks], dim=1), torch.load(one_worker)["scores"],
+                                   rtol=1e-3, atol=1e-5)
+    else:  # the best head of each rank's column keeps its span whole
+        assert "chunk(s)" not in res["log"] and bool(keep[0, 0].all()) and bool(keep[1, 1].all())
+    (prefix,) = state["compacted"]
+    n_blocks = max(place_runs(d["keep"].sum(-1), BLOCK_SIZE).n_blocks for d in ranks)
+    assert prefix["head_pages"] and prefix["P"] == n_blocks * BLOCK_SIZE < L
+    assert len(_adopted(res)) == 4
+    gaps = _check_against_reference(reference_model, res["prefix"], keep, n_p, res["requests"], res["suffixes"])
+    assert len(gaps) == 4 and max(gaps) > 1e-2  # the comparison can fail: the full cache gives other logprobs
 
 
 def test_mixed_steps_stay_correct(tiny_model_dir, tmp_path_factory, reference_model):

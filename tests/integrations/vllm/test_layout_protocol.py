@@ -201,3 +201,23 @@ def test_messages_survive_pickling():
     assert pickle.loads(pickle.dumps(meta)) == meta
     res = KVzipWorkerMetadata([CompactionResult(0, True)])
     assert pickle.loads(pickle.dumps(res)) == res
+
+
+@pytest.mark.parametrize("total,tp", [(8, 1), (8, 2), (8, 8), (2, 4), (4, 8)])
+def test_kvzip_head_takes_each_ranks_kv_heads(total, tp):
+    """`kvzip_head` under TP: each rank takes the head-score columns of the KV heads it holds, which vLLM's
+    `QKVParallelLinear` assigns as `shard_rank = tp_rank // num_kv_head_replicas` (heads replicated when TP
+    exceeds the KV head count)."""
+    import inspect
+
+    from kvzip_plugin.integrations.vllm.worker import rank_head_rows
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+
+    src = inspect.getsource(QKVParallelLinear)
+    assert "shard_rank = self.tp_rank // self.num_kv_head_replicas" in src
+    assert "self.num_kv_head_replicas = divide(tp_size, self.total_num_kv_heads)" in src
+    scores = torch.arange(3 * total, dtype=torch.float32).view(3, total)  # [layers, total KV heads]
+    local, replicas = (1, tp // total) if tp >= total else (total // tp, 1)
+    for rank in range(tp):
+        first = (rank // replicas) * local
+        assert torch.equal(rank_head_rows(scores, local, rank, tp), scores[:, first:first + local])
