@@ -91,7 +91,7 @@ class KVzipRadixCache(UnifiedRadixCache):
             min_hits=self.kvzip_settings.min_hits or policy.min_hits,
         )
         budget = scoring_budget(self.kvzip_settings, server_args)
-        self.slicing = Slicing(budget, self.page_size) if budget.step_tokens > 0 else None
+        self.slicing = Slicing(budget, self.page_size) if budget.step_tokens > 0 or budget.whole_when_idle else None
         self.jobs = Jobs(self)
         self.entries = CompactedEntries(self.token_to_kv_pool_allocator.free, self._entry_dropped)
         self.metrics = MetricsPublisher(params.enable_metrics, served_model_name(server_args))

@@ -22,7 +22,10 @@ every decoding client for as long as it runs. Per scheduling round (AROUND `Sche
 * interleave: after a round that ran a slice while clients decode and none waits, the next round defers
   prefill (AROUND `Scheduler._should_defer_prefill`, SGLang's own prefill/decode interval), so decoding
   clients get a step between two slices;
-* `full` (slicing off, or chunked prefill off: SGLang cannot split a prefill then): unchanged.
+* `full` (slicing off, or chunked prefill off: SGLang cannot split a prefill then): unchanged;
+* unsliced on SGLang's CPU backend (`WHOLE_SEQUENCE_BACKENDS`, `ScoringBudget.whole_when_idle`): a scoring
+  request is held (as `hold` above) while client requests decode or wait, at most `busy_wait_s`, and runs
+  whole in a round without client work: running requests are not stalled; one that arrives meanwhile waits.
 
 The slice adapts as on vLLM: the gate times each round against client-only decode rounds. Where SGLang runs
 prefill and decode in separate batches, a client's inter-token time during a job is about one decode step
@@ -56,10 +59,11 @@ def scoring_budget(settings: KVCompressionSettings, server_args: Any) -> Scoring
     backends = {getattr(server_args, name, None) for name in ("attention_backend", "prefill_attention_backend")}
     whole = sorted(b for b in backends if b in WHOLE_SEQUENCE_BACKENDS)
     if whole:
-        logger.info("kvzip-plugin: scoring runs unsliced: SGLang's %s attention backend computes every prefill chunk "
-                    "over the whole sequence, so each slice would cost a whole prefill (set "
-                    "--kv-compression-scoring-step-tokens to slice anyway)", whole[0])
-        return ScoringBudget(step_tokens=0)
+        logger.info("kvzip-plugin: scoring runs unsliced, in steps without client work: SGLang's %s attention "
+                    "backend computes every prefill chunk over the whole sequence, so each slice would cost a whole "
+                    "prefill (--kv-compression-scoring-step-tokens N slices anyway; 0 runs it beside clients)",
+                    whole[0])
+        return settings.scoring_budget().model_copy(update={"step_tokens": 0, "whole_when_idle": True})
     return settings.scoring_budget()
 
 
@@ -116,7 +120,8 @@ class Slicing:
                 self.deferring = False
         self.defer_next = False
         chunking = (getattr(sched, "chunked_prefill_size", None) or 0) > 0
-        decision: Decision = self.gate.decide(client_prefill, decoding, now) if chunking else "full"
+        gated = chunking or self.gate.budget.whole_when_idle  # unsliced scoring may still wait for idle steps
+        decision: Decision = self.gate.decide(client_prefill, decoding, now) if gated else "full"
         if decision == "hold" and scoring_chunked and decoding and not client_prefill:
             # no room beside the decoding clients: the started scoring request waits, they decode
             self.deferring = True
@@ -124,7 +129,7 @@ class Slicing:
                 return original(sched, running_batch, last_batch, *args, **kwargs)
             finally:
                 self.deferring = False
-        if decision != "full" and not self.drain:
+        if decision != "full" and not self.drain and self.gate.budget.step_tokens > 0:
             tokens = self.gate.slice_tokens if decision == "slice" else self.gate.step_tokens
             self.cap = max(self.page_size, tokens // self.page_size * self.page_size)
         held = waiting if decision == "hold" else []

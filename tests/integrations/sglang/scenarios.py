@@ -97,8 +97,9 @@ def run_sequence(server, wait_job: bool = True, seed: int = 0, settle_each: bool
             "logprobs": [lp[0] for lp in meta["output_token_logprobs"]],
             "prompt_tokens": meta["prompt_tokens"],
             "cached_tokens": meta["cached_tokens"],
-            # KV slots in use at each decode step while the request ran alone (0: logged after it finished)
-            "decode_tokens": [int(m.group(2)) for m in _DECODE.finditer(segment)
+            # KV slots in use at each decode step while the request ran alone; the segment's last such line is
+            # logged after it finished (0, or the slots a queued job pins)
+            "decode_tokens": [int(m.group(2)) for m in list(_DECODE.finditer(segment))[:-1]
                               if m.group(1) == "1" and int(m.group(2)) > 0],
         })
         if i == 1 and wait_job:

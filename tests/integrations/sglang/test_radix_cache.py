@@ -84,17 +84,22 @@ def test_scoring_step_tokens_sets_the_slicing(pools):
 
 def test_slicing_is_off_by_default_where_a_chunk_costs_the_whole_sequence(pools, caplog):
     """SGLang's torch_native backend (its CPU one) computes every prefill chunk over the whole sequence, so a
-    slice costs a whole prefill (benchmarks/bench_scoring_stall_sglang.py): unsliced by default there, with
-    one log line; the flag still slices, and other backends keep the default."""
+    slice costs a whole prefill (benchmarks/bench_scoring_stall_sglang.py): unsliced by default there, in
+    rounds without client work (`whole_when_idle`), with one log line; the flag still slices (or, at 0, runs
+    scoring whole beside clients), and other backends keep the default."""
     from types import SimpleNamespace
 
     from kvzip_plugin.settings import make_settings
 
     native = SimpleNamespace(attention_backend="torch_native", prefill_attention_backend=None)
     with caplog.at_level(logging.INFO, logger="sglang.kvzip_plugin"):
-        assert _cache(pools, server_args=native).slicing is None
-    assert any("scoring runs unsliced: SGLang's torch_native attention backend" in r.getMessage()
-               for r in caplog.records)
+        budget = _cache(pools, server_args=native).slicing.gate.budget
+    assert budget.step_tokens == 0 and budget.whole_when_idle
+    assert any("scoring runs unsliced, in steps without client work: SGLang's torch_native attention backend"
+               in r.getMessage() for r in caplog.records)
+    slowdown = make_settings(scoring_max_slowdown=1.5)
+    assert _cache(pools, server_args=native, settings=slowdown).slicing.gate.budget.target_slowdown == 1.5
+    assert _cache(pools, server_args=native, settings=make_settings(scoring_step_tokens=0)).slicing is None
     sliced = _cache(pools, server_args=native, settings=make_settings(scoring_step_tokens=64))
     assert sliced.slicing.gate.budget.step_tokens == 64
     other = SimpleNamespace(attention_backend="flashinfer", prefill_attention_backend=None)
