@@ -12,11 +12,7 @@ the gate:
   `forced`), so a job finishes under any load;
 * `slice`: scoring may run, at most `slice_tokens` of it in this step (the engine caps the scoring request's
   prefill chunk): `step_tokens` beside decoding clients, `idle_tokens` in a step without clients;
-* `full`: slicing is off (`ScoringBudget.step_tokens == 0`): scoring runs as the engine schedules it,
-  whole; with `ScoringBudget.whole_when_idle` only in steps without client work (`hold` while clients
-  decode or wait, at most `busy_wait_s`, then it runs anyway). For an engine where a slice would cost a
-  whole prefill (SGLang's CPU backend), so a job's scoring prefills cannot be sliced: they at least do not
-  stall running requests, and only a request arriving while one runs waits for it.
+* `full`: slicing is off (`ScoringBudget.step_tokens == 0`): scoring runs as the engine schedules it.
 
 Both slices adapt to measured step times (running means of the client-only steps, kept by kind):
 
@@ -80,11 +76,7 @@ class ScoringBudget(BaseModel):
 
     step_tokens: int = Field(DEFAULT_STEP_TOKENS, ge=0)
     """Largest slice of scoring tokens per step; 0 = no slicing (a scoring prefill runs whole, beside client
-    requests unless `whole_when_idle`)."""
-
-    whole_when_idle: bool = False
-    """With `step_tokens == 0`: a scoring prefill runs whole only in a step without client work (it waits while
-    clients decode or wait, at most `busy_wait_s`). Set by an engine whose slices would cost a whole prefill."""
+    requests)."""
 
     max_wait_s: float = Field(2.0, gt=0.0, allow_inf_nan=False)
     """Longest a job's scoring is held back for client prefills before one slice goes through anyway."""
@@ -189,7 +181,8 @@ class ScoringGate:
         """
         self._observe(now)
         if self.budget.step_tokens == 0:
-            return self._whole(client_prefill, clients_decoding, now)
+            self._last = None
+            return "full"
         decision: Decision = "slice"
         if client_prefill:
             self.held_since, due = self._waited(self.held_since, self.budget.max_wait_s, now)
@@ -212,21 +205,6 @@ class ScoringGate:
             kind = self._client_kind(client_prefill, clients_decoding)
         self._last = (kind, now)
         return decision
-
-    def _whole(self, client_prefill: bool, clients_decoding: bool, now: float) -> Decision:
-        """Unsliced scoring: `full`, or, with `whole_when_idle`, `hold` while client work is pending (at most
-        `busy_wait_s`, then `full` counted as forced)."""
-        self._last = None  # a whole scoring prefill is not a client step; nothing here adapts to step times
-        if not self.budget.whole_when_idle or not (client_prefill or clients_decoding):
-            self.busy_since = None
-            return "full"
-        self.busy_since, due = self._waited(self.busy_since, self.budget.busy_wait_s, now)
-        if due:
-            self.forced += 1
-            self.busy_since = None
-            return "full"
-        self.held_steps += 1
-        return "hold"
 
     def idle(self, client_prefill: bool, clients_decoding: bool, now: float) -> None:
         """A step without scoring work: timed as a client step; a later hold starts its wait afresh."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from kvzip_plugin.integrations.sglang import native_extend
 
 from kvzip_plugin.scoring.kvzip import chunk_scores
 from kvzip_plugin.scoring.plan import ScoringTarget
@@ -88,10 +89,13 @@ class ScoreCapture:
             original = layer.forward
 
             def forward(q, k, v, forward_batch, *args, __orig=original, __layer=layer, **kwargs):
-                out = __orig(q, k, v, forward_batch, *args, **kwargs)
                 armed = capture.armed
                 if armed is not None and getattr(forward_batch, "extend_seq_lens_cpu", None) is armed[0]:
+                    with native_extend.scoring_rows(frozenset(r.row for r in armed[1])):
+                        out = __orig(q, k, v, forward_batch, *args, **kwargs)
                     capture.capture(__layer, q, armed[1])
+                else:
+                    out = __orig(q, k, v, forward_batch, *args, **kwargs)
                 if capture.paged is not None and capture.paged.armed is not None:
                     if not isinstance(out, torch.Tensor):  # (output, lse) forms: not produced on this path
                         raise RuntimeError("kvzip-plugin: head-page attention needs a tensor attention output")

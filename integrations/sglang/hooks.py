@@ -19,7 +19,9 @@ never patched):
   `SchedulePolicy.shortest_prefill_chunk_limit` (AROUND): scoring prefills in slices between decode steps
   (`slicing.py`);
 * the graph runners' `can_run_graph` (AROUND, `graphs.RUNNERS`): no graph replay for a batch with scoring
-  rows or requests on head-page entries (`graphs.py`).
+  rows or requests on head-page entries (`graphs.py`);
+* `TorchNativeAttnBackend._run_sdpa_forward_extend` (AROUND): scoring rows attend over their new rows only on
+  SGLang's CPU backend, so a scoring slice costs its tokens, not a whole prefill (`native_extend.py`).
 
 Each hook looks the cache up at call time and does nothing without an active one.
 """
@@ -30,7 +32,7 @@ import logging
 import threading
 from typing import Any
 
-from kvzip_plugin.integrations.sglang import graphs
+from kvzip_plugin.integrations.sglang import graphs, native_extend
 
 logger = logging.getLogger("sglang.kvzip_plugin")
 
@@ -45,6 +47,7 @@ TARGETS = {
     "defer_prefill": "sglang.srt.managers.scheduler.Scheduler._should_defer_prefill",
     "add_one_req": "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req",
     "chunk_limit": "sglang.srt.managers.schedule_policy.SchedulePolicy.shortest_prefill_chunk_limit",
+    "native_extend": native_extend.TARGET,
 }
 
 _lock = threading.Lock()
@@ -168,6 +171,7 @@ def install() -> None:
         HookRegistry.register(TARGETS["defer_prefill"], _around_defer_prefill, HookType.AROUND)
         HookRegistry.register(TARGETS["add_one_req"], _around_add_one_req, HookType.AROUND)
         HookRegistry.register(TARGETS["chunk_limit"], _around_chunk_limit, HookType.AROUND)
+        HookRegistry.register(TARGETS["native_extend"], native_extend.around_extend, HookType.AROUND)
         for target in graphs.RUNNERS:
             HookRegistry.register(target, graphs.around_can_run_graph, HookType.AROUND)
         HookRegistry.apply_hooks()

@@ -31,7 +31,7 @@ import weakref
 from typing import Any
 
 import torch
-from kvzip_plugin.integrations.sglang import KVCompressionSettings, adoption, graphs
+from kvzip_plugin.integrations.sglang import KVCompressionSettings, adoption, graphs, native_extend
 from kvzip_plugin.integrations.sglang.attention import PagedAttention
 from kvzip_plugin.integrations.sglang.capture import ScoreCapture
 from kvzip_plugin.integrations.sglang.metrics import MetricsPublisher, StepClock, served_model_name, write_state
@@ -91,7 +91,7 @@ class KVzipRadixCache(UnifiedRadixCache):
             min_hits=self.kvzip_settings.min_hits or policy.min_hits,
         )
         budget = scoring_budget(self.kvzip_settings, server_args)
-        self.slicing = Slicing(budget, self.page_size) if budget.step_tokens > 0 or budget.whole_when_idle else None
+        self.slicing = Slicing(budget, self.page_size) if budget.step_tokens > 0 else None
         self.jobs = Jobs(self)
         self.entries = CompactedEntries(self.token_to_kv_pool_allocator.free, self._entry_dropped)
         self.metrics = MetricsPublisher(params.enable_metrics, served_model_name(server_args))
@@ -459,5 +459,6 @@ class KVzipRadixCache(UnifiedRadixCache):
             "finished": {s.value: n for s, n in self.jobs.admission.queue.finished.items()},
             "scoring_targets": len(self.capture.targets) if self.capture is not None else 0,
             "graph_marks": dict(graphs.marks),
+            "native_extend_rows": native_extend.rows_computed,
             "slicing": self.slicing.describe() if self.slicing is not None else None,
         }

@@ -337,15 +337,11 @@ class Jobs:
         if ratio is not None:
             stats.scoring_to_prefill.append(ratio)
         self.end(j, JobStatus.COMMITTED)
-        if cache.slicing is None:
-            sliced = ""
-        elif cache.slicing.gate.budget.step_tokens == 0:  # whole_when_idle
-            sliced = (" (scoring unsliced, in rounds without client work: {slices} scoring rounds, {held_steps} "
-                      "held, {forced} forced)".format(**cache.slicing.describe()))
-        else:
-            sliced = (" (scoring slices: {step_tokens} tokens now, {slices} slices, {held_steps} held, {deferred} "
-                      "decode rounds between, {drained} drained, idle slice {idle_tokens} tokens, {forced} forced, "
-                      "no room beside decode {no_room} times)".format(**cache.slicing.describe()))
+        sliced = "" if cache.slicing is None else (" (scoring slices: {step_tokens} tokens now, {slices} slices, "
+                                                   "{held_steps} held, {deferred} decode rounds between, {drained} "
+                                                   "drained, idle slice {idle_tokens} tokens, {forced} forced, "
+                                                   "no room beside decode {no_room} times)"
+                                                   .format(**cache.slicing.describe()))
         logger.info("kvzip-plugin: job %d committed (%s): %d -> %d tokens (%d slots saved, %s) in %.3f s%s",
                     j.job.job_id, cache.kvzip_config.structure, L, P, L - P,
                     "head pages" if store is not None else "SGLang's own slots", seconds, sliced)

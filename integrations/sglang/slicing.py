@@ -22,10 +22,7 @@ every decoding client for as long as it runs. Per scheduling round (AROUND `Sche
 * interleave: after a round that ran a slice while clients decode and none waits, the next round defers
   prefill (AROUND `Scheduler._should_defer_prefill`, SGLang's own prefill/decode interval), so decoding
   clients get a step between two slices;
-* `full` (slicing off, or chunked prefill off: SGLang cannot split a prefill then): unchanged;
-* unsliced on SGLang's CPU backend (`WHOLE_SEQUENCE_BACKENDS`, `ScoringBudget.whole_when_idle`): a scoring
-  request is held (as `hold` above) while client requests decode or wait, at most `busy_wait_s`, and runs
-  whole in a round without client work: running requests are not stalled; one that arrives meanwhile waits.
+* `full` (slicing off, or chunked prefill off: SGLang cannot split a prefill then): unchanged.
 
 The slice adapts as on vLLM: the gate times each round against client-only decode rounds. Where SGLang runs
 prefill and decode in separate batches, a client's inter-token time during a job is about one decode step
@@ -44,26 +41,11 @@ from kvzip_plugin.slicing import Decision, ScoringBudget, ScoringGate
 logger = logging.getLogger("sglang.kvzip_plugin")
 
 
-WHOLE_SEQUENCE_BACKENDS = frozenset({"torch_native"})
-"""SGLang attention backends that compute an extend chunk as attention over the request's whole sequence
-(`TorchNativeAttnBackend._run_sdpa_forward_extend` pads the query to every cached token), so a chunk of a
-long request costs as much as prefilling all of it: there a slice costs a whole prefill."""
-
-
 def scoring_budget(settings: KVCompressionSettings, server_args: Any) -> ScoringBudget:
-    """The scoring budget: `--kv-compression-scoring-step-tokens` when given; else the default, except on a
-    backend of `WHOLE_SEQUENCE_BACKENDS` (SGLang's CPU backend), where slicing would multiply the job's cost
-    by its number of slices (measured: `benchmarks/bench_scoring_stall_sglang.py`): unsliced there, logged."""
-    if settings.scoring_step_tokens is not None:
-        return settings.scoring_budget()
-    backends = {getattr(server_args, name, None) for name in ("attention_backend", "prefill_attention_backend")}
-    whole = sorted(b for b in backends if b in WHOLE_SEQUENCE_BACKENDS)
-    if whole:
-        logger.info("kvzip-plugin: scoring runs unsliced, in steps without client work: SGLang's %s attention "
-                    "backend computes every prefill chunk over the whole sequence, so each slice would cost a whole "
-                    "prefill (--kv-compression-scoring-step-tokens N slices anyway; 0 runs it beside clients)",
-                    whole[0])
-        return settings.scoring_budget().model_copy(update={"step_tokens": 0, "whole_when_idle": True})
+    """The scoring budget of the settings (`--kv-compression-scoring-step-tokens`, `-max-slowdown`), on every
+    backend. (SGLang's CPU backend `torch_native` computes an extend chunk over the request's whole sequence,
+    which made a slice cost a whole prefill; `native_extend.py` computes the scoring rows' chunks over their
+    new rows only, so slices cost their tokens there too.)"""
     return settings.scoring_budget()
 
 
@@ -120,8 +102,7 @@ class Slicing:
                 self.deferring = False
         self.defer_next = False
         chunking = (getattr(sched, "chunked_prefill_size", None) or 0) > 0
-        gated = chunking or self.gate.budget.whole_when_idle  # unsliced scoring may still wait for idle steps
-        decision: Decision = self.gate.decide(client_prefill, decoding, now) if gated else "full"
+        decision: Decision = self.gate.decide(client_prefill, decoding, now) if chunking else "full"
         if decision == "hold" and scoring_chunked and decoding and not client_prefill:
             # no room beside the decoding clients: the started scoring request waits, they decode
             self.deferring = True
@@ -129,7 +110,7 @@ class Slicing:
                 return original(sched, running_batch, last_batch, *args, **kwargs)
             finally:
                 self.deferring = False
-        if decision != "full" and not self.drain and self.gate.budget.step_tokens > 0:
+        if decision != "full" and not self.drain:
             tokens = self.gate.slice_tokens if decision == "slice" else self.gate.step_tokens
             self.cap = max(self.page_size, tokens // self.page_size * self.page_size)
         held = waiting if decision == "hold" else []

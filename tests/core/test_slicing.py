@@ -26,21 +26,6 @@ def test_zero_turns_slicing_off():
     assert gate.decide(True, True, 0.0) == gate.decide(False, True, 0.0) == "full" and gate.held_steps == 0
 
 
-def test_unsliced_scoring_can_wait_for_steps_without_clients():
-    """`whole_when_idle` (an engine whose slices would each cost a whole prefill): an unsliced scoring prefill
-    is held while clients decode or wait, runs whole in a step without them, and after `busy_wait_s` of
-    continuous client work runs anyway (forced), the wait starting afresh."""
-    gate = ScoringGate(ScoringBudget(step_tokens=0, whole_when_idle=True, busy_wait_s=30.0))
-    assert gate.decide(False, True, 0.0) == "hold"  # clients decode
-    assert gate.decide(True, False, 1.0) == "hold"  # a client waits for its prefill
-    assert gate.decide(False, False, 2.0) == "full" and gate.held_steps == 2 and gate.forced == 0  # idle: whole
-    assert gate.decide(False, True, 3.0) == "hold"  # a fresh wait
-    assert gate.decide(False, True, 32.9) == "hold"
-    assert gate.decide(False, True, 33.0) == "full" and gate.forced == 1  # waited busy_wait_s
-    assert gate.decide(True, True, 33.1) == "hold"  # the wait starts again
-    assert gate.decide(True, True, 62.0) == "hold" and gate.decide(True, True, 63.1) == "full" and gate.forced == 2
-
-
 def _run(gate: ScoringGate, plain_s: float, cost_per_token_s: float, steps: int) -> list[int]:
     """Plain decode steps, then sliced steps whose time grows with the slice; the slices chosen."""
     now = 0.0

@@ -332,7 +332,15 @@ def test_attention_reads_kv_through_req_to_token():
     assert params_of(TorchNativeAttnBackend.forward_decode)[:6] == ["self", "q", "k", "v", "layer", "forward_batch"]
     extend = src(TorchNativeAttnBackend.forward_extend)
     assert "self.token_to_kv_pool.set_kv_buffer(" in extend and "forward_batch.extend_prefix_lens" in extend
-    assert "req_to_token[req_pool_idx, start_kv:end_kv]" in src(TorchNativeAttnBackend._run_sdpa_forward_extend)
+    sdpa_extend = src(TorchNativeAttnBackend._run_sdpa_forward_extend)
+    assert "req_to_token[req_pool_idx, start_kv:end_kv]" in sdpa_extend
+    # native_extend.py: what its AROUND hook takes, and the whole-sequence padding it avoids for scoring rows
+    assert params_of(TorchNativeAttnBackend._run_sdpa_forward_extend) == [
+        "self", "query", "output", "k_cache", "v_cache", "req_to_token", "req_pool_indices", "seq_lens",
+        "extend_prefix_lens", "extend_seq_lens", "encoder_lens", "scaling", "enable_gqa", "causal", "is_cross_attn",
+        "sliding_window_size"]
+    assert "per_req_query_redudant[:, prefill_seq_len_q:, :] = per_req_query" in sdpa_extend
+    assert "self._run_sdpa_forward_extend(" in extend
     assert params_of(RadixAttention.forward)[:5] == ["self", "q", "k", "v", "forward_batch"]
 
 

@@ -82,28 +82,20 @@ def test_scoring_step_tokens_sets_the_slicing(pools):
     assert _cache(pools, settings=make_settings(scoring_step_tokens=0)).slicing is None
 
 
-def test_slicing_is_off_by_default_where_a_chunk_costs_the_whole_sequence(pools, caplog):
-    """SGLang's torch_native backend (its CPU one) computes every prefill chunk over the whole sequence, so a
-    slice costs a whole prefill (benchmarks/bench_scoring_stall_sglang.py): unsliced by default there, in
-    rounds without client work (`whole_when_idle`), with one log line; the flag still slices (or, at 0, runs
-    scoring whole beside clients), and other backends keep the default."""
+def test_slicing_is_on_for_every_backend(pools):
+    """SGLang's CPU backend (torch_native) is sliced like the others: `native_extend.py` computes a scoring
+    slice over its new rows only (it used to cost a whole prefill there, and scoring ran unsliced)."""
     from types import SimpleNamespace
 
     from kvzip_plugin.settings import make_settings
 
+    for backend in ("torch_native", "flashinfer"):
+        args = SimpleNamespace(attention_backend=backend, prefill_attention_backend=None)
+        assert _cache(pools, server_args=args).slicing.gate.budget.step_tokens == 256
     native = SimpleNamespace(attention_backend="torch_native", prefill_attention_backend=None)
-    with caplog.at_level(logging.INFO, logger="sglang.kvzip_plugin"):
-        budget = _cache(pools, server_args=native).slicing.gate.budget
-    assert budget.step_tokens == 0 and budget.whole_when_idle
-    assert any("scoring runs unsliced, in steps without client work: SGLang's torch_native attention backend"
-               in r.getMessage() for r in caplog.records)
-    slowdown = make_settings(scoring_max_slowdown=1.5)
-    assert _cache(pools, server_args=native, settings=slowdown).slicing.gate.budget.target_slowdown == 1.5
+    assert _cache(pools, server_args=native, settings=make_settings(scoring_step_tokens=64)).slicing.gate.budget \
+        .step_tokens == 64
     assert _cache(pools, server_args=native, settings=make_settings(scoring_step_tokens=0)).slicing is None
-    sliced = _cache(pools, server_args=native, settings=make_settings(scoring_step_tokens=64))
-    assert sliced.slicing.gate.budget.step_tokens == 64
-    other = SimpleNamespace(attention_backend="flashinfer", prefill_attention_backend=None)
-    assert _cache(pools, server_args=other).slicing.gate.budget.step_tokens == 256
 
 
 def test_without_a_model_worker_the_cache_is_sglangs_default(pools, caplog):
