@@ -55,12 +55,8 @@ def around_extend(original, backend: Any, query: torch.Tensor, output: torch.Ten
     rows = _rows
     plain = (not rows or encoder_lens is not None or not causal or is_cross_attn
              or (sliding_window_size is not None and sliding_window_size > -1))
-    if plain:
-        return original(backend, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
-                        extend_prefix_lens, extend_seq_lens, encoder_lens, scaling=scaling, enable_gqa=enable_gqa,
-                        causal=causal, is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)
-    pools = req_pool_indices.tolist()
-    if not any(p in rows for p in pools):
+    pools = [] if plain else req_pool_indices.tolist()
+    if not any(p in rows for p in pools):  # no scoring row here (or a kind of attention left to SGLang)
         return original(backend, query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                         extend_prefix_lens, extend_seq_lens, encoder_lens, scaling=scaling, enable_gqa=enable_gqa,
                         causal=causal, is_cross_attn=is_cross_attn, sliding_window_size=sliding_window_size)
