@@ -166,6 +166,20 @@ class SGLangServer:
                 out[name] = float(value)
         return out
 
+    def settled_metrics(self, interval: float = 1.5, timeout: float = 20.0) -> dict[str, float]:
+        """`metrics()` once the plugin's series stop moving: they are published at most once a second and at the
+        scheduler's first idle step after work, which can come after the last HTTP reply. Two scrapes
+        `interval` apart (longer than that second) with the same `kvzip_*` values, or the last one at `timeout`."""
+        deadline = time.monotonic() + timeout
+        last = self.metrics()
+        while time.monotonic() < deadline:
+            time.sleep(interval)
+            now = self.metrics()
+            if {k: v for k, v in now.items() if "kvzip_" in k} == {k: v for k, v in last.items() if "kvzip_" in k}:
+                return now
+            last = now
+        return last
+
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the series of `name` whose labels include `labels` (0.0 if none)."""
         total = 0.0

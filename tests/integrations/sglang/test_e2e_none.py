@@ -33,7 +33,7 @@ def _run(model_dir, tmp_path_factory, name: str, *args: str, sequence: bool = Fa
     try:
         outs = [server.generate(p, MAX_NEW) for p in PROMPTS]
         seq = scenarios.run_sequence(server) if sequence else None
-        metrics = server.metrics() if "--enable-metrics" in args else {}
+        metrics = server.settled_metrics() if "--enable-metrics" in args else {}
     finally:
         server.stop()
     return {
