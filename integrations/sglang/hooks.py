@@ -16,7 +16,8 @@ never patched):
 * `QueueCount.from_reqs` (AROUND): SGLang's request gauges (`sglang:num_running_reqs`,
   `sglang:num_queue_reqs`) count client requests only, not the internal scoring requests;
 * `Scheduler.get_next_batch_to_run`, `Scheduler._should_defer_prefill`, `PrefillAdder.add_one_req`,
-  `SchedulePolicy.shortest_prefill_chunk_limit` (AROUND): scoring prefills in slices between decode steps
+  `PrefillAdder.add_chunked_req`, `SchedulePolicy.shortest_prefill_chunk_limit` (AROUND): scoring prefills in
+  slices between decode steps
   (`slicing.py`);
 * the graph runners' `can_run_graph` (AROUND, `graphs.RUNNERS`): no graph replay for a batch with scoring
   rows or requests on head-page entries (`graphs.py`);
@@ -46,6 +47,7 @@ TARGETS = {
     "next_batch": "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run",
     "defer_prefill": "sglang.srt.managers.scheduler.Scheduler._should_defer_prefill",
     "add_one_req": "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req",
+    "add_chunked_req": "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req",
     "chunk_limit": "sglang.srt.managers.schedule_policy.SchedulePolicy.shortest_prefill_chunk_limit",
     "native_extend": native_extend.TARGET,
 }
@@ -147,6 +149,13 @@ def _around_add_one_req(original, adder: Any, *args: Any, **kwargs: Any):
     return slicing.add_one_req(original, adder, *args, **kwargs)
 
 
+def _around_add_chunked_req(original, adder: Any, *args: Any, **kwargs: Any):
+    slicing = _slicing(getattr(adder, "tree_cache", None))
+    if slicing is None:
+        return original(adder, *args, **kwargs)
+    return slicing.add_chunked_req(original, adder, *args, **kwargs)
+
+
 def _around_chunk_limit(original, policy: Any, *args: Any, **kwargs: Any):
     slicing = _slicing(getattr(policy, "tree_cache", None))
     if slicing is None:
@@ -170,6 +179,7 @@ def install() -> None:
         HookRegistry.register(TARGETS["next_batch"], _around_next_batch, HookType.AROUND)
         HookRegistry.register(TARGETS["defer_prefill"], _around_defer_prefill, HookType.AROUND)
         HookRegistry.register(TARGETS["add_one_req"], _around_add_one_req, HookType.AROUND)
+        HookRegistry.register(TARGETS["add_chunked_req"], _around_add_chunked_req, HookType.AROUND)
         HookRegistry.register(TARGETS["chunk_limit"], _around_chunk_limit, HookType.AROUND)
         HookRegistry.register(TARGETS["native_extend"], native_extend.around_extend, HookType.AROUND)
         for target in graphs.RUNNERS:

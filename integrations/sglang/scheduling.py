@@ -338,8 +338,8 @@ class Jobs:
             stats.scoring_to_prefill.append(ratio)
         self.end(j, JobStatus.COMMITTED)
         sliced = "" if cache.slicing is None else (" (scoring slices: {step_tokens} tokens now, {slices} slices, "
-                                                   "{held_steps} held, {deferred} decode rounds between, {drained} "
-                                                   "drained, idle slice {idle_tokens} tokens, {forced} forced, "
+                                                   "{held_steps} held, {deferred} decode rounds between, {parked} "
+                                                   "client prefills alone, {drained} drained, idle slice {idle_tokens} tokens, {forced} forced, "
                                                    "no room beside decode {no_room} times)"
                                                    .format(**cache.slicing.describe()))
         logger.info("kvzip-plugin: job %d committed (%s): %d -> %d tokens (%d slots saved, %s) in %.3f s%s",

@@ -10,8 +10,11 @@ every decoding client for as long as it runs. Per scheduling round (AROUND `Sche
 * `hold` (a client request waits for admission or is being prefilled in chunks; or clients decode and no
   slice fits beside them, `ScoringGate.share_decode`): a scoring request not started yet is taken out of
   the waiting queue for the round; at most `max_wait_s` (`busy_wait_s` for decoding clients), then one slice
-  goes through (counted as forced). A scoring request already started goes on in slices beside client
-  prefills; beside decoding clients alone, the round defers prefill (below), so they decode and it waits;
+  goes through (counted as forced). A scoring request already started sits the round out: beside a client
+  prefill it is parked (AROUND `PrefillAdder.add_chunked_req`, which then adds nothing, as SGLang's own
+  early return does; the chunk counter SGLang raises for it is put back), so the client prefills alone and
+  its first token does not wait for a slice; beside decoding clients alone, the round defers prefill
+  (below), so they decode and it waits;
 * `slice`: the scoring request's chunk is capped at the gate's adaptive slice (`slice_tokens`: the one
   beside clients, or the idle one when no client decodes or waits): its first chunk through
   `PrefillAdder.add_one_req` (its `rem_chunk_tokens` lowered for that call), its next ones through
@@ -68,6 +71,8 @@ class Slicing:
         self.deferring = False  # this round is that decode round (read by `defer_prefill`)
         self.blocked_since: float | None = None  # a client needing its own chunk waits behind a slice
         self.drain = False  # the current scoring request runs at SGLang's chunk size until it ends
+        self.parking: Any = None  # this round's started scoring request, kept out of a client prefill batch
+        self.parked = 0
         self.slices = 0
         self.deferred = 0
         self.drained = 0
@@ -110,6 +115,8 @@ class Slicing:
                 return original(sched, running_batch, last_batch, *args, **kwargs)
             finally:
                 self.deferring = False
+        if decision == "hold" and scoring_chunked and client_prefill and not self.drain:
+            return self._park(original, sched, chunked, running_batch, last_batch, *args, **kwargs)
         if decision != "full" and not self.drain:
             tokens = self.gate.slice_tokens if decision == "slice" else self.gate.step_tokens
             self.cap = max(self.page_size, tokens // self.page_size * self.page_size)
@@ -129,6 +136,31 @@ class Slicing:
             self.defer_next = decoding
         return plan
 
+    def _park(self, original, sched: Any, chunked: Any, *args: Any, **kwargs: Any):
+        """A round in which client requests prefill and the started scoring request `chunked` waits: SGLang's
+        `add_chunked_req` adds nothing for it (`add_chunked_req` below), and SGLang's count of its chunks in
+        flight, raised for every prefill batch formed while it is the chunked request, is put back (no chunk
+        of it runs; the count gates when its output is committed)."""
+        before = chunked.inflight_middle_chunks
+        self.parking = chunked
+        try:
+            plan = original(sched, *args, **kwargs)
+        finally:
+            self.parking = None
+        batch = getattr(plan, "batch_to_run", None)
+        ran = batch is not None and any(r is chunked for r in batch.reqs)
+        if not ran and chunked.inflight_middle_chunks == before + 1:
+            chunked.inflight_middle_chunks = before
+        self.parked += 1
+        return plan
+
+    def add_chunked_req(self, original, adder: Any, req: Any, *args: Any, **kwargs: Any):
+        """`PrefillAdder.add_chunked_req`: the parked scoring request is returned unchanged and adds nothing
+        (SGLang's own early return when no chunk fits); every other call as SGLang does it."""
+        if self.parking is not None and req is self.parking:
+            return req
+        return original(adder, req, *args, **kwargs)
+
     def defer_prefill(self, original, sched: Any, running_batch: Any, *args: Any, **kwargs: Any) -> bool:
         """`Scheduler._should_defer_prefill`: True in the decode round between two slices, and in a round
         that holds a started scoring request for decoding clients."""
@@ -143,6 +175,15 @@ class Slicing:
         """`PrefillAdder.add_one_req`: the scoring request's first chunk at most `cap` tokens; a client that
         would need its own chunk beside a capped scoring chunk waits."""
         rem = adder.rem_chunk_tokens
+        if self.parking is not None and rem is not None and not _is_scoring(req):
+            # SGLang tracks one chunked request: a client needing its own chunk waits for the parked one
+            extend = len(req.full_untruncated_fill_ids) - req.prefix_len
+            if adder.ceil_paged_tokens(extend) > rem:
+                from sglang.srt.managers.schedule_policy import AddReqResult
+
+                self._blocked(time.monotonic())
+                return AddReqResult.OTHER
+            return original(adder, req, *args, **kwargs)
         if self.cap is None or rem is None:
             return original(adder, req, *args, **kwargs)
         if _is_scoring(req):
@@ -184,7 +225,7 @@ class Slicing:
         g = self.gate
         return {"step_tokens": g.step_tokens, "idle_tokens": g.idle_tokens, "share_decode": g.share_decode,
                 "no_room": g.no_room, "slices": self.slices, "held_steps": g.held_steps, "forced": g.forced,
-                "deferred": self.deferred, "drained": self.drained}
+                "deferred": self.deferred, "parked": self.parked, "drained": self.drained}
 
 
 def _clients_decode(running_batch: Any, last_batch: Any, chunked: Any) -> bool:

@@ -599,6 +599,14 @@ def test_scoring_slicing_hooks():
         "self", "chunked_req", "waiting_queue", "budget", "page_size"]
     add = inspect.getsource(PrefillAdder.add_chunked_req)
     assert "_rem_tokens = min(_rem_tokens, self.chunked_req_limit)" in add
+    # parking a started scoring request beside a client prefill (`Slicing._park`): add_chunked_req(req) may
+    # return `req` having added nothing (SGLang's own early return), the scheduler then keeps it as its chunked
+    # request, raises its chunks-in-flight count for the batch formed (put back by `_park`), and does not
+    # stash a chunk that computed nothing
+    assert list(inspect.signature(PrefillAdder.add_chunked_req).parameters) == ["self", "req"]
+    assert add.count("return req") >= 2 and "if _rem_tokens is None:" in add
+    assert "self.chunked_req.inflight_middle_chunks += 1" in raw
+    assert "if self.chunked_req.extend_end > self.chunked_req.prefix_len:" in nxt
     init = inspect.getsource(PrefillAdder.__init__)
     assert "self.rem_chunk_tokens = rem_chunk_tokens" in init and "self.tree_cache = tree_cache" in init
     assert "self.new_chunked_req" in inspect.getsource(PrefillAdder)

@@ -317,26 +317,45 @@ def test_scoring_runs_in_slices_between_decode_steps(sglang_tiny_model_dir, tmp_
                 errors.append(repr(exc))
                 return
 
+    job_done = threading.Event()
+
+    def prefill_client() -> None:  # new short requests all through the job: client prefills beside it
+        i = 0
+        while not job_done.is_set():
+            try:
+                scenarios.generate(server, scenarios.prefix_ids(200 + i, 24), max_new=1, logprobs=False)
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(repr(exc))
+                return
+            i += 1
+
     threads = [threading.Thread(target=decode_client, args=(i,), daemon=True) for i in range(2)]
+    prefiller = threading.Thread(target=prefill_client, daemon=True)
     try:
         for t in threads:
             t.start()
         time.sleep(2.0)  # the clients decode before the job starts
         prefix = scenarios.prefix_ids()
         start = server.log_offset()
-        for sfx in scenarios.SUFFIXES[:2]:  # the second hit queues the job
-            scenarios.generate(server, prefix + list(sfx))
+        scenarios.generate(server, prefix + list(scenarios.SUFFIXES[0]))
+        prefiller.start()
+        scenarios.generate(server, prefix + list(scenarios.SUFFIXES[1]))  # the second hit queues the job
         found = scenarios.wait_for_log(server, r"kvzip-plugin: job \d+ committed.*", timeout=240, start=start)
+        job_done.set()
+        prefiller.join(timeout=120)
         stop.set()
         for t in threads:
             t.join(timeout=120)
         log = server.log
         assert found, log[-4000:]
-        m = re.search(r"scoring slices: (\d+) tokens now, (\d+) slices, (\d+) held, (\d+) decode rounds between",
-                      found.group(0))
+        m = re.search(r"scoring slices: (\d+) tokens now, (\d+) slices, (\d+) held, (\d+) decode rounds between, "
+                      r"(\d+) client prefills alone", found.group(0))
         assert m, found.group(0)
-        now, slices, _, deferred = map(int, m.groups())
+        now, slices, _, deferred, parked = map(int, m.groups())
         assert now <= step and slices > 2 and deferred > 0, found.group(0)
+        # the clients' next requests arrived during the job: their prefills ran without a scoring slice (the
+        # started scoring request parked), and the job still finished with the right scores (below)
+        assert parked > 0, found.group(0)
         # the slices' attention went through native_extend.py (their new rows only, not the whole sequence)
         assert scenarios.read_state(server.dump_dir)["native_extend_rows"] >= 2 * slices  # 2 layers
         assert not errors and answered and set(answered) == {60}, (errors, answered)
@@ -354,6 +373,7 @@ def test_scoring_runs_in_slices_between_decode_steps(sglang_tiny_model_dir, tmp_
         assert int(m2.group(2)) <= step, found.group(0)
     finally:
         stop.set()
+        job_done.set()
         server.stop()
 
 
