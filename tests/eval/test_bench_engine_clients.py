@@ -103,3 +103,34 @@ def test_an_engine_that_logs_no_thread_setup_is_not_called_the_same(bench):
     comp = bench.compare(runs)["shared"]
     assert comp["same_thread_setup"] is None
     assert "not logged by the engine" in bench.markdown({"comparison": {"shared": comp}})
+
+
+def test_capacity_load_asks_new_questions_on_the_warmed_documents(bench, tmp_path):
+    """The `capacity` scenario: each tenant's warm-up questions and measured questions share its document (the
+    prefix KVzip compresses), no measured prompt repeats a warm-up one (a repeated prompt is not a shared prefix
+    to KVzip's admission), tenants take turns, and each client gets its own JSONL."""
+    import json
+
+    from kvzip_plugin.hf.models import demo_model_dir
+
+    words = [f"word{i % 997}x{i % 13}" for i in range(20_000)]
+    args = _args(model=str(demo_model_dir()), prefix_len=200, num_prefixes=3, min_hits=2, num_prompts=7)
+    warm, measured = bench.capacity_prompts(args, text=" ".join(words))
+    assert [len(w) for w in warm] == [3, 3, 3] and len(measured) == 7
+    docs = [w[0].split("\n\nQuestion")[0] for w in warm]
+    assert len(set(docs)) == 3
+    assert all(p.startswith(docs[i % 3]) for i, p in enumerate(measured))  # round robin over the tenants
+    assert all(q.startswith(docs[k]) for k in range(3) for q in warm[k])
+    assert not set(measured) & {q for w in warm for q in w} and len(set(measured)) == 7
+    assert bench.capacity_prompts(args, text=" ".join(words)) == (warm, measured)  # seeded
+    for engine in ("vllm", "sglang"):
+        a = _args(engine=engine, capacity_file=bench.write_capacity_file(_args(engine=engine), measured,
+                                                                          tmp_path / f"{engine}.jsonl"))
+        argv = bench.client_argv(a, "capacity", 7, "http://h:1")
+        assert argv[argv.index("--dataset-name") + 1] == "custom"
+        rows = [json.loads(line) for line in a.capacity_file.read_text().splitlines()]
+        got = [r["prompt"] for r in rows] if engine == "vllm" else [r["conversations"][0]["content"] for r in rows]
+        assert got == measured
+    assert bench.pool_blocks(_args(), "capacity") == bench.pool_blocks(_args(), "tight")
+    with pytest.raises(ValueError, match="too few"):
+        bench.capacity_prompts(args, text=" ".join(words[:500]))
