@@ -49,6 +49,10 @@ SCORING_PREFIX = "kvzip-score-"
 SEEN_ATTR = "_kvzip_observed"
 MAX_ALLOC_WAIT_PUMPS = 200  # pumps a scored job may wait for free slots before it fails
 MIN_CHUNK = 16  # shortest scoring chunk (vLLM: the core default, 32)
+NO_ROOM_WAIT_S = 60.0
+"""A queued job that finds no room in the pool for its scoring this long (the pool holding no request that
+could free it) is cancelled with the reason, instead of staying queued for ever (a KV pool too small to score
+a prefix beside what it pins)."""
 
 
 def is_scoring_rid(rid: Any) -> bool:
@@ -92,6 +96,7 @@ class Jobs:
         self.admission = Admission(cache.kvzip_trigger)  # hit counting, job queue, retries (shared with vLLM)
         self.live: dict[int, Job] = {}
         self.scoring_len: dict[str, int] = {}  # scoring rid -> prefix length its match is capped at
+        self.no_room_since: float | None = None  # the queued job first found no room (while nothing ran)
 
     # ------------------------------------------------------------------ detection
 
@@ -159,15 +164,35 @@ class Jobs:
 
     def _can_start(self, sched: Any) -> bool:
         """Jobs yield to traffic: start one only when no request waits for admission and the pool has
-        room for its scoring input and its destination slots."""
+        room for its scoring input and its destination slots: free slots plus what SGLang may evict (the
+        tree's unlocked nodes and the unpinned compacted entries, least recently used first, as its own
+        accounting counts them). A job that finds no room while no request runs (nothing will free any)
+        is cancelled after `NO_ROOM_WAIT_S`, with the sizes in the reason."""
         if len(sched.waiting_queue) > 0 or getattr(sched, "chunked_req", None) is not None:
             return False
         pending = self.admission.queue.peek()
         if pending is None:
+            self.no_room_since = None
             return False
         L = pending.candidate.num_tokens
-        room = self.cache.token_to_kv_pool_allocator.available_size() + self.cache.tree_evictable_size()
-        return room >= 2 * L + SCORING_OVERHEAD + self.cache.kvzip_config.carry_tokens
+        need = 2 * L + SCORING_OVERHEAD + self.cache.kvzip_config.carry_tokens
+        room = self.cache.token_to_kv_pool_allocator.available_size() + self.cache.evictable_size()
+        if room >= need:
+            self.no_room_since = None
+            return True
+        running = getattr(sched, "running_batch", None)
+        if running is not None and not running.is_empty():
+            self.no_room_since = None  # requests hold slots that they will free
+            return False
+        now = time.monotonic()
+        if self.no_room_since is None:
+            self.no_room_since = now
+        elif now - self.no_room_since >= NO_ROOM_WAIT_S and (job := self.admission.queue.start_next()) is not None:
+            self.no_room_since = None
+            self.end(self.live[job.job_id], JobStatus.CANCELLED,
+                     f"no room in the KV pool to score it: it needs {need} token slots, {room} are free or "
+                     f"evictable (--max-total-tokens too small for this prefix beside what the pool pins)")
+        return False
 
     def _start(self, j: Job, sched: Any) -> None:
         cache, cfg = self.cache, self.cache.kvzip_config
@@ -339,8 +364,9 @@ class Jobs:
         self.end(j, JobStatus.COMMITTED)
         sliced = "" if cache.slicing is None else (" (scoring slices: {step_tokens} tokens now, {slices} slices, "
                                                    "{held_steps} held, {deferred} decode rounds between, {parked} "
-                                                   "client prefills alone, {drained} drained, idle slice {idle_tokens} tokens, {forced} forced, "
-                                                   "no room beside decode {no_room} times)"
+                                                   "client prefills alone, {drained} drained, idle slice "
+                                                   "{idle_tokens} tokens, {forced} forced, no room beside decode "
+                                                   "{no_room} times)"
                                                    .format(**cache.slicing.describe()))
         logger.info("kvzip-plugin: job %d committed (%s): %d -> %d tokens (%d slots saved, %s) in %.3f s%s",
                     j.job.job_id, cache.kvzip_config.structure, L, P, L - P,

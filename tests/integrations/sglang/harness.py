@@ -231,14 +231,14 @@ def run_launcher(*args: str, timeout: float = 300.0, **env: str) -> subprocess.C
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def cpu_pools(dtype, max_context_len: int) -> tuple:
-    """SGLang's real KV pool (64 slots, page 1, 2 layers x 2 heads x dim 8), token allocator and request
+def cpu_pools(dtype, max_context_len: int, size: int = 64) -> tuple:
+    """SGLang's real KV pool (`size` slots, page 1, 2 layers x 2 heads x dim 8), token allocator and request
     rows on the CPU, for in-process cache tests: `(kv_pool, allocator, req_to_token_pool)`."""
     from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
-    kv = MHATokenToKVPool(size=64, page_size=1, dtype=dtype, head_num=2, head_dim=8, layer_num=2, device="cpu",
+    kv = MHATokenToKVPool(size=size, page_size=1, dtype=dtype, head_num=2, head_dim=8, layer_num=2, device="cpu",
                           enable_memory_saver=False)
-    alloc = TokenToKVPoolAllocator(64, dtype, "cpu", kv, need_sort=False)
+    alloc = TokenToKVPoolAllocator(size, dtype, "cpu", kv, need_sort=False)
     req_to_token = ReqToTokenPool(size=4, max_context_len=max_context_len, device="cpu", enable_memory_saver=False)
     return kv, alloc, req_to_token

@@ -298,6 +298,68 @@ def test_a_prompt_sent_again_is_not_a_shared_prefix(pools):
     assert len(job.tokens) == 8 and job.job.candidate.hits == 2
 
 
+def _queued_job_in_a_pool(free: int, entry_slots: int):
+    """A 256-slot pool: one queued job on an 8-token prefix (its prompt, 10 tokens, in the tree), a compacted
+    entry of `entry_slots` unpinned slots, `free` slots free and the rest held (by requests, as it were)."""
+    from kvzip_plugin.integrations.sglang.scheduling import Jobs
+
+    from kvzip_plugin.detection import TriggerPolicy
+
+    pools = harness.cpu_pools(torch.float32, max_context_len=64, size=256)
+    _, alloc, _ = pools
+    cache = _live(_cache(pools))
+    cache.kvzip_trigger = TriggerPolicy(min_prefix_tokens=8, min_hits=2)
+    cache.jobs = Jobs(cache)
+    prompt = list(range(100, 108)) + [1, 2]
+    _match(cache, _req(prompt, rid="a"))
+    cache.insert(InsertParams(key=RadixKey(array("q", prompt)), value=alloc.alloc(len(prompt))))
+    _match(cache, _req(list(range(100, 108)) + [3, 4], rid="b"))  # the second hit queues the job
+    assert cache.jobs.admission.queue.peek() is not None
+    if entry_slots:
+        _entry(cache, list(range(300, 340)), entry_slots)
+    alloc.alloc(alloc.available_size() - free)  # held elsewhere
+    return cache
+
+
+def _sched(running: bool = False):
+    return SimpleNamespace(waiting_queue=[], chunked_req=None,
+                           running_batch=SimpleNamespace(is_empty=lambda: not running))
+
+
+def test_a_job_counts_unpinned_compacted_prefixes_as_room(pools):
+    """Scoring a prefix of 8 needs 2 x 8 + SCORING_OVERHEAD + carry = 88 slots. 50 free + 10 in the tree are
+    not enough; with a 40-slot unpinned compacted prefix (SGLang evicts it like any unlocked node, and counts
+    it as evictable) they are: the job starts instead of waiting for ever (a tight pool, issue 17)."""
+    cache = _queued_job_in_a_pool(free=50, entry_slots=40)
+    assert cache.tree_evictable_size() == 10 and cache.evictable_size() == 50
+    assert cache.jobs._can_start(_sched())
+
+
+def test_a_job_without_room_is_cancelled_after_the_bounded_wait(pools, monkeypatch, caplog):
+    """No room (30 free + 10 evictable < 88) and nothing running that could free any: the job waits
+    `NO_ROOM_WAIT_S`, then is cancelled with the sizes in its reason (counted, logged) rather than staying
+    queued for ever. While requests run it keeps waiting (they free slots when they end)."""
+    from kvzip_plugin.integrations.sglang import scheduling
+
+    cache = _queued_job_in_a_pool(free=30, entry_slots=0)
+    clock = [1000.0]
+    monkeypatch.setattr(scheduling.time, "monotonic", lambda: clock[0])
+    assert not cache.jobs._can_start(_sched())  # starts the wait
+    clock[0] += scheduling.NO_ROOM_WAIT_S - 1
+    assert not cache.jobs._can_start(_sched()) and cache.jobs.admission.queue.peek() is not None
+    clock[0] += 2
+    assert not cache.jobs._can_start(_sched(running=True))  # a request runs: the wait starts afresh
+    assert cache.jobs.admission.queue.peek() is not None
+    clock[0] += scheduling.NO_ROOM_WAIT_S + 1
+    assert not cache.jobs._can_start(_sched())
+    clock[0] += scheduling.NO_ROOM_WAIT_S
+    with caplog.at_level(logging.WARNING, logger="sglang.kvzip_plugin"):
+        assert not cache.jobs._can_start(_sched())
+    assert cache.jobs.admission.queue.peek() is None and cache.jobs.live == {}
+    assert cache.stats.jobs["cancelled"] == 1
+    assert "no room in the KV pool to score it: it needs 88 token slots, 40 are free or evictable" in caplog.text
+
+
 def test_logical_positions_and_capture_plan(pools):
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
