@@ -160,20 +160,30 @@ def _jobs(server) -> dict[str, float]:
             for o in ("submitted", "committed", "failed", "cancelled")}
 
 
-def _start_a_job(server, seed: int) -> None:
-    """Send a document no planned request uses twice (two questions, one after the other), so that the plugin
-    queues a job on it just before the reset: by then the planned documents are compressed already. It is
-    longer than the planned ones (640 tokens, scored in slices of 8 tokens: about a second on the tiny model)."""
+def _start_jobs(server, seed: int, docs: int = 3) -> None:
+    """Queue jobs on `docs` documents no planned request uses, at once: each document's first question one
+    after the other (cached), then every second question together, so the jobs queue together and score one
+    after the other (one runs at a time) just before the reset; by then the planned documents are compressed
+    already. Each is longer than the planned ones (640 tokens, scored in slices of 8 tokens: ~0.3 s of scoring
+    on the tiny model on a 2-core host, so `docs` of them span about a second)."""
     rng = random.Random(f"fault/job/{seed}")
-    doc = [rng.randrange(3, 500) for _ in range(640)]
-    for q in range(2):
-        server.request(f"f{seed}-job-doc-{q}", doc + [rng.randrange(3, 500) for _ in range(6)], 2, None, None)
+    texts = [[rng.randrange(3, 500) for _ in range(640)] for _ in range(docs)]
+    asks = [[t + [rng.randrange(3, 500) for _ in range(6)] for _ in range(2)] for t in texts]
+    for k, a in enumerate(asks):
+        server.request(f"f{seed}-job-doc{k}-0", a[0], 2, None, None)
+    second = [threading.Thread(target=server.request, args=(f"f{seed}-job-doc{k}-1", a[1], 2, None, None),
+                               daemon=True) for k, a in enumerate(asks)]
+    for t in second:
+        t.start()
+    for t in second:
+        t.join()
 
 
 def _reset_during_a_job(server, seed: int, attempts: int = 4, wait_s: float = 10.0) -> dict[str, Any]:
-    """The engine's cache reset while a job is queued or scoring. A job's document is sent from a thread while
-    this one polls the plugin's gauges every 10 ms and resets the moment a job shows, or at the latest when the
-    document's second question is answered (the job is queued by then). On this 2-core host a vLLM job scores in
+    """The engine's cache reset while a job is queued or scoring. Jobs on three documents are queued together
+    from a thread (`_start_jobs`) while this one polls the plugin's gauges every 10 ms and resets the moment a
+    job shows, or at the latest when the documents' second questions are answered (the jobs are queued by
+    then, and score one after the other). On this 2-core host a vLLM job scores in
     about 0.3 s of 3-ms steps, and a scrape sent during it is answered only after it: the API server is busy
     relaying those steps' outputs (measured: scrapes 24 ms apart, then one that took 0.26-0.33 s over the job),
     so the gauges may never show the job although it was in flight. The reset met the job when the plugin cancelled it
@@ -183,7 +193,7 @@ def _reset_during_a_job(server, seed: int, attempts: int = 4, wait_s: float = 10
     the last attempt's answer, the job counters before and after it, and the attempts made."""
     for attempt in range(attempts):
         before = _jobs(server)
-        sender = threading.Thread(target=_start_a_job, args=(server, seed * 100 + attempt), daemon=True)
+        sender = threading.Thread(target=_start_jobs, args=(server, seed * 100 + attempt), daemon=True)
         sender.start()
         running = _wait_job_or_done(server, sender, wait_s)
         answer = server.reset()
@@ -211,13 +221,15 @@ def _wait_job_or_done(server, sender: threading.Thread, timeout: float) -> bool:
 
 
 def _settled_jobs(server, before: dict[str, float], timeout: float = 5.0) -> dict[str, float]:
-    """The job counters once they show the reset's effect: vLLM publishes them with the next step's stats, so a
-    scrape right after the reset may still read the old values. Waits (at most `timeout`) for an outcome to move."""
+    """The job counters once they show the reset's effect: every job submitted so far has an outcome and one
+    more than `before` does (vLLM publishes them with the next step's stats, so a scrape right after the reset
+    may still read the old values). Waits at most `timeout`."""
     ended = ("committed", "failed", "cancelled")
     deadline = time.monotonic() + timeout
     while True:
         now = _jobs(server)
-        if sum(now[o] for o in ended) > sum(before[o] for o in ended) or time.monotonic() > deadline:
+        done = sum(now[o] for o in ended)
+        if (done > sum(before[o] for o in ended) and done >= now["submitted"]) or time.monotonic() > deadline:
             return now
         time.sleep(0.05)
 

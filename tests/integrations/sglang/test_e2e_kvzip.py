@@ -295,7 +295,9 @@ def test_scores_equal_the_transformers_scoring_pass(kvzip_server, kvzip_seq, sgl
 def test_scoring_runs_in_slices_between_decode_steps(sglang_tiny_model_dir, tmp_path_factory):
     """With clients decoding, a job's scoring prefill goes in slices of at most the step tokens, with a decode
     round between two slices (slicing.py); the scores still equal the transformers scoring pass (slicing moves
-    where the repeat input is cut, not what is scored), and every client request is answered."""
+    where the repeat input is cut, not what is scored), and every client request is answered. A second job
+    without clients scores in idle slices; a third, with client prefills all through it, parks its started
+    scoring request for their rounds and still scores right."""
     import re
 
     step = 32
@@ -319,7 +321,7 @@ def test_scoring_runs_in_slices_between_decode_steps(sglang_tiny_model_dir, tmp_
 
     job_done = threading.Event()
 
-    def prefill_client() -> None:  # new short requests all through the job: client prefills beside it
+    def prefill_client() -> None:  # new short requests all through the third job: client prefills beside it
         i = 0
         while not job_done.is_set():
             try:
@@ -337,12 +339,9 @@ def test_scoring_runs_in_slices_between_decode_steps(sglang_tiny_model_dir, tmp_
         time.sleep(2.0)  # the clients decode before the job starts
         prefix = scenarios.prefix_ids()
         start = server.log_offset()
-        scenarios.generate(server, prefix + list(scenarios.SUFFIXES[0]))
-        prefiller.start()
-        scenarios.generate(server, prefix + list(scenarios.SUFFIXES[1]))  # the second hit queues the job
+        for sfx in scenarios.SUFFIXES[:2]:  # the second hit queues the job
+            scenarios.generate(server, prefix + list(sfx))
         found = scenarios.wait_for_log(server, r"kvzip-plugin: job \d+ committed.*", timeout=240, start=start)
-        job_done.set()
-        prefiller.join(timeout=120)
         stop.set()
         for t in threads:
             t.join(timeout=120)
@@ -353,9 +352,6 @@ def test_scoring_runs_in_slices_between_decode_steps(sglang_tiny_model_dir, tmp_
         assert m, found.group(0)
         now, slices, _, deferred, parked = map(int, m.groups())
         assert now <= step and slices > 2 and deferred > 0, found.group(0)
-        # the clients' next requests arrived during the job: their prefills ran without a scoring slice (the
-        # started scoring request parked), and the job still finished with the right scores (below)
-        assert parked > 0, found.group(0)
         # the slices' attention went through native_extend.py (their new rows only, not the whole sequence)
         assert scenarios.read_state(server.dump_dir)["native_extend_rows"] >= 2 * slices  # 2 layers
         assert not errors and answered and set(answered) == {60}, (errors, answered)
@@ -371,6 +367,20 @@ def test_scoring_runs_in_slices_between_decode_steps(sglang_tiny_model_dir, tmp_
         m2 = re.search(r"(\d+) slices, .*idle slice (\d+) tokens", found.group(0))
         assert m2 and int(m2.group(1)) - slices >= scenarios.PREFIX_LEN // step, found.group(0)
         assert int(m2.group(2)) <= step, found.group(0)
+        # a third job with client prefills all through it: their rounds run without a scoring slice (the started
+        # scoring request parked: SGLang's add_chunked_req adds nothing for it), and it still scores right
+        third, start = scenarios.prefix_ids(seed=11), server.log_offset()
+        scenarios.generate(server, third + list(scenarios.SUFFIXES[0]), max_new=1)
+        prefiller.start()
+        scenarios.generate(server, third + list(scenarios.SUFFIXES[1]), max_new=1)
+        found = scenarios.wait_for_log(server, r"kvzip-plugin: job (\d+) committed.*", timeout=240, start=start)
+        job_done.set()
+        prefiller.join(timeout=120)
+        assert found and not errors, (server.log[-4000:], errors)
+        m3 = re.search(r"(\d+) client prefills alone", found.group(0))
+        assert m3 and int(m3.group(1)) > parked, found.group(0)
+        _assert_scores_equal_transformers(torch.load(Path(server.dump_dir) / f"job-{found.group(1)}.pt"), third,
+                                          sglang_tiny_model_dir, step)
     finally:
         stop.set()
         job_done.set()
