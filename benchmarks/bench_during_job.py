@@ -55,8 +55,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine_clients import add_server_arguments, run_client, same_names, server_args, thread_setup, write_doc  # noqa: E402
-from bench_multitenant import SERVED_NAME, Server, meta, server_command, server_env  # noqa: E402
+from bench_engine_clients import (  # noqa: E402
+    add_server_arguments,
+    complete,
+    run_client,
+    same_names,
+    server_args,
+    thread_setup,
+    write_doc,
+)
+from bench_multitenant import Server, meta, server_command, server_env  # noqa: E402
 
 from kvzip_plugin.eval.loadgen import MetricsPoller, jobs_active, scrape, summarize, wait_kvzip_idle, wait_kvzip_job  # noqa: E402
 
@@ -87,15 +95,6 @@ def active_fraction(samples: list[tuple[float, dict[str, float]]], prefix: str, 
     """Share of the poller's scrapes in `[start, end]` that saw a job queued or running (None: no scrape)."""
     inside = [jobs_active(v, prefix) for t, v in samples if start <= t <= end]
     return sum(inside) / len(inside) if inside else None
-
-
-def complete(url: str, prompt: str, timeout: float) -> None:
-    """One `/v1/completions` request of one token (both engines serve the OpenAI API)."""
-    body = json.dumps({"model": SERVED_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0}).encode()
-    req = urllib.request.Request(url.rstrip("/") + "/v1/completions", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        resp.read()
 
 
 def start_job(url: str, doc: str, prefix: str, wait_s: float, timeout: float, max_requests: int = 4) -> dict[str, Any]:

@@ -53,6 +53,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -206,19 +207,24 @@ def write_capacity_file(args: argparse.Namespace, prompts: list[str], path: Path
     return path
 
 
+def complete(url: str, prompt: str, timeout: float) -> None:
+    """One `/v1/completions` request of one token (both engines serve the OpenAI API)."""
+    body = json.dumps({"model": SERVED_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0}).encode()
+    req = urllib.request.Request(url.rstrip("/") + "/v1/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        resp.read()
+
+
 def warm_tenants(url: str, warm: list[list[str]], settle: float, prefix: str) -> list[dict[str, Any]]:
     """Each tenant alone: its warm-up questions one after the other (1 output token each), then wait (at most
     `settle` s) for KVzip's job on it to end, so that it is compressed before the next tenant's document is
     prefilled. Without the plugin the same requests run (the wait returns at once)."""
-    from kvzip_plugin.eval.loadgen import _post_json
-
     out = []
     for k, prompts in enumerate(warm):
         t = time.monotonic()
         for text in prompts:
-            body = {"model": SERVED_NAME, "prompt": text, "max_tokens": 1, "temperature": 0.0}
-            with _post_json(url + "/v1/completions", body, timeout=600) as resp:
-                resp.read()
+            complete(url, text, timeout=600)
         out.append({"tenant": k, "requests_s": time.monotonic() - t,
                     "settle_s": wait_kvzip_idle(url, settle, prefix=prefix)})
     return out

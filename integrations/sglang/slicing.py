@@ -173,27 +173,21 @@ class Slicing:
 
     def add_one_req(self, original, adder: Any, req: Any, *args: Any, **kwargs: Any):
         """`PrefillAdder.add_one_req`: the scoring request's first chunk at most `cap` tokens; a client that
-        would need its own chunk beside a capped scoring chunk waits."""
+        would need its own chunk beside a capped or parked scoring request waits (SGLang tracks one chunked
+        request at a time)."""
         rem = adder.rem_chunk_tokens
-        if self.parking is not None and rem is not None and not _is_scoring(req):
-            # SGLang tracks one chunked request: a client needing its own chunk waits for the parked one
-            extend = len(req.full_untruncated_fill_ids) - req.prefix_len
-            if adder.ceil_paged_tokens(extend) > rem:
-                from sglang.srt.managers.schedule_policy import AddReqResult
-
-                self._blocked(time.monotonic())
-                return AddReqResult.OTHER
-            return original(adder, req, *args, **kwargs)
-        if self.cap is None or rem is None:
+        if rem is None or (self.cap is None and self.parking is None):
             return original(adder, req, *args, **kwargs)
         if _is_scoring(req):
+            if self.cap is None:
+                return original(adder, req, *args, **kwargs)
             cap = min(rem, self.cap)
             adder.rem_chunk_tokens = cap
             try:
                 return original(adder, req, *args, **kwargs)
             finally:
                 adder.rem_chunk_tokens = rem - (cap - adder.rem_chunk_tokens)
-        if self.capped_continuation or _is_scoring(adder.new_chunked_req):
+        if self.parking is not None or self.capped_continuation or _is_scoring(adder.new_chunked_req):
             extend = len(req.full_untruncated_fill_ids) - req.prefix_len
             if adder.ceil_paged_tokens(extend) > rem:
                 from sglang.srt.managers.schedule_policy import AddReqResult

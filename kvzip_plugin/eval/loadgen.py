@@ -501,11 +501,12 @@ def jobs_active(values: MetricsSnapshot | Mapping[str, float], prefix: str = "vl
     return bool(values.get(f"{prefix}kvzip_jobs_queued") or values.get(f"{prefix}kvzip_jobs_running"))
 
 
-def wait_kvzip_job(base_url: str, timeout: float, prefix: str = "vllm:", interval: float = 0.1) -> bool:
+def wait_kvzip_job(base_url: str, timeout: float, prefix: str = "vllm:", interval: float = 0.1,
+                   stop: Callable[[], bool] | None = None) -> bool:
     """Wait until a KVzip job is queued or running (the counterpart of `wait_kvzip_idle`); whether one showed
-    within `timeout` seconds."""
+    within `timeout` seconds (or before `stop()` turned true)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (stop is not None and stop()):
         try:
             if jobs_active(scrape(base_url), prefix):
                 return True

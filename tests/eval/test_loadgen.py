@@ -355,6 +355,9 @@ def test_wait_kvzip_job_sees_a_queued_job_and_gives_up_without_one(fake_server):
     t0 = time.monotonic()
     assert not wait_kvzip_job(fake_server.url, timeout=0.3, interval=0.05)
     assert time.monotonic() - t0 >= 0.3
+    t0 = time.monotonic()  # the caller's stop condition ends the wait early (the fault suite: its sender is done)
+    assert not wait_kvzip_job(fake_server.url, timeout=30, interval=0.05, stop=lambda: time.monotonic() - t0 > 0.2)
+    assert time.monotonic() - t0 < 5
     fake_server.kv.observe(KVzipStats(jobs_queued=1, jobs_running=0), LV)
     assert wait_kvzip_job(fake_server.url, timeout=5, interval=0.05)
     assert not wait_kvzip_job("http://127.0.0.1:9", timeout=0.2, interval=0.05)  # no server: no job, no raise

@@ -195,7 +195,8 @@ def _reset_during_a_job(server, seed: int, attempts: int = 4, wait_s: float = 10
         before = _jobs(server)
         sender = threading.Thread(target=_start_jobs, args=(server, seed * 100 + attempt), daemon=True)
         sender.start()
-        running = _wait_job_or_done(server, sender, wait_s)
+        running = loadgen.wait_kvzip_job(server.url, wait_s, prefix=f"{server.engine}:", interval=0.01,
+                                         stop=lambda s=sender: not s.is_alive())
         answer = server.reset()
         sender.join()
         after = _settled_jobs(server, before)
@@ -205,19 +206,6 @@ def _reset_during_a_job(server, seed: int, attempts: int = 4, wait_s: float = 10
             break
     return {"job_running_at_reset": running, "reset_met_the_job": met, "attempts": attempt + 1, "answer": answer,
             "jobs_before": before, **after}
-
-
-def _wait_job_or_done(server, sender: threading.Thread, timeout: float) -> bool:
-    """Poll the plugin's job gauges every 10 ms until a job shows (True), the sender is done or `timeout`."""
-    deadline = time.monotonic() + timeout
-    while sender.is_alive() and time.monotonic() < deadline:
-        try:
-            if loadgen.jobs_active(loadgen.scrape(server.url), f"{server.engine}:"):
-                return True
-        except OSError:
-            pass
-        time.sleep(0.01)
-    return False
 
 
 def _settled_jobs(server, before: dict[str, float], timeout: float = 5.0) -> dict[str, float]:
