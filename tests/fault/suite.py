@@ -48,6 +48,16 @@ many logprob of each other. The random tiny model has such near-ties, and the en
 f0-507 (seed 0) gets token 482 at its 6th step from a fresh `none` server and 475 from one whose prefix cache
 holds its document (top-2 gap 0.002). Those are reported as `tie_flips`; any other difference fails the run."""
 
+POLL_S = 0.05
+"""How often the reset event reads the plugin's gauges (each scrape costs the API server some CPU, which on a
+2-core host delays the answers the event also waits for)."""
+
+RESET_AFTER_S = 0.25
+"""On vLLM the reset event resets this long after the documents' second questions went out, if nothing came
+first: long enough for the API server to hand them to the engine core ahead of the reset (the engine core
+takes both at its next input drain when they arrive together, and resets before it schedules the questions:
+no job), far shorter than the ~5 s their jobs score."""
+
 ERROR_LINE = re.compile(r"\bERROR\b|Traceback \(most recent call last\)")
 
 
@@ -160,55 +170,78 @@ def _jobs(server) -> dict[str, float]:
             for o in ("submitted", "committed", "failed", "cancelled")}
 
 
-def _start_jobs(server, seed: int, docs: int = 3) -> None:
-    """Queue jobs on `docs` documents no planned request uses, at once: each document's first question one
-    after the other (cached), then every second question together, so the jobs queue together and score one
-    after the other (one runs at a time) just before the reset; by then the planned documents are compressed
-    already. Each is longer than the planned ones (640 tokens, scored in slices of 8 tokens: ~0.3 s of scoring
-    on the tiny model on a 2-core host, so `docs` of them span about a second)."""
+def _start_jobs(server, seed: int, times: dict[str, float]) -> None:
+    """Queue jobs on documents no planned request uses, at once: each document's first question one after the
+    other (cached), then every second question together, so the jobs queue together and score one after the
+    other (one runs at a time) just before the reset; by then the planned documents are compressed already.
+    How many and how long is the server's `job_docs` (longer than the planned prefixes: a 640-token one scores
+    in ~0.3 s in slices of 8 tokens on the tiny model on a 2-core host). Stamps `times` (monotonic seconds)
+    with when the second questions went out and when all were answered."""
+    docs, length = server.job_docs
     rng = random.Random(f"fault/job/{seed}")
-    texts = [[rng.randrange(3, 500) for _ in range(640)] for _ in range(docs)]
+    texts = [[rng.randrange(3, 500) for _ in range(length)] for _ in range(docs)]
     asks = [[t + [rng.randrange(3, 500) for _ in range(6)] for _ in range(2)] for t in texts]
     for k, a in enumerate(asks):
         server.request(f"f{seed}-job-doc{k}-0", a[0], 2, None, None)
+    times["second_sent"] = time.monotonic()
     second = [threading.Thread(target=server.request, args=(f"f{seed}-job-doc{k}-1", a[1], 2, None, None),
                                daemon=True) for k, a in enumerate(asks)]
     for t in second:
         t.start()
     for t in second:
         t.join()
+    times["second_answered"] = time.monotonic()
 
 
-def _reset_during_a_job(server, seed: int, attempts: int = 4, wait_s: float = 10.0) -> dict[str, Any]:
-    """The engine's cache reset while a job is queued or scoring. Jobs on three documents are queued together
-    from a thread (`_start_jobs`) while this one polls the plugin's gauges every 10 ms and resets the moment a
-    job shows, or at the latest when the documents' second questions are answered (the jobs are queued by
-    then, and score one after the other). On this 2-core host a vLLM job scores in
-    about 0.3 s of 3-ms steps, and a scrape sent during it is answered only after it: the API server is busy
-    relaying those steps' outputs (measured: scrapes 24 ms apart, then one that took 0.26-0.33 s over the job),
-    so the gauges may never show the job although it was in flight. The reset met the job when the plugin cancelled it
-    (vLLM: `cancelled` moves; that is proof on its own) or, with the job seen on the gauges, the engine refused
-    the flush (SGLang flushes only when idle; the segment's own requests may be the reason too, hence the
-    gauges). If the job ended first, another document is tried (at most `attempts`). Returns the event's record:
-    the last attempt's answer, the job counters before and after it, and the attempts made."""
+def _reset_during_a_job(server, seed: int, attempts: int = 4, wait_s: float = 30.0) -> dict[str, Any]:
+    """The engine's cache reset while a job is queued or scoring. Jobs on the server's `job_docs` are queued
+    together from a thread (`_start_jobs`); the reset goes out at the first of: a job shows on the plugin's
+    gauges (a poller reads them every `POLL_S`), the documents' second questions are answered (their jobs are
+    queued by then and score one after the other, ~5 s on vLLM), or, on vLLM, `RESET_AFTER_S` after those
+    questions went out. The last is what makes the vLLM event reliable on a 2-core host, where answers and
+    scrapes come seconds late while jobs score: measured there, the whole host (the suite's own threads, and a
+    separate process that only sleeps 20 ms at a time) went unscheduled for 0.9-1.9 s at a time while vLLM's
+    engine core and worker held both cores, both user time (no steal, no system time).
+
+    The reset met the job when the plugin cancelled it (vLLM cancels queued and running jobs before a reset:
+    `cancelled` moves; that is proof on its own) or, with a job seen on the gauges before the reset went out,
+    the engine refused the flush (SGLang flushes only when idle; the segment's own requests may be the reason
+    too, hence the gauges). If it did not (the jobs ended first, or on vLLM the reset reached the engine core
+    together with the questions, before they were scheduled), other documents are tried (at most `attempts`).
+    Returns the event's record: the last attempt's answer, the job counters before and after it, the attempts
+    made, and each attempt's timeline (seconds after the second questions went out)."""
+    prefix = f"{server.engine}:"
+    timeline = []
     for attempt in range(attempts):
         before = _jobs(server)
-        sender = threading.Thread(target=_start_jobs, args=(server, seed * 100 + attempt), daemon=True)
-        sender.start()
-        running = loadgen.wait_kvzip_job(server.url, wait_s, prefix=f"{server.engine}:", interval=0.01,
-                                         stop=lambda s=sender: not s.is_alive())
-        answer = server.reset()
+        times: dict[str, float] = {}
+        sender = threading.Thread(target=_start_jobs, args=(server, seed * 100 + attempt, times), daemon=True)
+        with loadgen.MetricsPoller(server.url, interval=POLL_S, prefix=prefix) as poller:
+            sender.start()
+            deadline = time.monotonic() + wait_s
+            while (sender.is_alive() and time.monotonic() < deadline
+                   and not any(loadgen.jobs_active(v, prefix) for _, v in list(poller.samples))
+                   and not (server.reset_cancels_jobs and "second_sent" in times
+                            and time.monotonic() > times["second_sent"] + RESET_AFTER_S)):
+                time.sleep(0.005)
+            times["reset_sent"] = time.monotonic()
+            answer = server.reset()
+            times["reset_answered"] = time.monotonic()
+            seen = [t for t, v in list(poller.samples) if loadgen.jobs_active(v, prefix)]
+        running = any(t <= times["reset_sent"] for t in seen)
         sender.join()
         after = _settled_jobs(server, before)
         cancelled = after["cancelled"] > before["cancelled"]
         met = cancelled or (running and answer["status"] != 200)
+        t0 = times.get("second_sent", times["reset_sent"])
+        timeline.append({k: round(v - t0, 3) for k, v in sorted(times.items(), key=lambda kv: kv[1])})
         if met:
             break
     return {"job_running_at_reset": running, "reset_met_the_job": met, "attempts": attempt + 1, "answer": answer,
-            "jobs_before": before, **after}
+            "jobs_before": before, **after, "timeline_s": timeline}
 
 
-def _settled_jobs(server, before: dict[str, float], timeout: float = 5.0) -> dict[str, float]:
+def _settled_jobs(server, before: dict[str, float], timeout: float = 20.0) -> dict[str, float]:
     """The job counters once they show the reset's effect: every job submitted so far has an outcome and one
     more than `before` does (vLLM publishes them with the next step's stats, so a scrape right after the reset
     may still read the old values). Waits at most `timeout`."""
