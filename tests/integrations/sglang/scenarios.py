@@ -80,6 +80,21 @@ def wait_jobs_ended(server, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+def _request_segment(server, start: int, n_out: int, timeout: float = 10.0) -> str:
+    """The server log since `start`, once it holds the request's whole decode record: with `--decode-log-interval
+    1`, a `Decode batch` line per decode step (`n_out - 2` for `n_out` tokens) and the one logged after the request
+    finished. The response can reach the client before that last line is written (on a busy 2-core host it then
+    lands in the next request's segment, and this request loses a step: a CI failure). Without decode logging
+    (no such line at all) the log is returned as it is."""
+    deadline = time.monotonic() + timeout
+    while True:
+        segment = server.log[start:]
+        n = len(_DECODE.findall(segment))
+        if n == 0 or n >= n_out - 1 or time.monotonic() > deadline:
+            return segment
+        time.sleep(0.02)
+
+
 def run_sequence(server, wait_job: bool = True, seed: int = 0, settle_each: bool = False) -> dict:
     """Send SEQUENCE one request at a time; after r1, wait (up to 60 s) for its job to end. `settle_each`: after
     every request, wait until no job is left (a job retried on a later hit then never shares a batch with
@@ -90,7 +105,7 @@ def run_sequence(server, wait_job: bool = True, seed: int = 0, settle_each: bool
         start = server.log_offset()
         out = generate(server, prefix + list(sfx))
         meta = out["meta_info"]
-        segment = server.log[start:]
+        segment = _request_segment(server, start, len(out["output_ids"]))
         results.append({
             "id": f"r{i}",
             "tokens": list(out["output_ids"]),
