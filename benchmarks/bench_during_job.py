@@ -18,9 +18,11 @@ Both phases send the same load (client seed `--seed + 1`: the same prompts and, 
 same Poisson arrival times; a warm-up load with seed `--seed` comes first), and the engine's prefix cache is
 reset before each phase (vLLM `POST /reset_prefix_cache`, SGLang `POST /flush_cache`, with no request
 running) so the second phase never hits the first one's cache. (Before 2026-12-03 the phases used seeds
-`--seed + 1` and `--seed + 2`: different prompts and arrival bursts, a bias of up to ~10 % between phases.) The phase order flips every repeat (no-job first, then job first, ...): a drift of the machine does
-not favour one phase. After the job phase the benchmark waits for the job to end and records its outcome
-from the plugin's counters.
+`--seed + 1` and `--seed + 2`: different prompts and arrival bursts, a bias of up to ~10 % between phases.)
+The phase order flips every repeat (no-job first, then job first, ...): a drift of the machine does not
+favour one phase. Each phase also records the host's own scheduling gaps during its load
+(`eval/host_stalls.py`: a probe process unscheduled for >= 0.1 s), which a client records as latency. After the job phase the benchmark waits for the job to end
+and records its outcome from the plugin's counters.
 
 Per repeat and as the median over repeats (JSON `summary`): `itl_p99_during_job_ratio` (p99 ITL, job /
 no-job), `ttft_during_job_ratio` (p99 TTFT, job / no-job), the same at p50, the maximum ITL and p99 end-to-end
@@ -66,6 +68,7 @@ from bench_engine_clients import (  # noqa: E402
 )
 from bench_multitenant import Server, meta, server_command, server_env  # noqa: E402
 
+from kvzip_plugin.eval.host_stalls import HostStallMonitor  # noqa: E402
 from kvzip_plugin.eval.loadgen import MetricsPoller, jobs_active, scrape, summarize, wait_kvzip_idle, wait_kvzip_job  # noqa: E402
 
 TARGET = 1.2
@@ -157,11 +160,12 @@ def run_phase(args: argparse.Namespace, phase: str, repeat: int, url: str, work:
     if phase == "job":
         rec["trigger"] = start_job(url, doc, prefix, args.job_wait, args.request_timeout)
     seed = args.seed + 1
-    with MetricsPoller(url, interval=args.metrics_interval, prefix=prefix) as poller:
+    with MetricsPoller(url, interval=args.metrics_interval, prefix=prefix) as poller, HostStallMonitor() as stalls:
         t0 = time.monotonic()
         rec["client"] = run_client(client_args(args, seed, rate), "control", args.num_prompts, url, work)
         t1 = time.monotonic()
     rec["load_s"] = t1 - t0
+    rec["host_stalls"] = stalls.summary(start=t0)  # the host's own scheduling gaps during the load
     rec["job_active_fraction"] = active_fraction(poller.samples, prefix, t0, t1)
     if phase == "job":  # did the job finish while the load ran (issue 17: it must, under a 50 % load)
         end = job_end(poller.samples, prefix, t0)
@@ -172,7 +176,8 @@ def run_phase(args: argparse.Namespace, phase: str, repeat: int, url: str, work:
     c = rec["client"]
     print(f"   {phase}: {c.get('completed')} completed, {c.get('failed', 0)} failed, TTFT p99 "
           f"{c.get('p99_ttft_ms') or 0:.0f} ms, ITL p99 {c.get('p99_itl_ms') or 0:.1f} ms, load {rec['load_s']:.1f} s, "
-          f"job active {rec['job_active_fraction']}", flush=True)
+          f"job active {rec['job_active_fraction']}; host stalls {rec['host_stalls']['count']} "
+          f"(max {rec['host_stalls']['max_s']:.2f} s)", flush=True)
     return rec
 
 
@@ -234,6 +239,9 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["request_rate"] = [r.get("request_rate") for r in ok]
     out["capacity_rps"] = [r.get("capacity_rps") for r in ok]
     out["no_job_active_fraction"] = [r["phases"]["no-job"]["job_active_fraction"] for r in ok]
+    # the host's own scheduling gaps (>= 0.1 s) during each phase's load: a client records them as latency
+    out["host_stalls"] = {ph: [{k: r["phases"][ph].get("host_stalls", {}).get(k) for k in ("count", "max_s", "total_s")}
+                               for r in ok] for ph in PHASES}
     out["failed_requests"] = sum(int(p["client"].get("failed") or 0) for r in runs for p in r["phases"].values())
     # the load's wall time too: a stall that only the few requests then running wait through (one gap each)
     # stays below the p99 of every gap and every TTFT, yet the same work takes longer
@@ -263,6 +271,11 @@ def markdown(doc: dict[str, Any]) -> str:
     if s.get("job_finished_during_load"):
         lines[-1:] = [f"Job finished while the load ran: {', '.join(str(x) for x in s['job_finished_during_load'])}.",
                       ""]
+    if s.get("host_stalls"):
+        lines += ["Host stalls during the load (the probe process unscheduled >= 0.1 s; count / longest): "
+                  + "; ".join(f"{ph}: " + ", ".join(f"{h['count']} / {h['max_s']:.2f} s" for h in hs)
+                              for ph, hs in s["host_stalls"].items() if all(h.get("count") is not None for h in hs))
+                  + ".", ""]
     if doc.get("caveat"):
         lines += [f"**Caveat:** {doc['caveat']}", ""]
     return "\n".join(lines)

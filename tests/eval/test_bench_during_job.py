@@ -42,10 +42,10 @@ def test_active_fraction_counts_only_scrapes_inside_the_load(bench):
     assert not bench.jobs_active({"sglang:kvzip_jobs_running": 1.0}, p)  # loadgen's predicate, by prefix
 
 
-def _repeat(bench, rep, job, base, started=True, frac=1.0, load_s=(30.0, 20.0)):
+def _repeat(bench, rep, job, base, started=True, frac=1.0, load_s=(30.0, 20.0), stalls=(0, 0.0)):
     rec = {"repeat": rep, "phases": {
         "job": {"trigger": {"started": started}, "client": {**job, "failed": 0}, "job_active_fraction": frac,
-                "load_s": load_s[0]},
+                "load_s": load_s[0], "host_stalls": {"count": stalls[0], "max_s": stalls[1], "total_s": stalls[1]}},
         "no-job": {"client": {**base, "failed": 0}, "job_active_fraction": 0.0, "load_s": load_s[1]}}}
     rec["ratios"] = bench.ratios(rec)
     return rec
@@ -54,7 +54,7 @@ def _repeat(bench, rep, job, base, started=True, frac=1.0, load_s=(30.0, 20.0)):
 def test_ratios_and_target_over_repeats(bench):
     base = {"p99_itl_ms": 100.0, "p99_ttft_ms": 1000.0, "p50_itl_ms": 50.0, "p50_ttft_ms": 500.0, "p50_tpot_ms": 50.0}
     runs = [_repeat(bench, 0, {**base, "p99_itl_ms": 110.0, "p99_ttft_ms": 1100.0}, base),
-            _repeat(bench, 1, {**base, "p99_itl_ms": 300.0, "p99_ttft_ms": 1000.0}, base),
+            _repeat(bench, 1, {**base, "p99_itl_ms": 300.0, "p99_ttft_ms": 1000.0}, base, stalls=(1, 1.5)),
             _repeat(bench, 2, {**base, "p99_itl_ms": 100.0, "p99_ttft_ms": 900.0}, base),
             _repeat(bench, 3, {**base, "p99_itl_ms": 900.0}, base, started=False)]  # no job: left out
     assert runs[0]["ratios"]["itl_p99_during_job_ratio"] == pytest.approx(1.1)
@@ -65,14 +65,19 @@ def test_ratios_and_target_over_repeats(bench):
     assert s["ttft_during_job_ratio"] == pytest.approx(1.0)
     assert s["load_s_during_job_ratio"] == pytest.approx(1.5)
     assert s["meets_target"] is False and s["failed_requests"] == 0  # the same load took 1.5x as long
+    # the host's own stalls per phase and repeat (the no-job phases here recorded none: reported as unknown)
+    assert [h["max_s"] for h in s["host_stalls"]["job"]] == [0.0, 1.5, 0.0]
+    assert [h["count"] for h in s["host_stalls"]["no-job"]] == [None, None, None]
     quick = [_repeat(bench, r["repeat"], r["phases"]["job"]["client"], base, load_s=(22.0, 20.0)) for r in runs[:3]]
     assert bench.summary(quick)["meets_target"] is True
     worse = bench.summary([_repeat(bench, 0, {**base, "p99_itl_ms": 130.0}, base, load_s=(20.0, 20.0))])
     assert worse["meets_target"] is False and worse["job_active_fraction"] == [1.0]
     assert bench.summary([_repeat(bench, 0, base, {})])["meets_target"] is None  # no baseline numbers: no verdict
-    assert "itl_p99_during_job_ratio | 1.10" in bench.markdown({"summary": s, "meta": {}, "settings": {
+    md = bench.markdown({"summary": s, "meta": {}, "settings": {
         "job_prefix_len": 2048, "engine": "vllm", "num_prompts": 12, "input_len": 256, "output_len": 32,
         "concurrency": 4}})
+    assert "itl_p99_during_job_ratio | 1.10" in md
+    assert "longest): job: 0 / 0.00 s, 1 / 1.50 s, 0 / 0.00 s." in md
 
 
 def test_the_load_is_the_clients_random_set_and_the_pool_holds_job_and_load(bench):
