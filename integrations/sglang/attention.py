@@ -88,7 +88,16 @@ class PagedAttention:
             groups.setdefault(id(r.store), []).append(r)
         self.armed = (_marker(forward_batch), list(groups.values()))
 
+    def rows_of(self, layer: Any, forward_batch: Any) -> frozenset[int]:
+        """The `req_to_token` rows whose output `apply` writes in this layer of `forward_batch` (empty when the
+        batch is not the armed one): SGLang's CPU backend skips them (`native_backend.py`)."""
+        armed = self.armed
+        if armed is None or layer.layer_id not in self.index or _marker(forward_batch) != armed[0]:
+            return frozenset()
+        return frozenset(r.row for group in armed[1] for r in group)
+
     def apply(self, layer: Any, query: torch.Tensor, output: torch.Tensor, forward_batch: Any) -> None:
+        """Overwrite the output rows of the armed batch's requests on head-page entries in this layer."""
         armed = self.armed
         if armed is None or _marker(forward_batch) != armed[0]:
             return

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from kvzip_plugin.integrations.sglang import native_extend
+from kvzip_plugin.integrations.sglang import native_backend
 
 from kvzip_plugin.scoring.kvzip import chunk_scores
 from kvzip_plugin.scoring.plan import ScoringTarget
@@ -90,13 +90,18 @@ class ScoreCapture:
 
             def forward(q, k, v, forward_batch, *args, __orig=original, __layer=layer, **kwargs):
                 armed = capture.armed
-                if armed is not None and getattr(forward_batch, "extend_seq_lens_cpu", None) is armed[0]:
-                    with native_extend.scoring_rows(frozenset(r.row for r in armed[1])):
+                scoring = armed is not None and getattr(forward_batch, "extend_seq_lens_cpu", None) is armed[0]
+                paged = capture.paged is not None and capture.paged.armed is not None
+                marked = frozenset(r.row for r in armed[1]) if scoring else frozenset()
+                skipped = capture.paged.rows_of(__layer, forward_batch) if paged else frozenset()
+                if marked or skipped:
+                    with native_backend.rows(marked, skipped):
                         out = __orig(q, k, v, forward_batch, *args, **kwargs)
-                    capture.capture(__layer, q, armed[1])
                 else:
                     out = __orig(q, k, v, forward_batch, *args, **kwargs)
-                if capture.paged is not None and capture.paged.armed is not None:
+                if scoring:
+                    capture.capture(__layer, q, armed[1])
+                if paged:
                     if not isinstance(out, torch.Tensor):  # (output, lse) forms: not produced on this path
                         raise RuntimeError("kvzip-plugin: head-page attention needs a tensor attention output")
                     capture.paged.apply(__layer, q, out, forward_batch)

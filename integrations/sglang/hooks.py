@@ -21,8 +21,10 @@ never patched):
   (`slicing.py`);
 * the graph runners' `can_run_graph` (AROUND, `graphs.RUNNERS`): no graph replay for a batch with scoring
   rows or requests on head-page entries (`graphs.py`);
-* `TorchNativeAttnBackend._run_sdpa_forward_extend` (AROUND): scoring rows attend over their new rows only on
-  SGLang's CPU backend, so a scoring slice costs its tokens, not a whole prefill (`native_extend.py`).
+* `TorchNativeAttnBackend._run_sdpa_forward_extend` / `_run_sdpa_forward_decode` (AROUND), SGLang's CPU
+  backend: scoring rows attend over their new rows only, so a scoring slice costs its tokens, not a whole
+  prefill; rows on head-page entries, whose output the plugin writes after the layer, are not computed
+  (`native_backend.py`).
 
 Each hook looks the cache up at call time and does nothing without an active one.
 """
@@ -33,7 +35,7 @@ import logging
 import threading
 from typing import Any
 
-from kvzip_plugin.integrations.sglang import graphs, native_extend
+from kvzip_plugin.integrations.sglang import graphs, native_backend
 
 logger = logging.getLogger("sglang.kvzip_plugin")
 
@@ -49,7 +51,8 @@ TARGETS = {
     "add_one_req": "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req",
     "add_chunked_req": "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req",
     "chunk_limit": "sglang.srt.managers.schedule_policy.SchedulePolicy.shortest_prefill_chunk_limit",
-    "native_extend": native_extend.TARGET,
+    "native_extend": native_backend.EXTEND_TARGET,
+    "native_decode": native_backend.DECODE_TARGET,
 }
 
 _lock = threading.Lock()
@@ -181,7 +184,8 @@ def install() -> None:
         HookRegistry.register(TARGETS["add_one_req"], _around_add_one_req, HookType.AROUND)
         HookRegistry.register(TARGETS["add_chunked_req"], _around_add_chunked_req, HookType.AROUND)
         HookRegistry.register(TARGETS["chunk_limit"], _around_chunk_limit, HookType.AROUND)
-        HookRegistry.register(TARGETS["native_extend"], native_extend.around_extend, HookType.AROUND)
+        HookRegistry.register(TARGETS["native_extend"], native_backend.around_extend, HookType.AROUND)
+        HookRegistry.register(TARGETS["native_decode"], native_backend.around_decode, HookType.AROUND)
         for target in graphs.RUNNERS:
             HookRegistry.register(target, graphs.around_can_run_graph, HookType.AROUND)
         HookRegistry.apply_hooks()

@@ -31,7 +31,7 @@ import weakref
 from typing import Any
 
 import torch
-from kvzip_plugin.integrations.sglang import KVCompressionSettings, adoption, graphs, native_extend
+from kvzip_plugin.integrations.sglang import KVCompressionSettings, adoption, graphs, native_backend
 from kvzip_plugin.integrations.sglang.attention import PagedAttention
 from kvzip_plugin.integrations.sglang.capture import ScoreCapture
 from kvzip_plugin.integrations.sglang.metrics import MetricsPublisher, StepClock, served_model_name, write_state
@@ -459,6 +459,7 @@ class KVzipRadixCache(UnifiedRadixCache):
             "finished": {s.value: n for s, n in self.jobs.admission.queue.finished.items()},
             "scoring_targets": len(self.capture.targets) if self.capture is not None else 0,
             "graph_marks": dict(graphs.marks),
-            "native_extend_rows": native_extend.rows_computed,
+            "native_extend_rows": native_backend.rows_computed,
+            "native_rows_skipped": native_backend.rows_skipped,
             "slicing": self.slicing.describe() if self.slicing is not None else None,
         }

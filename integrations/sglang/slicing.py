@@ -47,7 +47,7 @@ logger = logging.getLogger("sglang.kvzip_plugin")
 def scoring_budget(settings: KVCompressionSettings, server_args: Any) -> ScoringBudget:
     """The scoring budget of the settings (`--kv-compression-scoring-step-tokens`, `-max-slowdown`), on every
     backend. (SGLang's CPU backend `torch_native` computes an extend chunk over the request's whole sequence,
-    which made a slice cost a whole prefill; `native_extend.py` computes the scoring rows' chunks over their
+    which made a slice cost a whole prefill; `native_backend.py` computes the scoring rows' chunks over their
     new rows only, so slices cost their tokens there too.)"""
     return settings.scoring_budget()
 

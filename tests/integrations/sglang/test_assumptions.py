@@ -334,13 +334,21 @@ def test_attention_reads_kv_through_req_to_token():
     assert "self.token_to_kv_pool.set_kv_buffer(" in extend and "forward_batch.extend_prefix_lens" in extend
     sdpa_extend = src(TorchNativeAttnBackend._run_sdpa_forward_extend)
     assert "req_to_token[req_pool_idx, start_kv:end_kv]" in sdpa_extend
-    # native_extend.py: what its AROUND hook takes, and the whole-sequence padding it avoids for scoring rows
+    # native_backend.py: what its AROUND hook takes, and the whole-sequence padding it avoids for scoring rows
     assert params_of(TorchNativeAttnBackend._run_sdpa_forward_extend) == [
         "self", "query", "output", "k_cache", "v_cache", "req_to_token", "req_pool_indices", "seq_lens",
         "extend_prefix_lens", "extend_seq_lens", "encoder_lens", "scaling", "enable_gqa", "causal", "is_cross_attn",
         "sliding_window_size"]
     assert "per_req_query_redudant[:, prefill_seq_len_q:, :] = per_req_query" in sdpa_extend
     assert "self._run_sdpa_forward_extend(" in extend
+    # native_backend.py's decode hook: its arguments, and the KV write coming before the attention it may skip
+    assert params_of(TorchNativeAttnBackend._run_sdpa_forward_decode) == [
+        "self", "query", "output", "k_cache", "v_cache", "req_to_token", "req_pool_indices", "seq_lens",
+        "encoder_lens", "scaling", "enable_gqa", "causal", "is_cross_attn", "sliding_window_size"]
+    decode = src(TorchNativeAttnBackend.forward_decode)
+    assert decode.index("self.token_to_kv_pool.set_kv_buffer(") < decode.index("self._run_sdpa_forward_decode(")
+    assert extend.index("self.token_to_kv_pool.set_kv_buffer(") < extend.index("self._run_sdpa_forward_extend(")
+    assert "for seq_idx in range(seq_lens.shape[0]):" in src(TorchNativeAttnBackend._run_sdpa_forward_decode)
     assert params_of(RadixAttention.forward)[:5] == ["self", "q", "k", "v", "forward_batch"]
 
 

@@ -83,7 +83,7 @@ def test_scoring_step_tokens_sets_the_slicing(pools):
 
 
 def test_slicing_is_on_for_every_backend(pools):
-    """SGLang's CPU backend (torch_native) is sliced like the others: `native_extend.py` computes a scoring
+    """SGLang's CPU backend (torch_native) is sliced like the others: `native_backend.py` computes a scoring
     slice over its new rows only (it used to cost a whole prefill there, and scoring ran unsliced)."""
     from types import SimpleNamespace
 
