@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvzip_plugin.paged_store import PagedStore, write_store
+from kvzip_plugin.paged_store import PagedStore, page_rows, write_store
 from kvzip_plugin.prefix_attention import PageRuns, SegmentRuns
 from kvzip_plugin.store import place_runs, select_runs
 
@@ -77,3 +77,19 @@ def test_read_runs_uses_the_engines_page_reader():
     b = store.read_runs(0, lambda i: pool[i]).attention(q, 0.3)
     assert calls
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("page_size,contiguous", [(1, True), (1, False), (4, True)])
+def test_page_rows_reads_the_same_pages_as_indexing(page_size, contiguous):
+    """The fast read (one index_select of the flat buffer, pages of one token) and the general one give the
+    same `[P, page_size, D]` pages, in the order asked, repeats included."""
+    g = torch.Generator().manual_seed(3)
+    buf = torch.randn(50, page_size, 3, 8, generator=g)
+    if not contiguous:  # e.g. keys and values interleaved in one allocation
+        buf = torch.randn(50, page_size, 3, 16, generator=g)[..., ::2]
+    blocks = torch.tensor([7, 0, 49, 7, 12])
+    slots = torch.tensor([2, 0, 1, 2, 1])
+    got = page_rows(buf, blocks, slots)
+    assert got.shape == (5, page_size, 8)
+    for i in range(5):
+        assert torch.equal(got[i], buf[blocks[i], :, slots[i]])
