@@ -20,7 +20,8 @@ store (`benchmarks/bench_prefix_attention.py`, CPU, SmolLM2 shapes, pages of 32)
 query rows per store, up to 2x slower for many (32 requests): each page's partial output is a row of its
 own. So a store takes this pass while its decode rows are few (`one_pass`), `attend_rows` beyond (its
 runs copied once, one call per KV head). With pages of one token (SGLang's token pool) every kept pair
-would be a page: 2-8x slower than `attend_rows` per store, so SGLang keeps `attend_rows`.
+would be a page: 2-8x slower than `attend_rows` per store, so SGLang's decode rows take `token_decode.py`
+(each (row, KV head) a padded run of elements of the flat buffers) instead.
 """
 
 from __future__ import annotations
