@@ -242,6 +242,10 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     # the host's own scheduling gaps (>= 0.1 s) during each phase's load: a client records them as latency
     out["host_stalls"] = {ph: [{k: r["phases"][ph].get("host_stalls", {}).get(k) for k in ("count", "max_s", "total_s")}
                                for r in ok] for ph in PHASES}
+    # the load's inter-token gaps >= 0.4 s (vLLM's client), and how many of them end at other requests' first
+    # tokens (a decode step that also ran newly admitted requests' prefills: the engine's own interference)
+    out["itl_gaps"] = {ph: [{k: (r["phases"][ph]["client"].get("itl_gaps") or {}).get(k)
+                             for k in ("count", "max_s", "ending_at_first_tokens")} for r in ok] for ph in PHASES}
     out["failed_requests"] = sum(int(p["client"].get("failed") or 0) for r in runs for p in r["phases"].values())
     # the load's wall time too: a stall that only the few requests then running wait through (one gap each)
     # stays below the p99 of every gap and every TTFT, yet the same work takes longer
@@ -276,6 +280,11 @@ def markdown(doc: dict[str, Any]) -> str:
                   + "; ".join(f"{ph}: " + ", ".join(f"{h['count']} / {h['max_s']:.2f} s" for h in hs)
                               for ph, hs in s["host_stalls"].items() if all(h.get("count") is not None for h in hs))
                   + ".", ""]
+    if any(g["count"] is not None for gs in s.get("itl_gaps", {}).values() for g in gs):
+        lines += ["Inter-token gaps >= 0.4 s during the load (count / ended by other requests' first tokens / "
+                  "longest): " + "; ".join(f"{ph}: " + ", ".join(
+                      f"{g['count']} / {g['ending_at_first_tokens']} / {g['max_s']:.2f} s" for g in gs)
+                      for ph, gs in s["itl_gaps"].items() if all(g["count"] is not None for g in gs)) + ".", ""]
     if doc.get("caveat"):
         lines += [f"**Caveat:** {doc['caveat']}", ""]
     return "\n".join(lines)

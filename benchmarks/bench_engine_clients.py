@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_multitenant import MODES, SERVED_NAME, Server, _fmt, _get, meta, server_command, server_env  # noqa: E402
 
+from kvzip_plugin.eval.itl_gaps import itl_gaps  # noqa: E402
 from kvzip_plugin.eval.loadgen import MetricsPoller, scrape, summarize, wait_kvzip_idle  # noqa: E402
 
 SCENARIOS = ("shared", "tight", "capacity", "control")
@@ -99,7 +100,7 @@ def client_argv(args: argparse.Namespace, scenario: str, num_prompts: int, url: 
         common = ["--backend", "vllm", "--base-url", url, "--model", SERVED_NAME, "--tokenizer", str(args.model),
                   "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--seed",
                   str(args.seed), "--ignore-eos", "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el",
-                  "--metric-percentiles", "50,99,100"] + rate_argv
+                  "--metric-percentiles", "50,99,100", "--save-detailed"] + rate_argv  # per-request lists: itl_gaps
         if scenario == "control":
             return common + ["--dataset-name", "random", "--random-input-len", str(p + s), "--random-output-len",
                              str(o), "--random-range-ratio", "0"]
@@ -156,6 +157,8 @@ def run_client(args: argparse.Namespace, scenario: str, num_prompts: int, url: s
     keep["argv"] = argv
     if args.engine == "vllm":
         keep.setdefault("failed", 0)
+        if all(k in result for k in ("start_times", "ttfts", "itls")):
+            keep["itl_gaps"] = itl_gaps(result["start_times"], result["ttfts"], result["itls"])
     return keep
 
 

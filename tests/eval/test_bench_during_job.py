@@ -78,6 +78,18 @@ def test_ratios_and_target_over_repeats(bench):
         "concurrency": 4}})
     assert "itl_p99_during_job_ratio | 1.10" in md
     assert "longest): job: 0 / 0.00 s, 1 / 1.50 s, 0 / 0.00 s." in md
+    assert "Inter-token gaps" not in md  # no client recorded its gaps (SGLang's, or an older run)
+    # the clients' long inter-token gaps per phase (vLLM's client, bench_engine_clients.run_client)
+    gaps = {"count": 2, "max_s": 1.4, "ending_at_first_tokens": 2, "gaps": [[1.4, 3], [1.3, 3]]}
+    none = {"count": 0, "max_s": 0.0, "ending_at_first_tokens": 0, "gaps": []}
+    with_gaps = [_repeat(bench, 0, {**base, "itl_gaps": none}, {**base, "itl_gaps": gaps})]
+    s = bench.summary(with_gaps)
+    assert s["itl_gaps"] == {"job": [{"count": 0, "max_s": 0.0, "ending_at_first_tokens": 0}],
+                             "no-job": [{"count": 2, "max_s": 1.4, "ending_at_first_tokens": 2}]}
+    md = bench.markdown({"summary": s, "meta": {}, "settings": {
+        "job_prefix_len": 2048, "engine": "vllm", "num_prompts": 12, "input_len": 256, "output_len": 32,
+        "concurrency": 4}})
+    assert "longest): no-job: 2 / 2 / 1.40 s; job: 0 / 0 / 0.00 s." in md
 
 
 def test_the_load_is_the_clients_random_set_and_the_pool_holds_job_and_load(bench):

@@ -29,6 +29,7 @@ def test_client_arguments_per_engine_and_scenario(bench):
     assert a[a.index("--prefix-repetition-prefix-len") + 1] == "1024"
     assert a[a.index("--max-concurrency") + 1] == "8" and a[a.index("--num-prompts") + 1] == "32"
     assert a[a.index("--metric-percentiles") + 1] == "50,99,100"  # p100 = the maximum (run_client: max_*_ms)
+    assert "--save-detailed" in a  # the per-request lists run_client reads the long inter-token gaps from
     warm = bench.client_argv(_args(), "shared", 12, "http://h:1", concurrency=1)
     assert warm[warm.index("--max-concurrency") + 1] == "1" and warm[warm.index("--seed") + 1] == "0"
     c = bench.client_argv(_args(), "control", 32, "http://h:1")
