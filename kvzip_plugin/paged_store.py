@@ -173,6 +173,30 @@ class PagedStore:
         return self.cached(("merged", layer, device), build)
 
 
+class StoreCache:
+    """Index tensors derived from a set of stores for one layer (what a step's rows on them read), kept across
+    steps (a running batch rarely changes its stores); at most `size` entries, the oldest dropped first. An
+    entry holds its stores, so a store dropped by the engine is never mistaken for a new one at the same
+    address. `build(stores, layer, device)` makes an entry (`step_decode.PrefixPages.of`,
+    `token_decode.RunIndex.of`)."""
+
+    def __init__(self, build: Callable[[tuple[PagedStore, ...], int, torch.device], object], size: int = 256) -> None:
+        self.build = build
+        self.size = size
+        self._entries: dict[tuple, tuple[tuple[PagedStore, ...], object]] = {}
+
+    def get(self, stores: tuple[PagedStore, ...], layer: int, device: torch.device):
+        key = (tuple(id(s) for s in stores), layer, device)
+        got = self._entries.get(key)
+        if got is not None and all(a is b for a, b in zip(got[0], stores, strict=True)):
+            return got[1]
+        value = self.build(stores, layer, device)
+        if len(self._entries) >= self.size:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = (stores, value)
+        return value
+
+
 def page_rows(view: torch.Tensor, blocks: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Pages `(blocks[i], head slot slots[i])` of a token-major `[num_blocks, page_size, H, D]` view, as
     `[P, page_size, D]`. Pages of one token (SGLang's token pool) of a contiguous buffer are one `index_select`

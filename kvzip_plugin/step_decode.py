@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvzip_plugin.paged_store import PagedStore, PageReader
+from kvzip_plugin.paged_store import PagedStore, PageReader, StoreCache
 from kvzip_plugin.prefix_attention import PAGE_ROWS_MAX, attend, length_mask
 
 _NEG_INF = float("-inf")
@@ -77,25 +77,9 @@ class PrefixPages:
                    length_mask(torch.cat(valid) if valid else empty, ps))
 
 
-class PrefixPageCache:
-    """`PrefixPages` by (set of stores, layer, device), kept across steps (the running batch rarely changes
-    its stores); at most `size` entries, the oldest dropped first. An entry holds its stores, so a store
-    dropped by the engine is never mistaken for a new one at the same address."""
-
-    def __init__(self, size: int = 256) -> None:
-        self.size = size
-        self._entries: dict[tuple, tuple[tuple[PagedStore, ...], PrefixPages]] = {}
-
-    def get(self, stores: tuple[PagedStore, ...], layer: int, device: torch.device) -> PrefixPages:
-        key = (tuple(id(s) for s in stores), layer, device)
-        got = self._entries.get(key)
-        if got is not None and all(a is b for a, b in zip(got[0], stores, strict=True)):
-            return got[1]
-        pages = PrefixPages.of(stores, layer, device)
-        if len(self._entries) >= self.size:
-            self._entries.pop(next(iter(self._entries)))
-        self._entries[key] = (stores, pages)
-        return pages
+def PrefixPageCache(size: int = 256) -> StoreCache:  # noqa: N802 - names what the cache holds
+    """`PrefixPages` by (set of stores, layer, device), kept across steps (`paged_store.StoreCache`)."""
+    return StoreCache(PrefixPages.of, size)
 
 
 @dataclass(frozen=True)
@@ -122,12 +106,12 @@ class DecodeStep:
     own_units: torch.Tensor
     own_mask: torch.Tensor
     n_kv_heads: int
-    cache: PrefixPageCache
+    cache: StoreCache
 
     @classmethod
     def plan(cls, stores: Sequence[PagedStore], rows_of: Sequence[Sequence[int]], decode_q: torch.Tensor,
              own_lens: torch.Tensor, own_block_rows: torch.Tensor, n_kv_heads: int, page_size: int,
-             cache: PrefixPageCache) -> DecodeStep:
+             cache: StoreCache) -> DecodeStep:
         """Args:
             stores: the S stores; rows_of: per store, the decode rows (indices into `decode_q`) on it.
             decode_q: `[R]` query token index of each row; own_lens: `[R]` its own tokens (>= 1, the

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvzip_plugin.paged_store import PagedStore
+from kvzip_plugin.paged_store import PagedStore, StoreCache
 from kvzip_plugin.prefix_attention import attend
 
 _NEG_INF = float("-inf")
@@ -88,25 +88,10 @@ class RunIndex:
         return cls(tuple(parts), mask.unsqueeze(2).to(device), tuple(widths))
 
 
-class RunIndexCache:
-    """`RunIndex` by (the rows' stores, layer, device), kept across steps (a decode batch keeps its rows for
-    many steps); at most `size` entries, the oldest dropped first. An entry holds its stores, so a store
-    dropped by the engine is never mistaken for a new one at the same address."""
-
-    def __init__(self, size: int = 512) -> None:
-        self.size = size
-        self._entries: dict[tuple, tuple[tuple[PagedStore, ...], RunIndex]] = {}
-
-    def get(self, stores: tuple[PagedStore, ...], layer: int, n_kv_heads: int, device: torch.device) -> RunIndex:
-        key = (tuple(id(s) for s in stores), layer, device)
-        got = self._entries.get(key)
-        if got is not None and all(a is b for a, b in zip(got[0], stores, strict=True)):
-            return got[1]
-        index = RunIndex.of(stores, layer, n_kv_heads, device)
-        if len(self._entries) >= self.size:
-            self._entries.pop(next(iter(self._entries)))
-        self._entries[key] = (stores, index)
-        return index
+def RunIndexCache(n_kv_heads: int, size: int = 512) -> StoreCache:  # noqa: N802 - names what the cache holds
+    """`RunIndex` by (the rows' stores, layer, device), kept across steps (`paged_store.StoreCache`; a decode
+    batch keeps its rows for many steps)."""
+    return StoreCache(lambda stores, layer, device: RunIndex.of(stores, layer, n_kv_heads, device), size)
 
 
 @dataclass(frozen=True)
@@ -120,7 +105,7 @@ class TokenDecode:
             head, padded with the row's last token.
         own_mask: `[R, 1, 1, T_o]` additive mask of that padding.
         n_kv_heads: H_kv.
-        cache: where each layer's `RunIndex` is kept.
+        cache: where each layer's `RunIndex` is kept (`RunIndexCache(n_kv_heads)`).
     """
 
     stores: tuple[PagedStore, ...]
@@ -129,11 +114,11 @@ class TokenDecode:
     own_mask: torch.Tensor
     n_kv_heads: int
     own_width: int
-    cache: RunIndexCache
+    cache: StoreCache
 
     @classmethod
     def plan(cls, stores: Sequence[PagedStore], decode_q: torch.Tensor, own_slots: torch.Tensor,
-             own_lens: torch.Tensor, n_kv_heads: int, cache: RunIndexCache) -> TokenDecode:
+             own_lens: torch.Tensor, n_kv_heads: int, cache: StoreCache) -> TokenDecode:
         """Args:
             stores: the store of each of the R rows; decode_q: `[R]` their query token index in the step.
             own_slots: `[R, T_o]` the token slots of each row's own tokens, padded with a repeat of its last.
@@ -157,7 +142,7 @@ class TokenDecode:
         """
         r, h_kv = int(self.decode_q.numel()), self.n_kv_heads
         dev = q_all.device
-        index = self.cache.get(self.stores, layer, h_kv, dev)
+        index = self.cache.get(self.stores, layer, dev)
         ks, vs = [], []
         for (buf, elements), width in zip(index.parts, index.widths, strict=True):
             k_flat, v_flat = flat(buf)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from kvzip_plugin.kernel_runs import backend_name, use_kernel
-from kvzip_plugin.paged_store import PagedStore
+from kvzip_plugin.paged_store import PagedStore, StoreCache
 from kvzip_plugin.prefix_attention import OwnTokens, attend_rows, length_mask, own_positions
 from kvzip_plugin.token_decode import RunIndexCache, TokenDecode
 
@@ -76,7 +76,7 @@ class PagedAttention:
         self._step: TokenDecode | None | bool = False
         """The armed batch's `TokenDecode` (every row a decode row on one-token pages, torch path), None when
         the batch takes the per-entry path; False until its first layer decides."""
-        self._run_index = RunIndexCache()
+        self._run_index: StoreCache | None = None  # token_decode's run indexes (built at the first one-pass step)
 
     def views(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-major `[num_pages, page_size, H_kv, D]` views of layer `idx`'s key and value buffers."""
@@ -171,6 +171,8 @@ class PagedAttention:
             pos = own_positions(own_len).to(dev)  # [R, T], padding repeats the last
             first = torch.tensor([r.store.n_slots for r in rows], device=dev).view(-1, 1)
             slots = self.req_to_token[torch.tensor([r.row for r in rows], device=dev).view(-1, 1), first + pos]
+            if self._run_index is None:
+                self._run_index = RunIndexCache(int(k_buf.shape[-2]))
             self._step = TokenDecode.plan([r.store for r in rows], torch.tensor([r.q_start for r in rows]), slots,
                                           own_len, int(k_buf.shape[-2]), self._run_index)
         return self._step

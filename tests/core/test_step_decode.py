@@ -10,6 +10,7 @@ import torch
 from kvzip_plugin.paged_store import PagedStore, write_store
 from kvzip_plugin.step_decode import DecodeStep, PrefixPageCache
 from kvzip_plugin.store import place_runs, select_runs
+from tests.core.reference import masked_attention
 
 N_LAYERS, H_KV, D, PAGE = 3, 2, 8, 4
 
@@ -18,20 +19,6 @@ def _pool(g: torch.Generator, n_blocks: int) -> list[tuple[torch.Tensor, torch.T
     """An engine pool: per layer token-major `[n_blocks, page, H_kv, D]` keys and values of finite noise."""
     return [(torch.randn(n_blocks, PAGE, H_KV, D, generator=g), torch.randn(n_blocks, PAGE, H_KV, D, generator=g))
             for _ in range(N_LAYERS)]
-
-
-def _reference(q, pre_k, pre_v, keep, own_k, own_v, scale):
-    """One request's query `[H_q, D]` over its prefix `[H_kv, L, D]` masked to `keep` and its own tokens
-    `[H_kv, T, D]`: `[H_q, D]` float64."""
-    h_q = q.shape[0]
-    g = h_q // pre_k.shape[0]
-    out = torch.zeros(h_q, q.shape[-1], dtype=torch.float64)
-    for j in range(h_q):
-        h = j // g
-        k = torch.cat([pre_k[h][keep[h]], own_k[h]]).double()
-        v = torch.cat([pre_v[h][keep[h]], own_v[h]]).double()
-        out[j] = torch.softmax(q[j].double() @ k.T * scale, -1) @ v
-    return out
 
 
 @pytest.mark.parametrize("h_q", [2, 6])
@@ -74,7 +61,7 @@ def test_rows_on_several_stores_get_their_masked_attention(h_q):
             pre_v = v[src].reshape(-1, H_KV, D).transpose(0, 1)
             own_k = k[own_blocks[i]].reshape(-1, H_KV, D)[:own_lens[i]].transpose(0, 1)
             own_v = v[own_blocks[i]].reshape(-1, H_KV, D)[:own_lens[i]].transpose(0, 1)
-            want = _reference(q_all[decode_q[i]], pre_k, pre_v, keep[layer], own_k, own_v, 0.4)
+            want = masked_attention(q_all[decode_q[i]], pre_k, pre_v, keep[layer], own_k, own_v, 0.4)
             torch.testing.assert_close(out_all[decode_q[i]].double(), want, rtol=1e-5, atol=1e-5)
         untouched = torch.ones(n_tokens, dtype=torch.bool)
         untouched[decode_q] = False

@@ -11,22 +11,9 @@ import torch
 from kvzip_plugin.paged_store import PagedStore, write_store
 from kvzip_plugin.store import place_runs, select_runs
 from kvzip_plugin.token_decode import RunIndexCache, TokenDecode
+from tests.core.reference import masked_attention
 
 N_LAYERS, H_KV, D = 3, 2, 8
-
-
-def _reference(q, pre_k, pre_v, keep, own_k, own_v, scale):
-    """One request's query `[H_q, D]` over its prefix `[H_kv, L, D]` masked to `keep` and its own tokens
-    `[H_kv, T, D]`: `[H_q, D]` float64."""
-    h_q = q.shape[0]
-    g = h_q // pre_k.shape[0]
-    out = torch.zeros(h_q, q.shape[-1], dtype=torch.float64)
-    for j in range(h_q):
-        h = j // g
-        k = torch.cat([pre_k[h][keep[h]], own_k[h]]).double()
-        v = torch.cat([pre_v[h][keep[h]], own_v[h]]).double()
-        out[j] = torch.softmax(q[j].double() @ k.T * scale, -1) @ v
-    return out
 
 
 @pytest.mark.parametrize("h_q", [2, 6])
@@ -55,7 +42,7 @@ def test_rows_on_several_stores_get_their_masked_attention(h_q):
     n_tokens = 11
     decode_q = torch.tensor([3, 0, 10, 7, 5, 1])  # query token of each row in the step
     q_all = torch.randn(n_tokens, h_q, D, generator=g)
-    cache = RunIndexCache()
+    cache = RunIndexCache(H_KV)
     step = TokenDecode.plan([stores[s] for s in on_store], decode_q, own_slots, own_lens, H_KV, cache)
 
     def flat(buf):
@@ -67,7 +54,7 @@ def test_rows_on_several_stores_get_their_masked_attention(h_q):
         k, v = pool[layer]
         for i, s in enumerate(on_store):
             src, keep = prefixes[s]
-            want = _reference(q_all[decode_q[i]], k[src].transpose(0, 1), v[src].transpose(0, 1), keep[layer],
+            want = masked_attention(q_all[decode_q[i]], k[src].transpose(0, 1), v[src].transpose(0, 1), keep[layer],
                               k[own[i]].transpose(0, 1), v[own[i]].transpose(0, 1), 0.4)
             torch.testing.assert_close(out_all[decode_q[i]].double(), want, rtol=1e-5, atol=1e-5)
         untouched = torch.ones(n_tokens, dtype=torch.bool)
@@ -85,5 +72,5 @@ def test_pages_of_several_tokens_are_refused():
     store = PagedStore.build(place_runs(keep.sum(-1), 4), [0, 1, 2, 3][:place_runs(keep.sum(-1), 4).n_blocks])
     with pytest.raises(ValueError, match="one-token pages"):
         TokenDecode.plan([store], torch.tensor([0]), torch.tensor([[9]]), torch.tensor([1]), H_KV,
-                         RunIndexCache()).attend(0, torch.zeros(1, 2, D), torch.zeros(1, 2, D),
+                         RunIndexCache(H_KV)).attend(0, torch.zeros(1, 2, D), torch.zeros(1, 2, D),
                                                  lambda b: (torch.zeros(99, D), torch.zeros(99, D)), 0, 1.0)
