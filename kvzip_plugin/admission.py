@@ -13,7 +13,11 @@ The rules, shared so vLLM and SGLang behave the same:
 * a failed or cancelled job reopens the prefix: it needs `min_hits` *new* hits before the next try
   (the caching request no longer counts);
 * a prefix whose jobs failed `max_retries` times, or that can never be served here (`unservable`:
-  e.g. its scoring input exceeds the engine's context), is not offered again.
+  e.g. its scoring input exceeds the engine's context), is not offered again;
+* a job cancelled because the engine had no room to run it (`finish(..., no_room=True)`) backs its prefix
+  off: no new job for it during `NO_ROOM_BACKOFF_S` after the first such cancel, doubling with each next one
+  up to `NO_ROOM_BACKOFF_MAX_S` (room may come back, e.g. when tenants leave; until then every try would
+  wait out its bound and be cancelled again).
 
 The engine keeps what is engine-specific: the prefix key (vLLM's chained block hash, SGLang's
 digest of the token ids + namespace), which prefixes are already covered by a compacted or
@@ -22,6 +26,7 @@ in-flight one, the job's work, and the metrics it counts.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -31,6 +36,12 @@ from kvzip_plugin.jobs import CompressionJob, JobQueue, JobStatus
 
 MAX_RETRIES = 3
 """Failed jobs per prefix before it is given up."""
+
+NO_ROOM_BACKOFF_S = 300.0
+"""No new job for a prefix this long after its first job cancelled for want of room (doubling after each next)."""
+
+NO_ROOM_BACKOFF_MAX_S = 3600.0
+"""The longest no-room back-off."""
 
 MAX_SEEN_PROMPTS = 65536
 """Whole prompts remembered to tell a repeated prompt from a new one (least recently seen dropped)."""
@@ -70,6 +81,8 @@ class Admission:
     max_seen: int = MAX_SEEN_PROMPTS
     seen: OrderedDict[Hashable, None] = field(default_factory=OrderedDict)
     """Digests of the whole prompts seen, most recent last."""
+    backoff: dict[Hashable, tuple[float, int]] = field(default_factory=dict)
+    """Prefixes backed off after no-room cancels: (no job before this `time.monotonic()`, cancels so far)."""
 
     def __post_init__(self) -> None:
         self.tracker = PrefixTracker(self.policy)
@@ -86,15 +99,18 @@ class Admission:
                 self.seen.popitem(last=False)
         return repeat
 
-    def eligible(self, key: Hashable) -> bool:
-        """False for prefixes given up on (unservable, or `max_retries` failed jobs)."""
+    def eligible(self, key: Hashable, now: float | None = None) -> bool:
+        """False for prefixes given up on (unservable, or `max_retries` failed jobs) or backed off (no room)."""
+        until = self.backoff.get(key)
+        if until is not None and (time.monotonic() if now is None else now) < until[0]:
+            return False
         return key not in self.unservable and self.failures.get(key, 0) < self.max_retries
 
-    def offer(self, key: Hashable, num_tokens: int, salt: str | None = None) -> Offer:
+    def offer(self, key: Hashable, num_tokens: int, salt: str | None = None, now: float | None = None) -> Offer:
         """Count one request's hit on the cached prefix `key` (`num_tokens` long); submit a job the
         first time the prefix qualifies. The caller has already checked that the prefix is not
-        covered by a compacted or in-flight one."""
-        if not self.eligible(key) or num_tokens < self.policy.min_prefix_tokens:
+        covered by a compacted or in-flight one. `now`: `time.monotonic()` unless given (tests)."""
+        if not self.eligible(key, now) or num_tokens < self.policy.min_prefix_tokens:
             return Offer()
         candidate = None
         if self.tracker.hits(key) == 0 and key not in self.failed:  # the request that cached it
@@ -105,17 +121,27 @@ class Admission:
             return Offer()
         return Offer(candidate, self.queue.submit(candidate))
 
+    def no_room_backoff_s(self, key: Hashable) -> float:
+        """How long the next no-room cancel of `key` backs it off: `NO_ROOM_BACKOFF_S`, doubled for each earlier
+        one, at most `NO_ROOM_BACKOFF_MAX_S`."""
+        return min(NO_ROOM_BACKOFF_S * 2 ** self.backoff.get(key, (0.0, 0))[1], NO_ROOM_BACKOFF_MAX_S)
+
     def finish(self, job: CompressionJob, status: JobStatus, error: str | None = None, *,
-               unservable: bool = False) -> str:
+               unservable: bool = False, no_room: bool = False, now: float | None = None) -> str:
         """Record `job`'s end in the queue and the retry bookkeeping; returns its outcome label
         (`committed`, `failed` or `cancelled`, as in `kvzip_jobs_total{outcome}`). `unservable`: the
-        same prefix would fail the same way again, never retry it."""
+        same prefix would fail the same way again, never retry it. `no_room`: cancelled because the engine
+        had no room to run it: back the prefix off (`NO_ROOM_BACKOFF_S`, doubling)."""
         self.queue.finish(job, status, error)
         key = job.candidate.key
         if unservable:
             self.unservable.add(key)
         if status is JobStatus.COMMITTED:
+            self.backoff.pop(key, None)
             return "committed"
+        if no_room:
+            start = time.monotonic() if now is None else now
+            self.backoff[key] = (start + self.no_room_backoff_s(key), self.backoff.get(key, (0.0, 0))[1] + 1)
         self.tracker.reopen(key)
         self.failed.add(key)
         if status is JobStatus.FAILED:

@@ -189,9 +189,11 @@ class Jobs:
             self.no_room_since = now
         elif now - self.no_room_since >= NO_ROOM_WAIT_S and (job := self.admission.queue.start_next()) is not None:
             self.no_room_since = None
+            wait = self.admission.no_room_backoff_s(job.candidate.key)
             self.end(self.live[job.job_id], JobStatus.CANCELLED,
                      f"no room in the KV pool to score it: it needs {need} token slots, {room} are free or "
-                     f"evictable (--max-total-tokens too small for this prefix beside what the pool pins)")
+                     f"evictable (--max-total-tokens too small for this prefix beside what the pool pins); "
+                     f"no new job for it for {wait:.0f} s", no_room=True)
         return False
 
     def _start(self, j: Job, sched: Any) -> None:
@@ -374,7 +376,8 @@ class Jobs:
 
     # ------------------------------------------------------------------ the end of a job
 
-    def end(self, j: Job, status: JobStatus, error: str | None = None, unservable: bool = False) -> None:
+    def end(self, j: Job, status: JobStatus, error: str | None = None, unservable: bool = False,
+            no_room: bool = False) -> None:
         """Finish a job: roll back what it holds unless it committed, take its queued scoring requests
         out, release the tree lock (the originals go back to LRU eviction) and count the outcome."""
         cache = self.cache
@@ -393,7 +396,7 @@ class Jobs:
             ids = {id(r) for r in j.reqs.values()}
             sched.waiting_queue[:] = [r for r in sched.waiting_queue if id(r) not in ids]
         j.reqs, j.unsent = {}, []
-        outcome = self.admission.finish(j.job, status, error, unservable=unservable)
+        outcome = self.admission.finish(j.job, status, error, unservable=unservable, no_room=no_room)
         self.live.pop(j.job.job_id, None)
         cache.mark_dirty()
         cache.stats.jobs[outcome] += 1

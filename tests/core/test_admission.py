@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvzip_plugin.admission import MAX_RETRIES, Admission
+from kvzip_plugin.admission import MAX_RETRIES, NO_ROOM_BACKOFF_MAX_S, NO_ROOM_BACKOFF_S, Admission
 from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.jobs import JobQueue, JobStatus
 
@@ -123,3 +123,45 @@ def test_seen_prompts_are_bounded_least_recently_seen_first():
         adm.note_prompt(prompt)
     assert list(adm.seen) == ["a", "c"]
     assert adm.note_prompt("b") is False
+
+
+def _offer_until(adm: Admission, key: str, now: float, tries: int = 4):
+    """Offer `key` up to `tries` times at `now`; the job submitted, or None."""
+    for _ in range(tries):
+        offer = adm.offer(key, 128, now=now)
+        if offer.job is not None:
+            return offer.job
+    return None
+
+
+def test_a_no_room_cancel_backs_the_prefix_off_doubling_and_a_commit_clears_it():
+    """A job cancelled because the engine had no room (SGLang: the pool cannot hold its scoring) is not
+    tried again at once: every try would wait out its bound and be cancelled again. The back-off doubles
+    with each such cancel, up to the cap; other prefixes, and other cancels, are not affected."""
+    adm = _admission(min_hits=2)
+    t = 1000.0
+    waits = []
+    for _ in range(6):
+        job = _offer_until(adm, "p", t)
+        assert job is not None and adm.queue.start_next() is job
+        waits.append(adm.no_room_backoff_s("p"))
+        assert adm.finish(job, JobStatus.CANCELLED, "no room", no_room=True, now=t) == "cancelled"
+        assert _offer_until(adm, "p", t + waits[-1] - 1) is None  # backed off: hits are not even counted
+        t += waits[-1]
+    assert waits == [min(NO_ROOM_BACKOFF_S * 2 ** i, NO_ROOM_BACKOFF_MAX_S) for i in range(6)]
+    assert "other" not in adm.backoff and adm.eligible("other", now=t - 1)  # only that prefix backs off
+    assert waits[-1] == NO_ROOM_BACKOFF_MAX_S and waits[0] == NO_ROOM_BACKOFF_S
+    assert adm.failures.get("p", 0) == 0  # not a failure: the prefix is not given up on
+    job = _offer_until(adm, "p", t)
+    assert job is not None and adm.queue.start_next() is job
+    job.advance(JobStatus.COMPACTING)
+    assert adm.finish(job, JobStatus.COMMITTED, None, now=t) == "committed"
+    assert "p" not in adm.backoff and adm.no_room_backoff_s("p") == NO_ROOM_BACKOFF_S
+
+
+def test_other_cancels_do_not_back_off():
+    adm = _admission(min_hits=2)
+    job = _offer_until(adm, "p", 0.0)
+    adm.queue.start_next()
+    adm.finish(job, JobStatus.CANCELLED, "client abort", now=0.0)
+    assert _offer_until(adm, "p", 1.0) is not None  # new hits submit again at once

@@ -358,6 +358,18 @@ def test_a_job_without_room_is_cancelled_after_the_bounded_wait(pools, monkeypat
     assert cache.jobs.admission.queue.peek() is None and cache.jobs.live == {}
     assert cache.stats.jobs["cancelled"] == 1
     assert "no room in the KV pool to score it: it needs 88 token slots, 40 are free or evictable" in caplog.text
+    # the prefix is backed off (the next try would wait out the bound and be cancelled again): new hits on it
+    # queue nothing until the back-off has passed, then they do
+    from kvzip_plugin.admission import NO_ROOM_BACKOFF_S
+
+    assert f"no new job for it for {NO_ROOM_BACKOFF_S:.0f} s" in caplog.text
+    for i in range(3):
+        _match(cache, _req(list(range(100, 108)) + [5, i], rid=f"c{i}"))
+    assert cache.jobs.admission.queue.peek() is None
+    clock[0] += NO_ROOM_BACKOFF_S
+    for i in range(3):
+        _match(cache, _req(list(range(100, 108)) + [6, i], rid=f"d{i}"))
+    assert cache.jobs.admission.queue.peek() is not None
 
 
 def test_logical_positions_and_capture_plan(pools):
