@@ -406,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="alternating none/kvzip pairs per scenario")
     p.add_argument("--control-repeats", type=int, default=1, help="repeats of the control scenario")
     p.add_argument("--prefix-len", type=int, default=1024)
-    p.add_argument("--suffix-len", type=int, default=64)
+    p.add_argument("--suffix-len", type=int, default=64,
+                   help="tokens after the shared prefix (shared/tight/control loads); in the capacity scenario the "
+                        "questions' own text sets them and this only sizes the pool")
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--num-prefixes", type=int, default=4)
     p.add_argument("--num-prompts", type=int, default=32, help="prompts of the measured load")

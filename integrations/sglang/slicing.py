@@ -151,7 +151,8 @@ class Slicing:
         ran = batch is not None and any(r is chunked for r in batch.reqs)
         if not ran and chunked.inflight_middle_chunks == before + 1:
             chunked.inflight_middle_chunks = before
-        self.parked += 1
+        if batch is not None and any(not _is_scoring(r) for r in batch.reqs):
+            self.parked += 1  # a round a client's prefill got while the scoring request waited
         return plan
 
     def add_chunked_req(self, original, adder: Any, req: Any, *args: Any, **kwargs: Any):
