@@ -57,35 +57,50 @@ class RunIndex:
     def of(cls, stores: Sequence[PagedStore], layer: int, n_kv_heads: int, device: torch.device) -> RunIndex:
         """`stores[r]`: the store of row r (repeats allowed)."""
         r_count, h_kv = len(stores), n_kv_heads
-        per_row: list[dict[int, list[torch.Tensor]]] = []  # row -> buffer -> per head its elements
-        buffers: list[int] = []
-        for store in stores:
-            if store.layout.page_size != 1:
-                raise ValueError("token_decode serves stores of one-token pages only")
-            by_buf: dict[int, list[torch.Tensor]] = {}
-            for g in store.gathers_on(layer, torch.device("cpu")):
-                elems = g.blocks * h_kv + g.slots
-                by_buf[g.buffer] = [elems[g.heads == h] for h in range(h_kv)]
-                if g.buffer not in buffers:
-                    buffers.append(g.buffer)
-            per_row.append(by_buf)
+        per_row = [_store_runs(store, layer, h_kv) for store in stores]  # row -> buffer -> (elements, valid)
+        buffers = list(dict.fromkeys(b for row in per_row for b in row))
         parts, masks, widths = [], [], []
         for b in buffers:
-            width = max((int(e.numel()) for row in per_row for e in row.get(b, [])), default=0)
+            width = max((row[b][0].shape[1] for row in per_row if b in row), default=0)
             if width == 0:
                 continue
             idx = torch.zeros(r_count, h_kv, width, dtype=torch.long)
             valid = torch.zeros(r_count, h_kv, width, dtype=torch.bool)
             for r, row in enumerate(per_row):
-                for h, e in enumerate(row.get(b, [])):
-                    idx[r, h, :e.numel()] = e
-                    valid[r, h, :e.numel()] = True
+                if b in row:
+                    elements, ok = row[b]
+                    idx[r, :, :elements.shape[1]] = elements
+                    valid[r, :, :ok.shape[1]] = ok
             idx = torch.where(valid, idx, idx[valid][0])  # padding reads a real element (finite), masked
             parts.append((b, idx.flatten().to(device)))
             masks.append(torch.zeros(valid.shape).masked_fill_(~valid, _NEG_INF))
             widths.append(width)
         mask = torch.cat(masks, -1) if masks else torch.zeros(r_count, h_kv, 0)
         return cls(tuple(parts), mask.unsqueeze(2).to(device), tuple(widths))
+
+
+def _store_runs(store: PagedStore, layer: int, n_kv_heads: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """One store's runs of `layer`, buffer by buffer: `(elements [H_kv, n], valid [H_kv, n])`, head h's elements
+    of that buffer first in its row (built once per store and layer, `PagedStore.cached`)."""
+    if store.layout.page_size != 1:
+        raise ValueError("token_decode serves stores of one-token pages only")
+
+    def build() -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for g in store.gathers_on(layer, torch.device("cpu")):
+            per_head = [(g.blocks * n_kv_heads + g.slots)[g.heads == h] for h in range(n_kv_heads)]
+            n = max(int(e.numel()) for e in per_head)
+            if n == 0:
+                continue
+            elements = torch.zeros(n_kv_heads, n, dtype=torch.long)
+            valid = torch.zeros(n_kv_heads, n, dtype=torch.bool)
+            for h, e in enumerate(per_head):
+                elements[h, :e.numel()] = e
+                valid[h, :e.numel()] = True
+            out[g.buffer] = (elements, valid)
+        return out
+
+    return store.cached(("token_runs", layer, n_kv_heads), build)
 
 
 def RunIndexCache(n_kv_heads: int, size: int = 512) -> StoreCache:  # noqa: N802 - names what the cache holds
