@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from kvzip_plugin.paged_store import PagedStore, StoreCache
-from kvzip_plugin.prefix_attention import attend
+from kvzip_plugin.prefix_attention import attend, length_mask
 
 _NEG_INF = float("-inf")
 
@@ -143,9 +143,8 @@ class TokenDecode:
         h = torch.arange(n_kv_heads, device=dev).view(1, -1, 1)
         elements = own_slots.long().unsqueeze(1) * n_kv_heads + h  # [R, H_kv, T_o]
         t_o = int(own_slots.shape[1])
-        valid = torch.arange(t_o, device=dev).view(1, -1) < own_lens.to(dev).view(-1, 1)
-        mask = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, _NEG_INF).view(-1, 1, 1, t_o)
-        return cls(tuple(stores), decode_q.to(dev), elements.flatten(), mask, n_kv_heads, t_o, cache)
+        return cls(tuple(stores), decode_q.to(dev), elements.flatten(), length_mask(own_lens.to(dev), t_o),
+                   n_kv_heads, t_o, cache)
 
     def attend(self, layer: int, q_all: torch.Tensor, out_all: torch.Tensor, flat: FlatViews, own_buffer: int,
                scale: float) -> None:

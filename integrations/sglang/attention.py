@@ -76,6 +76,7 @@ class PagedAttention:
         self._step: TokenDecode | None | bool = False
         """The armed batch's `TokenDecode` (every row a decode row on one-token pages, torch path), None when
         the batch takes the per-entry path; False until its first layer decides."""
+        self._rows: frozenset[int] = frozenset()  # the armed batch's rows (`rows_of`)
         self._run_index: StoreCache | None = None  # token_decode's run indexes (built at the first one-pass step)
 
     def views(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +105,7 @@ class PagedAttention:
         for r in rows:
             groups.setdefault(id(r.store), []).append(r)
         self.armed = (_marker(forward_batch), list(groups.values()))
+        self._rows = frozenset(r.row for r in rows)
 
     def rows_of(self, layer: Any, forward_batch: Any) -> frozenset[int]:
         """The `req_to_token` rows whose output `apply` writes in this layer of `forward_batch` (empty when the
@@ -111,7 +113,7 @@ class PagedAttention:
         armed = self.armed
         if armed is None or layer.layer_id not in self.index or _marker(forward_batch) != armed[0]:
             return frozenset()
-        return frozenset(r.row for group in armed[1] for r in group)
+        return self._rows
 
     def apply(self, layer: Any, query: torch.Tensor, output: torch.Tensor, forward_batch: Any) -> None:
         """Overwrite the output rows of the armed batch's requests on head-page entries in this layer."""
@@ -166,11 +168,7 @@ class PagedAttention:
         self._step = None
         if (self.page_size == 1 and all(r.n_q == 1 for r in rows) and k_buf.is_contiguous()
                 and v_buf.is_contiguous() and not use_kernel(k_buf.device)):
-            dev = self.req_to_token.device
-            own_len = torch.tensor([r.seq_len - r.store.n_slots for r in rows], dtype=torch.long)
-            pos = own_positions(own_len).to(dev)  # [R, T], padding repeats the last
-            first = torch.tensor([r.store.n_slots for r in rows], device=dev).view(-1, 1)
-            slots = self.req_to_token[torch.tensor([r.row for r in rows], device=dev).view(-1, 1), first + pos]
+            slots, own_len = self._own_slots(rows)
             if self._run_index is None:
                 self._run_index = RunIndexCache(int(k_buf.shape[-2]))
             self._step = TokenDecode.plan([r.store for r in rows], torch.tensor([r.q_start for r in rows]), slots,
@@ -187,14 +185,21 @@ class PagedAttention:
             slots = torch.zeros(0, 0, dtype=torch.long, device=dev)
             mask = torch.zeros(0, 1, 1, 0, device=dev)
             if decode:
-                rows = torch.tensor([r.row for r in decode], device=dev)
-                pos = own_positions(own_len).to(dev)  # [R, T], padding repeats the last
-                slots = self.req_to_token[rows.view(-1, 1), first + pos].long()
-                mask = length_mask(own_len.to(dev), pos.shape[1])
+                slots, own_len = self._own_slots(decode)
+                mask = length_mask(own_len.to(dev), slots.shape[1])
             plan = (slots, own_len, mask, torch.tensor([r.q_start for r in decode], dtype=torch.long))
             self._own[gi] = plan
         return plan
 
+    def _own_slots(self, rows: list[PagedRow]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode rows' own tokens (after their entry's slots, the newest included): slots `[R, T]` padded with
+        a repeat of each row's last (`own_positions`), and counts `[R]`."""
+        dev = self.req_to_token.device
+        own_len = torch.tensor([r.seq_len - r.store.n_slots for r in rows], dtype=torch.long)
+        first = torch.tensor([r.store.n_slots for r in rows], device=dev).view(-1, 1)
+        pos = own_positions(own_len).to(dev)
+        index = torch.tensor([r.row for r in rows], device=dev).view(-1, 1)
+        return self.req_to_token[index, first + pos].long(), own_len
 
 def _tokens(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """`buf[slots]` for a `[slots, H_kv, D]` buffer and any shape of `slots`, as one `index_select` (on CPU 2-4x
