@@ -17,7 +17,10 @@ The rules, shared so vLLM and SGLang behave the same:
 * a job cancelled because the engine had no room to run it (`finish(..., no_room=True)`) backs its prefix
   off: no new job for it during `NO_ROOM_BACKOFF_S` after the first such cancel, doubling with each next one
   up to `NO_ROOM_BACKOFF_MAX_S` (room may come back, e.g. when tenants leave; until then every try would
-  wait out its bound and be cancelled again).
+  wait out its bound and be cancelled again);
+* every counted hit, and every hit a compacted prefix serves (`note_compressed_hit`), goes to `meter`
+  (`retention.HitMeter`): a queued job may displace only compacted prefixes colder than its candidate
+  (`retention.py`).
 
 The engine keeps what is engine-specific: the prefix key (vLLM's chained block hash, SGLang's
 digest of the token ids + namespace), which prefixes are already covered by a compacted or
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 
 from kvzip_plugin.detection import PrefixCandidate, PrefixTracker, TriggerPolicy
 from kvzip_plugin.jobs import CompressionJob, JobQueue, JobStatus
+from kvzip_plugin.retention import HitMeter
 
 MAX_RETRIES = 3
 """Failed jobs per prefix before it is given up."""
@@ -83,6 +87,8 @@ class Admission:
     """Digests of the whole prompts seen, most recent last."""
     backoff: dict[Hashable, tuple[float, int]] = field(default_factory=dict)
     """Prefixes backed off after no-room cancels: (no job before this `time.monotonic()`, cancels so far)."""
+    meter: HitMeter = field(default_factory=HitMeter)
+    """Decayed hits per prefix, as a candidate and served compacted (which compacted prefixes a job may displace)."""
 
     def __post_init__(self) -> None:
         self.tracker = PrefixTracker(self.policy)
@@ -114,12 +120,22 @@ class Admission:
             return Offer()
         candidate = None
         if self.tracker.hits(key) == 0 and key not in self.failed:  # the request that cached it
+            self.meter.hit(key, now)
             candidate = self.tracker.observe(key, num_tokens, (), salt)  # qualifies already with min_hits=1
         if candidate is None:
+            self.meter.hit(key, now)
             candidate = self.tracker.observe(key, num_tokens, (), salt)
         if candidate is None:
             return Offer()
         return Offer(candidate, self.queue.submit(candidate))
+
+    def note_compressed_hit(self, key: Hashable, now: float | None = None) -> None:
+        """A request was served by the compacted prefix `key` (the key its job's candidate had)."""
+        self.meter.hit(key, now)
+
+    def keeps(self, kept: Hashable, candidate: Hashable, now: float | None = None) -> bool:
+        """Whether the compacted prefix `kept` must not be displaced by a job on `candidate` (`HitMeter.keeps`)."""
+        return self.meter.keeps(kept, candidate, now)
 
     def no_room_backoff_s(self, key: Hashable) -> float:
         """How long the next no-room cancel of `key` backs it off: `NO_ROOM_BACKOFF_S`, doubled for each earlier

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from array import array
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,12 +131,14 @@ def unadopt(req: Any, params: MatchPrefixParams) -> MatchPrefixParams:
                              cow_mamba=params.cow_mamba, req=req)
 
 
-def shift_positions(ret: Any, reqs: list[Any]) -> tuple[int, int]:
+def shift_positions(ret: Any, reqs: list[Any]) -> tuple[int, list[Hashable]]:
     """Add each adopted request's offset L - P to its positions in the `ForwardBatch` `ret` (RoPE sees
-    logical positions). Returns (requests on compacted prefixes, of which first seen in a batch)."""
+    logical positions). Returns (requests on compacted prefixes, the keys of the entries of those first seen in
+    a batch: one new hit each)."""
     mode = ret.forward_mode
     offsets = None
-    compressed = new = 0
+    compressed = 0
+    new: list[Hashable] = []
     for i, req in enumerate(reqs):
         info = adoption_of(req)
         if info is None:
@@ -147,7 +150,7 @@ def shift_positions(ret: Any, reqs: list[Any]) -> tuple[int, int]:
             offsets[i] = info.offset
         if not info.counted:
             info.counted = True
-            new += 1
+            new.append(info.entry.key)
     if offsets is not None:
         off = torch.tensor(offsets, dtype=ret.positions.dtype, device=ret.positions.device)
         if mode.is_decode():

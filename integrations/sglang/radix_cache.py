@@ -395,7 +395,9 @@ class KVzipRadixCache(UnifiedRadixCache):
             return
         mode = ret.forward_mode
         compressed, new = adoption.shift_positions(ret, reqs)
-        self.stats.compressed_hits += new
+        self.stats.compressed_hits += len(new)
+        for key in new:  # the hits a compacted prefix serves weigh against displacing it (retention.py)
+            self.jobs.admission.note_compressed_hit(key)
         # decode step time per request, on compacted vs full prefixes (until the batch's results are processed)
         self.step_clock.clear()
         if mode.is_decode():

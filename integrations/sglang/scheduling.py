@@ -38,6 +38,7 @@ from kvzip_plugin.compaction import CompactionTxn
 from kvzip_plugin.head_scores import head_level_scores
 from kvzip_plugin.jobs import CompressionJob, JobStatus
 from kvzip_plugin.metrics import ScoringClock
+from kvzip_plugin.retention import RoomWait
 from kvzip_plugin.scoring.plan import SCORING_OVERHEAD, Unservable, plan_scoring, protected_tokens
 
 if TYPE_CHECKING:
@@ -49,10 +50,6 @@ SCORING_PREFIX = "kvzip-score-"
 SEEN_ATTR = "_kvzip_observed"
 MAX_ALLOC_WAIT_PUMPS = 200  # pumps a scored job may wait for free slots before it fails
 MIN_CHUNK = 16  # shortest scoring chunk (vLLM: the core default, 32)
-NO_ROOM_WAIT_S = 60.0
-"""A queued job that finds no room in the pool for its scoring this long (the pool holding no request that
-could free it) is cancelled with the reason, instead of staying queued for ever (a KV pool too small to score
-a prefix beside what it pins)."""
 
 
 def is_scoring_rid(rid: Any) -> bool:
@@ -96,7 +93,7 @@ class Jobs:
         self.admission = Admission(cache.kvzip_trigger)  # hit counting, job queue, retries (shared with vLLM)
         self.live: dict[int, Job] = {}
         self.scoring_len: dict[str, int] = {}  # scoring rid -> prefix length its match is capped at
-        self.no_room_since: float | None = None  # the queued job first found no room (while nothing ran)
+        self.room_wait = RoomWait()  # how long the queued job has found no room while nothing ran
 
     # ------------------------------------------------------------------ detection
 
@@ -165,35 +162,41 @@ class Jobs:
     def _can_start(self, sched: Any) -> bool:
         """Jobs yield to traffic: start one only when no request waits for admission and the pool has
         room for its scoring input and its destination slots: free slots plus what SGLang may evict (the
-        tree's unlocked nodes and the unpinned compacted entries, least recently used first, as its own
-        accounting counts them). A job that finds no room while no request runs (nothing will free any)
-        is cancelled after `NO_ROOM_WAIT_S`, with the sizes in the reason."""
+        tree's unlocked nodes and the unpinned compacted entries), less the unpinned compacted entries the
+        job must not displace (`retention.py`: hit at least as much as its candidate); those are then
+        made the most recently used, so the job's allocations evict colder entries first. A job that finds no
+        room while no request runs (nothing will free any) is cancelled after `NO_ROOM_WAIT_S`, with the
+        sizes in the reason."""
         if len(sched.waiting_queue) > 0 or getattr(sched, "chunked_req", None) is not None:
             return False
         pending = self.admission.queue.peek()
         if pending is None:
-            self.no_room_since = None
+            self.room_wait.clear()
             return False
         L = pending.candidate.num_tokens
         need = 2 * L + SCORING_OVERHEAD + self.cache.kvzip_config.carry_tokens
-        room = self.cache.token_to_kv_pool_allocator.available_size() + self.cache.evictable_size()
+        now = time.monotonic()
+        kept = [e for e in self.cache.entries
+                if e.refs == 0 and self.admission.keeps(e.key, pending.candidate.key, now)]
+        held = sum(e.physical_length for e in kept)
+        room = self.cache.token_to_kv_pool_allocator.available_size() + self.cache.evictable_size() - held
         if room >= need:
-            self.no_room_since = None
+            self.room_wait.clear()
+            for e in kept:
+                e.last_access = now
             return True
         running = getattr(sched, "running_batch", None)
         if running is not None and not running.is_empty():
-            self.no_room_since = None  # requests hold slots that they will free
+            self.room_wait.clear()  # requests hold slots that they will free
             return False
-        now = time.monotonic()
-        if self.no_room_since is None:
-            self.no_room_since = now
-        elif now - self.no_room_since >= NO_ROOM_WAIT_S and (job := self.admission.queue.start_next()) is not None:
-            self.no_room_since = None
+        if self.room_wait.expired(now) and (job := self.admission.queue.start_next()) is not None:
             wait = self.admission.no_room_backoff_s(job.candidate.key)
+            kept_note = (f" (of which {held} in {len(kept)} compacted prefixes hit at least as often as this one, "
+                         f"kept)" if kept else "")
             self.end(self.live[job.job_id], JobStatus.CANCELLED,
-                     f"no room in the KV pool to score it: it needs {need} token slots, {room} are free or "
-                     f"evictable (--max-total-tokens too small for this prefix beside what the pool pins); "
-                     f"no new job for it for {wait:.0f} s", no_room=True)
+                     f"no room in the KV pool to score it: it needs {need} token slots, {room + held} are free or "
+                     f"evictable{kept_note} (--max-total-tokens too small for this prefix beside what the pool "
+                     f"pins); no new job for it for {wait:.0f} s", no_room=True)
         return False
 
     def _start(self, j: Job, sched: Any) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ from kvzip_plugin.config import KVzipConfig
 from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.jobs import CompressionJob, JobStatus
 from kvzip_plugin.metrics import KVzipStats
+from kvzip_plugin.retention import RoomWait
 from kvzip_plugin.scoring.plan import Unservable, plan_scoring, protected_tokens
 from kvzip_plugin.slicing import ScoringBudget, ScoringGate
 from kvzip_plugin.store import max_store_blocks
@@ -133,6 +135,7 @@ class SchedulerState:
         self.n_layers = 0
         self.n_kv_heads = 0
         self.stats = KVzipStats()
+        self.room_wait = RoomWait()  # how long the queued job has found no room while nothing ran
         self.disabled: str | None = None
         self.covered: dict[Hashable, Hashable] = {}  # block hash in a compacted / in-flight prefix -> its key
         self._tokenizer: Any = None
@@ -246,14 +249,41 @@ class SchedulerState:
 
     def _can_start(self, scheduler: Any) -> bool:
         """Jobs yield to traffic: start one only when no request waits for admission and the pool has
-        room for its scoring input and destination blocks without evicting much."""
+        room for its scoring input and destination blocks without evicting much: free blocks (vLLM's free
+        queue, cached ones included) less the evictable blocks of the compacted prefixes the job must not
+        displace (`retention.py`: hit at least as much as its candidate); those then move to the tail of
+        the free queue, so the job's allocations evict colder blocks first. A job that finds no room while
+        no request runs (nothing will free any) is cancelled after `NO_ROOM_WAIT_S`, its prefix backed off."""
         if len(scheduler.waiting) > 0:
             return False
         pending = self.queue.peek()
         if pending is None:
+            self.room_wait.clear()
             return False
-        n_blocks = pending.candidate.num_tokens // self.block_size
-        return self.pool.get_num_free_blocks() >= 2 * n_blocks + 2
+        need = 2 * (pending.candidate.num_tokens // self.block_size) + 2
+        now = time.monotonic()
+        cand = pending.candidate.key
+        kept = [b for p in self.compacted.values() if p.alive() and self.admission.keeps(p.key, cand, now)
+                for b in p.blocks if b.ref_cnt == 0]
+        room = self.pool.get_num_free_blocks() - len(kept)
+        if room >= need:
+            self.room_wait.clear()
+            queue = self.pool.free_block_queue
+            for b in kept:  # most recently used now: vLLM's allocations take colder cached blocks first
+                queue.remove(b)
+                queue.append(b)
+            return True
+        if scheduler.running:
+            self.room_wait.clear()  # requests hold blocks that they will free
+            return False
+        if self.room_wait.expired(now) and (job := self.queue.start_next()) is not None:
+            wait = self.admission.no_room_backoff_s(job.candidate.key)
+            kept_note = (f" (of which {len(kept)} hold compacted prefixes hit at least as often as this one, kept)"
+                         if kept else "")
+            self._end(self.jobs[job.job_id], JobStatus.CANCELLED,
+                      f"no room in the KV pool to score it: it needs {need} blocks, {room + len(kept)} are free or "
+                      f"cached{kept_note}; no new job for it for {wait:.0f} s", no_room=True)
+        return False
 
     def _start(self, j: _Job) -> None:
         bs, L = self.block_size, len(j.prefix_ids)
@@ -397,7 +427,8 @@ class SchedulerState:
         self.pool.free_blocks(blocks)  # ref 0, hashed: LRU tail of the free queue, like any cached block
         self.pool.evict_blocks({b.block_id for b in j.src_blocks})
 
-    def _end(self, j: _Job, status: JobStatus, error: str | None = None, unservable: bool = False) -> None:
+    def _end(self, j: _Job, status: JobStatus, error: str | None = None, unservable: bool = False,
+             no_room: bool = False) -> None:
         if j.txn is not None and status is not JobStatus.COMMITTED:
             j.txn.rollback()
         if j.src_blocks:
@@ -408,7 +439,7 @@ class SchedulerState:
         for rid in unsent:  # scoring requests never handed to vLLM: nothing to score for a job that ended
             self.scoring_requests.pop(rid, None)
         self.to_add = [r for r in self.to_add if r.request_id not in unsent]
-        outcome = self.admission.finish(j.job, status, error, unservable=unservable)
+        outcome = self.admission.finish(j.job, status, error, unservable=unservable, no_room=no_room)
         self.jobs.pop(j.job.job_id, None)
         self.drop.append(j.job.job_id)
         self.stats.jobs[outcome] += 1
@@ -469,6 +500,7 @@ class SchedulerState:
             request.num_computed_tokens = logical
         if adopting and out is not None:
             self.stats.compressed_hits += 1
+            self.admission.note_compressed_hit(prefix.key)  # weighs against displacing it (retention.py)
         return out
 
     # ------------------------------------------------------------ stats

@@ -335,24 +335,70 @@ def test_a_job_counts_unpinned_compacted_prefixes_as_room(pools):
     assert cache.jobs._can_start(_sched())
 
 
+def test_a_job_does_not_displace_a_compacted_prefix_hit_as_often_as_its_candidate(pools, monkeypatch, caplog):
+    """The same pool as above, but the compacted prefix has served 2 hits (its candidate has 2): it is kept
+    (retention.py), so 50 free + 10 in the tree < 88 and the job waits; the cancel's reason names what was kept.
+    Once the entry's hits have decayed below the candidate's, it is room again and the job starts. A colder
+    entry beside a kept one is room, and the start makes the kept one the most recently used (SGLang's
+    `_evict` then takes the colder one first)."""
+    from kvzip_plugin.integrations.sglang import scheduling
+
+    from kvzip_plugin.retention import HIT_HALF_LIFE_S, NO_ROOM_WAIT_S
+
+    clock = [1000.0]
+    monkeypatch.setattr(scheduling.time, "monotonic", lambda: clock[0])
+    cache = _queued_job_in_a_pool(free=50, entry_slots=40)
+    (entry,) = list(cache.entries)
+    meter, cand = cache.jobs.admission.meter, cache.jobs.admission.queue.peek().candidate.key
+    meter.hit(entry.key, clock[0], n=2)
+    meter.hit(cand, clock[0], n=2 - round(meter.value(cand, clock[0])))  # exactly 2 each, now
+    assert not cache.jobs._can_start(_sched())  # kept: 60 < 88
+    clock[0] += NO_ROOM_WAIT_S
+    with caplog.at_level(logging.WARNING, logger="sglang.kvzip_plugin"):
+        assert not cache.jobs._can_start(_sched())
+    assert "it needs 88 token slots, 100 are free or evictable (of which 40 in 1 compacted prefixes hit at least" \
+           in caplog.text
+    assert cache.stats.jobs["cancelled"] == 1 and entry in list(cache.entries)  # nothing evicted
+
+    # a new job on another prefix of the same pool: the entry's 2 hits are an hour old, the candidate's new
+    cache2 = _queued_job_in_a_pool(free=50, entry_slots=40)
+    (old,) = list(cache2.entries)
+    meter2, cand2 = cache2.jobs.admission.meter, cache2.jobs.admission.queue.peek().candidate.key
+    meter2.hit(old.key, clock[0] - 6 * HIT_HALF_LIFE_S, n=2)
+    assert not meter2.keeps(old.key, cand2, clock[0])
+    assert cache2.jobs._can_start(_sched())
+    # a kept entry beside a colder one: only the colder one is room (50 free + 10 tree + 40 cold = 100 >= 88,
+    # the kept 40 not counted), and the start makes the kept one the most recently used
+    cache3 = _queued_job_in_a_pool(free=90, entry_slots=40)
+    (cold,) = list(cache3.entries)
+    hot = _entry(cache3, list(range(400, 440)), 40)
+    hot.key, hot.last_access, cold.last_access = ("hot",), clock[0] - 100, clock[0] - 50
+    cache3.jobs.admission.meter.hit(("hot",), clock[0], n=5)
+    assert cache3.jobs._can_start(_sched()) and hot.last_access == clock[0] > cold.last_access
+    cache3.evict_tokens(50)  # SGLang's eviction: the tree's 10, then the least recently used entry: the cold one
+    assert list(cache3.entries) == [hot]
+
+
 def test_a_job_without_room_is_cancelled_after_the_bounded_wait(pools, monkeypatch, caplog):
     """No room (30 free + 10 evictable < 88) and nothing running that could free any: the job waits
     `NO_ROOM_WAIT_S`, then is cancelled with the sizes in its reason (counted, logged) rather than staying
     queued for ever. While requests run it keeps waiting (they free slots when they end)."""
     from kvzip_plugin.integrations.sglang import scheduling
 
+    from kvzip_plugin.retention import NO_ROOM_WAIT_S
+
     cache = _queued_job_in_a_pool(free=30, entry_slots=0)
     clock = [1000.0]
     monkeypatch.setattr(scheduling.time, "monotonic", lambda: clock[0])
     assert not cache.jobs._can_start(_sched())  # starts the wait
-    clock[0] += scheduling.NO_ROOM_WAIT_S - 1
+    clock[0] += NO_ROOM_WAIT_S - 1
     assert not cache.jobs._can_start(_sched()) and cache.jobs.admission.queue.peek() is not None
     clock[0] += 2
     assert not cache.jobs._can_start(_sched(running=True))  # a request runs: the wait starts afresh
     assert cache.jobs.admission.queue.peek() is not None
-    clock[0] += scheduling.NO_ROOM_WAIT_S + 1
+    clock[0] += NO_ROOM_WAIT_S + 1
     assert not cache.jobs._can_start(_sched())
-    clock[0] += scheduling.NO_ROOM_WAIT_S
+    clock[0] += NO_ROOM_WAIT_S
     with caplog.at_level(logging.WARNING, logger="sglang.kvzip_plugin"):
         assert not cache.jobs._can_start(_sched())
     assert cache.jobs.admission.queue.peek() is None and cache.jobs.live == {}
