@@ -18,7 +18,8 @@ The rules, shared so vLLM and SGLang behave the same:
   off: no new job for it during `NO_ROOM_BACKOFF_S` after the first such cancel, doubling with each next one
   up to `NO_ROOM_BACKOFF_MAX_S` (room may come back, e.g. when tenants leave; until then every try would
   wait out its bound and be cancelled again);
-* every counted hit, and every hit a compacted prefix serves (`note_compressed_hit`), goes to `meter`
+* every counted hit, every hit on a prefix whose job is queued or running (`note_queued_hit`) and every hit a
+  compacted prefix serves (`note_compressed_hit`) goes to `meter`
   (`retention.HitMeter`): a queued job may displace only compacted prefixes colder than its candidate
   (`retention.py`).
 
@@ -131,6 +132,11 @@ class Admission:
 
     def note_compressed_hit(self, key: Hashable, now: float | None = None) -> None:
         """A request was served by the compacted prefix `key` (the key its job's candidate had)."""
+        self.meter.hit(key, now)
+
+    def note_queued_hit(self, key: Hashable, now: float | None = None) -> None:
+        """A request hit the prefix `key` whose job is queued or running (not offered again): it still weighs in
+        the job's favour, so a job waiting for room can come to outweigh a colder compacted prefix."""
         self.meter.hit(key, now)
 
     def keeps(self, kept: Hashable, candidate: Hashable, now: float | None = None) -> bool:

@@ -113,6 +113,10 @@ class Jobs:
             return
         tokens = key.token_ids[:L]
         ckey = _digest(namespace, tokens)
+        queued = next((j.job.candidate.key for j in self.live.values()
+                       if j.namespace == namespace and len(j.tokens) <= L and tokens[:len(j.tokens)] == j.tokens), None)
+        if queued is not None:  # its job waits or runs: the hit still weighs for it (retention.py)
+            self.admission.note_queued_hit(queued)
         if not self.admission.eligible(ckey) or self._covered(namespace, tokens):
             return
         offer = self.admission.offer(ckey, L, key.cache_salt)

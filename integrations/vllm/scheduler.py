@@ -193,6 +193,9 @@ class SchedulerState:
         if n_blocks == 0 or len(request.block_hashes) < n_blocks:
             return
         key = request.block_hashes[n_blocks - 1]
+        queued = next((h for h in request.block_hashes[:n_blocks] if self.queue.job_for(h) is not None), None)
+        if queued is not None:  # its job waits or runs: the hit still weighs for it (retention.py)
+            self.admission.note_queued_hit(queued)
         if not self.admission.eligible(key):
             return
         # a prefix that contains a compacted or in-flight one is served by it; one inside it is a

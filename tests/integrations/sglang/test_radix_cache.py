@@ -336,7 +336,7 @@ def test_a_job_counts_unpinned_compacted_prefixes_as_room(pools):
 
 
 def test_a_job_does_not_displace_a_compacted_prefix_hit_as_often_as_its_candidate(pools, monkeypatch, caplog):
-    """The same pool as above, but the compacted prefix has served 2 hits (its candidate has 2): it is kept
+    """The same pool as above, but the compacted prefix has served 3 hits (its candidate has 3): it is kept
     (retention.py), so 50 free + 10 in the tree < 88 and the job waits; the cancel's reason names what was kept.
     Once the entry's hits have decayed below the candidate's, it is room again and the job starts. A colder
     entry beside a kept one is room, and the start makes the kept one the most recently used (SGLang's
@@ -350,9 +350,13 @@ def test_a_job_does_not_displace_a_compacted_prefix_hit_as_often_as_its_candidat
     cache = _queued_job_in_a_pool(free=50, entry_slots=40)
     (entry,) = list(cache.entries)
     meter, cand = cache.jobs.admission.meter, cache.jobs.admission.queue.peek().candidate.key
+    assert meter.value(cand, clock[0]) == 2.0
+    _match(cache, _req(list(range(100, 108)) + [7, 8], rid="c"))  # a hit on the queued job's prefix counts too
+    assert meter.value(cand, clock[0]) == 3.0 and len(cache.jobs.live) == 1
     meter.hit(entry.key, clock[0], n=2)
-    meter.hit(cand, clock[0], n=2 - round(meter.value(cand, clock[0])))  # exactly 2 each, now
-    assert not cache.jobs._can_start(_sched())  # kept: 60 < 88
+    assert not meter.keeps(entry.key, cand, clock[0])  # 2 < 3: the entry would be room
+    meter.hit(entry.key, clock[0])
+    assert not cache.jobs._can_start(_sched())  # 3 >= 3, kept: 60 < 88
     clock[0] += NO_ROOM_WAIT_S
     with caplog.at_level(logging.WARNING, logger="sglang.kvzip_plugin"):
         assert not cache.jobs._can_start(_sched())

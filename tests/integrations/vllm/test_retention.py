@@ -122,3 +122,33 @@ def test_a_job_that_would_displace_a_hotter_prefix_waits_then_is_cancelled_and_b
     later = clock[0] + 3600.0
     state.admission.meter.hit("cand2", later, n=2)
     assert not state.admission.keeps("a", "cand2", later)
+
+
+def test_hits_on_a_queued_jobs_prefix_still_count_for_it():
+    """Real vLLM requests (vLLM's block hasher): the second request on a 4-block document queues a job (2 hits
+    with the request that cached it); later requests on it are not offered again (covered) but each adds one
+    hit to the job's weight, so a job waiting for room can come to outweigh a colder compacted prefix."""
+    from vllm import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    init_none_hash(sha256)
+    state, _ = _state(num_blocks=20, held=0, compacted={})
+    hasher = get_request_block_hasher(BS, sha256)
+    doc = list(range(1000, 1000 + 4 * BS))
+
+    def request(i: int) -> Request:
+        return Request(f"r{i}", doc + [i, i + 1], SamplingParams(max_tokens=1), None, block_hasher=hasher)
+
+    first = request(1)
+    key = first.block_hashes[3]
+    state.observe(first, 0)  # computed, not hit: nothing yet
+    state.observe(request(2), 4 * BS)
+    job = state.queue.job_for(key)
+    assert job is not None and job.candidate.hits == 2
+    before = state.admission.meter.value(key)
+    for i in range(3, 6):
+        state.observe(request(i), 4 * BS)
+    assert state.queue.job_for(key) is job and len(state.jobs) == 2  # "cand" of `_state` and this one
+    assert state.admission.meter.value(key) == pytest.approx(before + 3, rel=1e-3)
