@@ -11,7 +11,9 @@ tenant's compacted document on both engines, `benchmarks/README.md`, capacity).
 
 The rule, the same in both engines: every hit a prefix gets, as a candidate or served compacted, is counted
 in a `HitMeter` with exponential decay (half-life `HIT_HALF_LIFE_S`). A compacted prefix is *kept* against
-a queued job when its decayed hits are at least the candidate's: its slots do not count as room for that job,
+a queued job unless the candidate's decayed hits exceed `DISPLACE_FACTOR` times its own (a switch costs a
+scoring pass and the displaced tenant's next full prefill, so tenants with the same traffic do not displace
+each other, whichever came last): its slots do not count as room for that job,
 and when the job starts they move behind what the engine evicts first (the engine's allocations then evict
 the colder entries and free slots before them). A colder compacted prefix (e.g. a tenant that left) is room
 like any cached block. Client requests are not affected: they evict what they need, as without the plugin.
@@ -29,6 +31,9 @@ from dataclasses import dataclass, field
 
 HIT_HALF_LIFE_S = 600.0
 """A hit counts half as much after this long (the meter's half-life)."""
+
+DISPLACE_FACTOR = 2.0
+"""A job may displace a compacted prefix only when its candidate has more than this many times its hits."""
 
 MAX_METERED_KEYS = 65536
 """Prefixes metered at most (the least recently hit are dropped)."""
@@ -73,10 +78,10 @@ class HitMeter:
         return self._decayed(key, time.monotonic() if now is None else now)
 
     def keeps(self, kept: Hashable, candidate: Hashable, now: float | None = None) -> bool:
-        """Whether the compacted prefix `kept` stays out of the room of a job on `candidate`: it has been hit at
-        least as much as the candidate (a tie keeps the finished work)."""
+        """Whether the compacted prefix `kept` stays out of the room of a job on `candidate`: the candidate has
+        not been hit more than `DISPLACE_FACTOR` times as much."""
         now = time.monotonic() if now is None else now
-        return self.value(kept, now) >= self.value(candidate, now)
+        return DISPLACE_FACTOR * self.value(kept, now) >= self.value(candidate, now)
 
     def forget(self, key: Hashable) -> None:
         self._values.pop(key, None)

@@ -45,7 +45,7 @@ from kvzip_plugin.config import KVzipConfig
 from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.jobs import CompressionJob, JobStatus
 from kvzip_plugin.metrics import KVzipStats
-from kvzip_plugin.retention import RoomWait
+from kvzip_plugin.retention import DISPLACE_FACTOR, RoomWait
 from kvzip_plugin.scoring.plan import Unservable, plan_scoring, protected_tokens
 from kvzip_plugin.slicing import ScoringBudget, ScoringGate
 from kvzip_plugin.store import max_store_blocks
@@ -254,7 +254,7 @@ class SchedulerState:
         """Jobs yield to traffic: start one only when no request waits for admission and the pool has
         room for its scoring input and destination blocks without evicting much: free blocks (vLLM's free
         queue, cached ones included) less the evictable blocks of the compacted prefixes the job must not
-        displace (`retention.py`: hit at least as much as its candidate); those then move to the tail of
+        displace (`retention.py`: its candidate is not hit more than twice as often); those then move to the tail of
         the free queue, so the job's allocations evict colder blocks first. A job that finds no room while
         no request runs (nothing will free any) is cancelled after `NO_ROOM_WAIT_S`, its prefix backed off."""
         if len(scheduler.waiting) > 0:
@@ -281,8 +281,8 @@ class SchedulerState:
             return False
         if self.room_wait.expired(now) and (job := self.queue.start_next()) is not None:
             wait = self.admission.no_room_backoff_s(job.candidate.key)
-            kept_note = (f" (of which {len(kept)} hold compacted prefixes hit at least as often as this one, kept)"
-                         if kept else "")
+            kept_note = (f" (of which {len(kept)} hold compacted prefixes kept: this one is not hit more than "
+                         f"{DISPLACE_FACTOR:g}x as often)" if kept else "")
             self._end(self.jobs[job.job_id], JobStatus.CANCELLED,
                       f"no room in the KV pool to score it: it needs {need} blocks, {room + len(kept)} are free or "
                       f"cached{kept_note}; no new job for it for {wait:.0f} s", no_room=True)

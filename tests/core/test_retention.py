@@ -7,7 +7,7 @@ import pytest
 
 from kvzip_plugin.admission import Admission
 from kvzip_plugin.detection import TriggerPolicy
-from kvzip_plugin.retention import HIT_HALF_LIFE_S, NO_ROOM_WAIT_S, HitMeter, RoomWait
+from kvzip_plugin.retention import DISPLACE_FACTOR, HIT_HALF_LIFE_S, NO_ROOM_WAIT_S, HitMeter, RoomWait
 
 
 def test_hits_decay_by_half_every_half_life_and_add_up():
@@ -22,18 +22,25 @@ def test_hits_decay_by_half_every_half_life_and_add_up():
     assert meter.value("a", 50.0) == pytest.approx(2.5)  # a read before the last hit does not grow it
 
 
-def test_a_compacted_prefix_is_kept_against_a_candidate_hit_no_more_than_it():
+def test_a_compacted_prefix_is_kept_unless_the_candidate_has_more_than_twice_its_hits():
+    assert DISPLACE_FACTOR == 2.0
     meter = HitMeter()
     meter.hit("old", 0.0, n=3)
     meter.hit("new", 0.0, n=3)
-    assert meter.keeps("old", "new", 0.0)  # a tie keeps the finished work
-    meter.hit("new", 1.0)
-    assert not meter.keeps("old", "new", 1.0)
+    assert meter.keeps("old", "new", 0.0)  # the same traffic: no churn
+    # whichever came last: the same 3 hits a minute later still keep the older prefix
+    meter.hit("later", 60.0, n=3)
+    assert meter.value("old", 60.0) < meter.value("later", 60.0) and meter.keeps("old", "later", 60.0)
+    meter.hit("new", 0.0, n=3)
+    assert meter.keeps("old", "new", 0.0)  # 6 is not more than 2 x 3
+    meter.hit("new", 0.0)
+    assert not meter.keeps("old", "new", 0.0)
     # a tenant that left: its hits decay; a candidate hit twice now outweighs 3 hits of an hour ago
     meter.hit("busy", 3600.0, n=2)
     assert meter.value("old", 3600.0) == pytest.approx(3 * math.exp2(-3600.0 / HIT_HALF_LIFE_S))
     assert not meter.keeps("old", "busy", 3600.0)
     assert meter.keeps("busy", "never-hit", 3600.0)
+    assert not meter.keeps("never-hit", "busy", 3600.0)
 
 
 def test_the_meter_is_bounded_and_rejects_a_bad_half_life():
@@ -53,10 +60,9 @@ def test_admission_meters_every_counted_hit_and_the_hits_a_compacted_prefix_serv
     assert offer.job is not None and adm.meter.value("p", 0.0) == 2.0
     assert adm.offer("short", 4, now=0.0).candidate is None and adm.meter.value("short", 0.0) == 0.0
     adm.note_compressed_hit("q", now=0.0)
-    adm.note_compressed_hit("q", now=0.0)
     assert adm.keeps("q", "p", 0.0)
-    adm.note_compressed_hit("p", now=0.0)
-    assert not adm.keeps("q", "p", 0.0)
+    adm.note_queued_hit("p", now=0.0)
+    assert adm.meter.value("p", 0.0) == 3.0 and not adm.keeps("q", "p", 0.0)
 
 
 def test_the_no_room_wait_is_bounded_and_restarts_when_cleared():

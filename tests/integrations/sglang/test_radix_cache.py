@@ -336,7 +336,8 @@ def test_a_job_counts_unpinned_compacted_prefixes_as_room(pools):
 
 
 def test_a_job_does_not_displace_a_compacted_prefix_hit_as_often_as_its_candidate(pools, monkeypatch, caplog):
-    """The same pool as above, but the compacted prefix has served 3 hits (its candidate has 3): it is kept
+    """The same pool as above, but the compacted prefix has served 2 hits (its candidate has 3, not more than
+    twice as many): it is kept
     (retention.py), so 50 free + 10 in the tree < 88 and the job waits; the cancel's reason names what was kept.
     Once the entry's hits have decayed below the candidate's, it is room again and the job starts. A colder
     entry beside a kept one is room, and the start makes the kept one the most recently used (SGLang's
@@ -353,15 +354,15 @@ def test_a_job_does_not_displace_a_compacted_prefix_hit_as_often_as_its_candidat
     assert meter.value(cand, clock[0]) == 2.0
     _match(cache, _req(list(range(100, 108)) + [7, 8], rid="c"))  # a hit on the queued job's prefix counts too
     assert meter.value(cand, clock[0]) == 3.0 and len(cache.jobs.live) == 1
-    meter.hit(entry.key, clock[0], n=2)
-    assert not meter.keeps(entry.key, cand, clock[0])  # 2 < 3: the entry would be room
     meter.hit(entry.key, clock[0])
-    assert not cache.jobs._can_start(_sched())  # 3 >= 3, kept: 60 < 88
+    assert not meter.keeps(entry.key, cand, clock[0])  # 3 > 2 x 1: the entry would be room
+    meter.hit(entry.key, clock[0])
+    assert not cache.jobs._can_start(_sched())  # 3 <= 2 x 2, kept: 60 < 88
     clock[0] += NO_ROOM_WAIT_S
     with caplog.at_level(logging.WARNING, logger="sglang.kvzip_plugin"):
         assert not cache.jobs._can_start(_sched())
-    assert "it needs 88 token slots, 100 are free or evictable (of which 40 in 1 compacted prefixes hit at least" \
-           in caplog.text
+    assert ("it needs 88 token slots, 100 are free or evictable (of which 40 in 1 compacted prefixes kept: this one "
+            "is not hit more than 2x as often)") in caplog.text
     assert cache.stats.jobs["cancelled"] == 1 and entry in list(cache.entries)  # nothing evicted
 
     # a new job on another prefix of the same pool: the entry's 2 hits are an hour old, the candidate's new

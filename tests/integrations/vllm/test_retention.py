@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """A queued job's room in vLLM's real `BlockPool` (`SchedulerState._can_start`, `kvzip_plugin.retention`):
-compacted prefixes hit at least as often as the job's candidate are not room for it and move behind colder
-cached blocks in vLLM's free queue; colder ones are room; with no room while nothing runs the job is
-cancelled after the bounded wait and its prefix backed off. No engine is started: the pool, its blocks,
+compacted prefixes whose hits the job's candidate does not outweigh (`DISPLACE_FACTOR`) are not room for it
+and move behind colder cached blocks in vLLM's free queue; colder ones are room; with no room while nothing
+runs the job is cancelled after the bounded wait and its prefix backed off. No engine is started: the pool, its blocks,
 hashes and free queue are vLLM's own; the scheduler is only its `waiting` / `running` lists."""
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ def test_a_job_that_would_displace_a_hotter_prefix_waits_then_is_cancelled_and_b
     with caplog.at_level(logging.WARNING, logger="vllm.kvzip_plugin.scheduler"):
         assert not state._can_start(_sched())
     assert state.queue.peek() is None and state.jobs == {} and state.stats.jobs["cancelled"] == 1
-    assert ("it needs 10 blocks, 11 are free or cached (of which 3 hold compacted prefixes hit at least as often "
-            f"as this one, kept); no new job for it for {NO_ROOM_BACKOFF_S:.0f} s") in caplog.text
+    assert ("it needs 10 blocks, 11 are free or cached (of which 3 hold compacted prefixes kept: this one is not "
+            f"hit more than 2x as often); no new job for it for {NO_ROOM_BACKOFF_S:.0f} s") in caplog.text
     assert state.compacted["a"].alive()
     assert not state.admission.eligible("cand", clock[0])  # backed off
 
