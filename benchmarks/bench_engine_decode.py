@@ -53,8 +53,9 @@ def prefix_ids(tokenizer: Any, length: int, seed: int) -> list[int]:
 
 def _profiler():
     """torch.profiler over the timed steps when KVZIP_BENCH_PROFILE names a folder (where the op table
-    goes; with KVZIP_BENCH_PROFILE_PYTHON=1, cProfile's table of Python functions instead); a no-op
-    context otherwise. Profiled step times are not the benchmark's numbers."""
+    goes; with KVZIP_BENCH_PROFILE_PYTHON=1, cProfile's table of Python functions instead; with
+    KVZIP_BENCH_PROFILE_SHAPES=1, torch ops grouped by their input shapes, e.g. to tell vLLM's own attention
+    call from the plugin's); a no-op context otherwise. Profiled step times are not the benchmark's numbers."""
     import contextlib
 
     import torch
@@ -65,7 +66,8 @@ def _profiler():
         import cProfile
 
         return cProfile.Profile()
-    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                  record_shapes=os.environ.get("KVZIP_BENCH_PROFILE_SHAPES") == "1")
 
 
 def _write_profile(prof: Any, name: str) -> None:
@@ -74,7 +76,8 @@ def _write_profile(prof: Any, name: str) -> None:
         return
     Path(folder).mkdir(parents=True, exist_ok=True)
     if hasattr(prof, "key_averages"):
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        shapes = os.environ.get("KVZIP_BENCH_PROFILE_SHAPES") == "1"
+        table = prof.key_averages(group_by_input_shape=shapes).table(sort_by="self_cpu_time_total", row_limit=40)
         (Path(folder) / f"{name}.txt").write_text(table)
     elif hasattr(prof, "getstats"):
         import io
