@@ -11,7 +11,8 @@ tenant's compacted document on both engines, `benchmarks/README.md`, capacity).
 
 The rule, the same in both engines: every hit a prefix gets, as a candidate or served compacted, is counted
 in a `HitMeter` with exponential decay (half-life `HIT_HALF_LIFE_S`). A compacted prefix is *kept* against
-a queued job unless the candidate's decayed hits exceed `DISPLACE_FACTOR` times its own (a switch costs a
+a queued job unless the candidate's decayed hits exceed `DISPLACE_FACTOR` times its own (the flag
+`--kv-compression-displace-factor`; 0 turns the rule off) (a switch costs a
 scoring pass and the displaced tenant's next full prefill, so tenants with the same traffic do not displace
 each other, whichever came last): its slots do not count as room for that job,
 and when the job starts they move behind what the engine evicts first (the engine's allocations then evict
@@ -33,7 +34,8 @@ HIT_HALF_LIFE_S = 600.0
 """A hit counts half as much after this long (the meter's half-life)."""
 
 DISPLACE_FACTOR = 2.0
-"""A job may displace a compacted prefix only when its candidate has more than this many times its hits."""
+"""A job may displace a compacted prefix only when its candidate has more than this many times its hits
+(default of `--kv-compression-displace-factor`)."""
 
 MAX_METERED_KEYS = 65536
 """Prefixes metered at most (the least recently hit are dropped)."""
@@ -49,12 +51,15 @@ class HitMeter:
     Kept as (value at t, t) per key, so a hit and a read are O(1) whatever the history."""
 
     half_life_s: float = HIT_HALF_LIFE_S
+    displace_factor: float = DISPLACE_FACTOR
     max_keys: int = MAX_METERED_KEYS
     _values: OrderedDict[Hashable, tuple[float, float]] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         if not self.half_life_s > 0:
             raise ValueError(f"half_life_s must be positive, got {self.half_life_s}")
+        if not (self.displace_factor >= 0 and math.isfinite(self.displace_factor)):
+            raise ValueError(f"displace_factor must be a finite number >= 0, got {self.displace_factor}")
 
     def _decayed(self, key: Hashable, now: float) -> float:
         got = self._values.get(key)
@@ -79,9 +84,11 @@ class HitMeter:
 
     def keeps(self, kept: Hashable, candidate: Hashable, now: float | None = None) -> bool:
         """Whether the compacted prefix `kept` stays out of the room of a job on `candidate`: the candidate has
-        not been hit more than `DISPLACE_FACTOR` times as much."""
+        not been hit more than `displace_factor` times as much (0: never kept, the engine's LRU order decides)."""
+        if self.displace_factor == 0:
+            return False
         now = time.monotonic() if now is None else now
-        return DISPLACE_FACTOR * self.value(kept, now) >= self.value(candidate, now)
+        return self.displace_factor * self.value(kept, now) >= self.value(candidate, now)
 
     def forget(self, key: Hashable) -> None:
         self._values.pop(key, None)

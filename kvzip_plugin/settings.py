@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -27,6 +28,7 @@ ENV_SCORER = "KVZIP_KV_COMPRESSION_SCORER"
 ENV_HEAD_SCORES = "KVZIP_KV_COMPRESSION_HEAD_SCORES"
 ENV_SCORING_STEP_TOKENS = "KVZIP_KV_COMPRESSION_SCORING_STEP_TOKENS"
 ENV_SCORING_MAX_SLOWDOWN = "KVZIP_KV_COMPRESSION_SCORING_MAX_SLOWDOWN"
+ENV_DISPLACE_FACTOR = "KVZIP_KV_COMPRESSION_DISPLACE_FACTOR"
 
 SCORERS = ("kvzip", "kvzip_head")
 """`kvzip`: KVzip's context-dependent scores (a scoring pass per prefix). `kvzip_head`: the
@@ -61,6 +63,9 @@ class KVCompressionSettings:
     """Scoring tokens per engine step (`slicing.ScoringBudget.step_tokens`; 0 = no slicing); None = default."""
     scoring_max_slowdown: float | None = None
     """Step-time slowdown scoring may cause clients (`slicing.ScoringBudget.target_slowdown`); None = default."""
+    displace_factor: float | None = None
+    """How many times a compacted prefix's hits a job's prefix needs to displace it (`retention.HitMeter`);
+    None = `retention.DISPLACE_FACTOR`."""
 
     def scoring_budget(self) -> Any:
         """The `slicing.ScoringBudget` these settings ask for (unset fields: its defaults)."""
@@ -68,6 +73,12 @@ class KVCompressionSettings:
 
         given = {"step_tokens": self.scoring_step_tokens, "target_slowdown": self.scoring_max_slowdown}
         return ScoringBudget(**{k: v for k, v in given.items() if v is not None})
+
+    def hit_meter(self) -> Any:
+        """The `retention.HitMeter` these settings ask for (unset: its default displace factor)."""
+        from kvzip_plugin.retention import HitMeter
+
+        return HitMeter() if self.displace_factor is None else HitMeter(displace_factor=self.displace_factor)
 
     def to_dict(self) -> dict[str, Any]:
         """The values that were set (what an engine stores in its config and passes to its processes)."""
@@ -80,7 +91,8 @@ class KVCompressionSettings:
         data = dict(data or {})
         return make_settings(data.get("ratio"), data.get("min_prefix_tokens"), data.get("min_hits"),
                              data.get("structure"), data.get("scorer"), data.get("head_scores"),
-                             data.get("scoring_step_tokens"), data.get("scoring_max_slowdown"))
+                             data.get("scoring_step_tokens"), data.get("scoring_max_slowdown"),
+                             data.get("displace_factor"))
 
 
 def _first_error(exc: Exception) -> str:
@@ -155,6 +167,18 @@ def validate_scoring_max_slowdown(value: Any) -> float:
     return float(_validated(ScoringBudget, "target_slowdown", value))
 
 
+def validate_displace_factor(value: Any) -> float:
+    """A displace factor (`retention.HitMeter.displace_factor`: a finite number >= 0; 0 = a job may displace any
+    compacted prefix, the engines' own LRU order)."""
+    try:
+        factor = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"displace_factor: not a number (got {value!r})") from None
+    if not math.isfinite(factor) or factor < 0:
+        raise ValueError(f"displace_factor: must be a finite number >= 0 (got {value!r})")
+    return factor
+
+
 def validate_head_scores(value: Any) -> str:
     """An existing head-score file; raises ValueError naming the field."""
     path = os.path.expanduser(str(value).strip())
@@ -166,6 +190,7 @@ def validate_head_scores(value: Any) -> str:
 def make_settings(
     ratio: Any = None, min_prefix_tokens: Any = None, min_hits: Any = None, structure: Any = None,
     scorer: Any = None, head_scores: Any = None, scoring_step_tokens: Any = None, scoring_max_slowdown: Any = None,
+    displace_factor: Any = None,
 ) -> KVCompressionSettings:
     """Validated settings; raises ValueError naming the offending field."""
     settings = KVCompressionSettings(
@@ -178,6 +203,7 @@ def make_settings(
         scoring_step_tokens=None if scoring_step_tokens is None else validate_scoring_step_tokens(scoring_step_tokens),
         scoring_max_slowdown=(None if scoring_max_slowdown is None
                               else validate_scoring_max_slowdown(scoring_max_slowdown)),
+        displace_factor=None if displace_factor is None else validate_displace_factor(displace_factor),
     )
     if settings.scorer == "kvzip_head" and (settings.structure or DEFAULT_STRUCTURE) != "pair":
         raise ValueError(f"scorer: 'kvzip_head' keeps whole heads through the pair store and needs structure "
@@ -206,6 +232,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> KVCompression
         (ENV_HEAD_SCORES, "head_scores", validate_head_scores),
         (ENV_SCORING_STEP_TOKENS, "scoring_step_tokens", validate_scoring_step_tokens),
         (ENV_SCORING_MAX_SLOWDOWN, "scoring_max_slowdown", validate_scoring_max_slowdown),
+        (ENV_DISPLACE_FACTOR, "displace_factor", validate_displace_factor),
     ):
         raw = env.get(var, "").strip()
         if not raw:
@@ -248,6 +275,7 @@ FLAGS = {
     "head_scores": "--kv-compression-head-scores",
     "scoring_step_tokens": "--kv-compression-scoring-step-tokens",
     "scoring_max_slowdown": "--kv-compression-scoring-max-slowdown",
+    "displace_factor": "--kv-compression-displace-factor",
 }
 """Settings field -> its flag (the argparse destination is the flag without dashes)."""
 
@@ -273,7 +301,8 @@ def add_kv_compression_args(parser: argparse.ArgumentParser, *, mode_help: str,
         title="KVzip",
         description="KVzip compression of shared prefixes (kvzip-plugin). Environment variables "
         f"{ENV_MODE}, {ENV_RATIO}, {ENV_MIN_PREFIX}, {ENV_MIN_HITS}, {ENV_STRUCTURE}, {ENV_SCORER}, "
-        f"{ENV_HEAD_SCORES}, {ENV_SCORING_STEP_TOKENS} apply {env_applies}.",
+        f"{ENV_HEAD_SCORES}, {ENV_SCORING_STEP_TOKENS}, {ENV_SCORING_MAX_SLOWDOWN}, {ENV_DISPLACE_FACTOR} apply "
+        f"{env_applies}.",
     )
     group.add_argument("--kv-compression", choices=MODES, default=None, help=mode_help)
     group.add_argument(
@@ -341,6 +370,16 @@ def add_kv_compression_args(parser: argparse.ArgumentParser, *, mode_help: str,
         "share decode steps while those steps stay within it; where even the smallest slice exceeds it (a "
         "CPU), scoring runs only in steps without clients (sized to delay a request arriving then by at most "
         "this share of a prefill step), and under a load that never leaves room, one small slice per 30 s.",
+    )
+    group.add_argument(
+        FLAGS["displace_factor"],
+        type=_argparse_type(validate_displace_factor),
+        default=None,
+        metavar="FLOAT",
+        help="A compression job may evict a compressed prefix to make room for its scoring only when its own "
+        "prefix has been hit more than this many times as often (hits decay with a 10-minute half-life), >= 0 "
+        "(default 2: tenants with the same traffic keep each other's compressed prefixes). 0: any compressed "
+        "prefix is room, evicted in the engine's LRU order. Client requests always evict what they need.",
     )
     return parser
 

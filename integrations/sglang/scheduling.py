@@ -38,7 +38,7 @@ from kvzip_plugin.compaction import CompactionTxn
 from kvzip_plugin.head_scores import head_level_scores
 from kvzip_plugin.jobs import CompressionJob, JobStatus
 from kvzip_plugin.metrics import ScoringClock
-from kvzip_plugin.retention import DISPLACE_FACTOR, RoomWait
+from kvzip_plugin.retention import RoomWait
 from kvzip_plugin.scoring.plan import SCORING_OVERHEAD, Unservable, plan_scoring, protected_tokens
 
 if TYPE_CHECKING:
@@ -90,7 +90,8 @@ class Jobs:
 
     def __init__(self, cache: KVzipRadixCache) -> None:
         self.cache = cache
-        self.admission = Admission(cache.kvzip_trigger)  # hit counting, job queue, retries (shared with vLLM)
+        # hit counting (with the retention meter), job queue, retries (shared with vLLM)
+        self.admission = Admission(cache.kvzip_trigger, meter=cache.kvzip_settings.hit_meter())
         self.live: dict[int, Job] = {}
         self.scoring_len: dict[str, int] = {}  # scoring rid -> prefix length its match is capped at
         self.room_wait = RoomWait()  # how long the queued job has found no room while nothing ran
@@ -167,7 +168,8 @@ class Jobs:
         """Jobs yield to traffic: start one only when no request waits for admission and the pool has
         room for its scoring input and its destination slots: free slots plus what SGLang may evict (the
         tree's unlocked nodes and the unpinned compacted entries), less the unpinned compacted entries the
-        job must not displace (`retention.py`: its candidate is not hit more than twice as often); those are then
+        job must not displace (`retention.py`: its candidate is not hit more than `--kv-compression-displace-factor`
+        (2) times as often); those are then
         made the most recently used, so the job's allocations evict colder entries first. A job that finds no
         room while no request runs (nothing will free any) is cancelled after `NO_ROOM_WAIT_S`, with the
         sizes in the reason."""
@@ -196,7 +198,7 @@ class Jobs:
         if self.room_wait.expired(now) and (job := self.admission.queue.start_next()) is not None:
             wait = self.admission.no_room_backoff_s(job.candidate.key)
             kept_note = (f" (of which {held} in {len(kept)} compacted prefixes kept: this one is not hit more than "
-                         f"{DISPLACE_FACTOR:g}x as often)" if kept else "")
+                         f"{self.admission.meter.displace_factor:g}x as often)" if kept else "")
             self.end(self.live[job.job_id], JobStatus.CANCELLED,
                      f"no room in the KV pool to score it: it needs {need} token slots, {room + held} are free or "
                      f"evictable{kept_note} (--max-total-tokens too small for this prefix beside what the pool "

@@ -79,6 +79,7 @@ def kv_transfer_config(
     head_scores: str | None = None,
     scoring_step_tokens: int | None = None,
     scoring_max_slowdown: float | None = None,
+    displace_factor: float | None = None,
     *,
     settings: KVCompressionSettings | None = None,
 ) -> dict[str, Any]:
@@ -86,7 +87,7 @@ def kv_transfer_config(
     or JSON-encode it for `--kv-transfer-config`). Validates like the CLI flags."""
     if settings is None:
         settings = make_settings(ratio, min_prefix_tokens, min_hits, structure, scorer, head_scores,
-                                 scoring_step_tokens, scoring_max_slowdown)
+                                 scoring_step_tokens, scoring_max_slowdown, displace_factor)
     return {
         "kv_connector": CONNECTOR_NAME,
         "kv_connector_module_path": CONNECTOR_MODULE,

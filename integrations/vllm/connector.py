@@ -117,7 +117,8 @@ class KVzipConnector(KVConnectorBase_V1):
         self.sched: SchedulerState | None = None
         self.worker: WorkerState | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self.sched = SchedulerState(config, policy, vllm_config, self.settings.scoring_budget())
+            self.sched = SchedulerState(config, policy, vllm_config, self.settings.scoring_budget(),
+                                        self.settings.hit_meter())
             self.sched.disabled = self.disabled
             _wrap_schedule()
             _wrap_reset_prefix_cache()

@@ -45,7 +45,7 @@ from kvzip_plugin.config import KVzipConfig
 from kvzip_plugin.detection import TriggerPolicy
 from kvzip_plugin.jobs import CompressionJob, JobStatus
 from kvzip_plugin.metrics import KVzipStats
-from kvzip_plugin.retention import DISPLACE_FACTOR, RoomWait
+from kvzip_plugin.retention import HitMeter, RoomWait
 from kvzip_plugin.scoring.plan import Unservable, plan_scoring, protected_tokens
 from kvzip_plugin.slicing import ScoringBudget, ScoringGate
 from kvzip_plugin.store import max_store_blocks
@@ -111,10 +111,11 @@ class SchedulerState:
     """KVzip bookkeeping of one EngineCore."""
 
     def __init__(self, config: KVzipConfig, policy: TriggerPolicy, vllm_config: Any,
-                 budget: ScoringBudget | None = None) -> None:
+                 budget: ScoringBudget | None = None, meter: HitMeter | None = None) -> None:
         self.config = config
         self.gate = ScoringGate(budget or ScoringBudget())  # scoring: low priority, in slices (slicing.py)
-        self.admission = Admission(policy)  # hit counting, job queue, retries (shared with SGLang)
+        # hit counting (with the retention meter), job queue, retries (shared with SGLang)
+        self.admission = Admission(policy, meter=meter or HitMeter())
         self.tracker, self.queue = self.admission.tracker, self.admission.queue
         self.vllm_config = vllm_config
         self.kvcm: Any = None
@@ -254,7 +255,8 @@ class SchedulerState:
         """Jobs yield to traffic: start one only when no request waits for admission and the pool has
         room for its scoring input and destination blocks without evicting much: free blocks (vLLM's free
         queue, cached ones included) less the evictable blocks of the compacted prefixes the job must not
-        displace (`retention.py`: its candidate is not hit more than twice as often); those then move to the tail of
+        displace (`retention.py`: its candidate is not hit more than `--kv-compression-displace-factor` (2) times as
+        often); those then move to the tail of
         the free queue, so the job's allocations evict colder blocks first. A job that finds no room while
         no request runs (nothing will free any) is cancelled after `NO_ROOM_WAIT_S`, its prefix backed off."""
         if len(scheduler.waiting) > 0:
@@ -282,7 +284,7 @@ class SchedulerState:
         if self.room_wait.expired(now) and (job := self.queue.start_next()) is not None:
             wait = self.admission.no_room_backoff_s(job.candidate.key)
             kept_note = (f" (of which {len(kept)} hold compacted prefixes kept: this one is not hit more than "
-                         f"{DISPLACE_FACTOR:g}x as often)" if kept else "")
+                         f"{self.admission.meter.displace_factor:g}x as often)" if kept else "")
             self._end(self.jobs[job.job_id], JobStatus.CANCELLED,
                       f"no room in the KV pool to score it: it needs {need} blocks, {room + len(kept)} are free or "
                       f"cached{kept_note}; no new job for it for {wait:.0f} s", no_room=True)

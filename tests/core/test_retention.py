@@ -52,6 +52,21 @@ def test_the_meter_is_bounded_and_rejects_a_bad_half_life():
     assert meter.value("c", 3.0) == 0.0
     with pytest.raises(ValueError, match="half_life_s"):
         HitMeter(half_life_s=0.0)
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="displace_factor"):
+            HitMeter(displace_factor=bad)
+
+
+def test_the_displace_factor_sets_how_much_hotter_a_candidate_must_be():
+    meter = HitMeter(displace_factor=1.0)
+    meter.hit("old", 0.0, n=3)
+    meter.hit("new", 0.0, n=3)
+    assert meter.keeps("old", "new", 0.0)  # a tie keeps
+    meter.hit("new", 0.0)
+    assert not meter.keeps("old", "new", 0.0)
+    off = HitMeter(displace_factor=0.0)
+    off.hit("old", 0.0, n=1000)
+    assert not off.keeps("old", "new", 0.0)  # off: every compacted prefix is room
 
 
 def test_admission_meters_every_counted_hit_and_the_hits_a_compacted_prefix_serves():

@@ -137,3 +137,34 @@ def test_scoring_max_slowdown():
     assert settings_from_args(args, logging.getLogger("t"))[1].scoring_max_slowdown == 1.1
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-compression-scoring-max-slowdown", "0.9"])
+
+
+def test_displace_factor():
+    """How much hotter a job's prefix must be to displace a compacted one: finite and >= 0; it reaches the
+    retention meter (0: never kept, the engine's LRU order)."""
+    import argparse
+    import logging
+
+    from kvzip_plugin.retention import DISPLACE_FACTOR
+    from kvzip_plugin.settings import add_kv_compression_args, settings_from_args
+
+    s = make_settings(displace_factor="3")
+    assert s.displace_factor == 3.0 and KVCompressionSettings.from_dict(s.to_dict()) == s
+    assert s.hit_meter().displace_factor == 3.0
+    assert make_settings().hit_meter().displace_factor == DISPLACE_FACTOR  # unset: the default
+    meter = make_settings(displace_factor=0).hit_meter()
+    meter.hit("old", 0.0, n=100)
+    meter.hit("new", 0.0)
+    assert not meter.keeps("old", "new", 0.0)  # 0: any compacted prefix is room
+    for bad in (-1, "nan", "inf", "often"):
+        with pytest.raises(ValueError, match="displace_factor"):
+            make_settings(displace_factor=bad)
+    env = {"KVZIP_KV_COMPRESSION": "kvzip", "KVZIP_KV_COMPRESSION_DISPLACE_FACTOR": "0"}
+    assert settings_from_env(env) == KVCompressionSettings(displace_factor=0.0)
+    with pytest.raises(ValueError, match="KVZIP_KV_COMPRESSION_DISPLACE_FACTOR"):
+        settings_from_env({**env, "KVZIP_KV_COMPRESSION_DISPLACE_FACTOR": "-2"})
+    parser = add_kv_compression_args(argparse.ArgumentParser(), mode_help="", env_applies="")
+    args = parser.parse_args(["--kv-compression", "kvzip", "--kv-compression-displace-factor", "1.5"])
+    assert settings_from_args(args, logging.getLogger("t"))[1].displace_factor == 1.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-compression-displace-factor", "-0.5"])

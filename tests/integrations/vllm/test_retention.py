@@ -22,7 +22,7 @@ from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id  # noqa: E
 
 from kvzip_plugin.config import KVzipConfig  # noqa: E402
 from kvzip_plugin.detection import TriggerPolicy  # noqa: E402
-from kvzip_plugin.retention import NO_ROOM_WAIT_S  # noqa: E402
+from kvzip_plugin.retention import NO_ROOM_WAIT_S, HitMeter  # noqa: E402
 
 BS = 16
 
@@ -42,12 +42,15 @@ def _cached(pool: BlockPool, tag: str, n: int) -> tuple[list, list]:
     return blocks, hashes
 
 
-def _state(num_blocks: int, held: int, compacted: dict[str, int], candidate_hits: int = 2):
+def _state(num_blocks: int, held: int, compacted: dict[str, int], candidate_hits: int = 2,
+           displace_factor: float | None = None):
     """A pool of `num_blocks` (+ vLLM's null block): compacted prefixes (tag -> blocks, published in this
     order, so the first is the least recently used), `held` blocks in use by requests, and one queued job on
     a 4-block prefix hit `candidate_hits` times (its scoring needs 2 x 4 + 2 = 10 blocks)."""
     pool = BlockPool(num_gpu_blocks=num_blocks + 1, enable_caching=True, hash_block_size=BS)
-    state = SchedulerState(KVzipConfig(), TriggerPolicy(min_prefix_tokens=BS, min_hits=2), vllm_config=None)
+    meter = None if displace_factor is None else HitMeter(displace_factor=displace_factor)
+    state = SchedulerState(KVzipConfig(), TriggerPolicy(min_prefix_tokens=BS, min_hits=2), vllm_config=None,
+                           meter=meter)
     state.pool, state.block_size = pool, BS
     for tag, n in compacted.items():
         blocks, hashes = _cached(pool, tag, n)
@@ -117,6 +120,12 @@ def test_a_job_that_would_displace_a_hotter_prefix_waits_then_is_cancelled_and_b
             f"hit more than 2x as often); no new job for it for {NO_ROOM_BACKOFF_S:.0f} s") in caplog.text
     assert state.compacted["a"].alive()
     assert not state.admission.eligible("cand", clock[0])  # backed off
+
+    # with `--kv-compression-displace-factor 0` the same pool is room (vLLM's LRU order decides)
+    off, _ = _state(num_blocks=20, held=9, compacted={"a": 3}, displace_factor=0.0)
+    for _ in range(3):
+        off.admission.note_compressed_hit("a", now=clock[0])
+    assert off._can_start(_sched())
 
     # an hour later "a" is colder than a candidate hit twice now
     later = clock[0] + 3600.0
