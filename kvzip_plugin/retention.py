@@ -12,11 +12,11 @@ tenant's compacted document on both engines, `benchmarks/README.md`, capacity).
 The rule, the same in both engines: every hit a prefix gets, as a candidate or served compacted, is counted
 in a `HitMeter` with exponential decay (half-life `HIT_HALF_LIFE_S`). A compacted prefix is *kept* against
 a queued job unless the candidate's decayed hits exceed `DISPLACE_FACTOR` times its own (the flag
-`--kv-compression-displace-factor`; 0 turns the rule off) (a switch costs a
-scoring pass and the displaced tenant's next full prefill, so tenants with the same traffic do not displace
-each other, whichever came last): its slots do not count as room for that job,
-and when the job starts they move behind what the engine evicts first (the engine's allocations then evict
-the colder entries and free slots before them). A colder compacted prefix (e.g. a tenant that left) is room
+`--kv-compression-displace-factor`; 0 turns the rule off). A switch costs a scoring pass and the displaced
+tenant's next full prefill, so tenants with the same traffic do not displace each other, whichever came
+last. A kept prefix's slots do not count as room for that job, and when the job starts they move behind
+what the engine evicts first (the engine's allocations then evict the colder entries and free slots before
+them). A colder compacted prefix (e.g. a tenant that left) is room
 like any cached block. Client requests are not affected: they evict what they need, as without the plugin.
 A job that finds no room waits; while no request runs (nothing will free slots) the wait is bounded by
 `NO_ROOM_WAIT_S` (`RoomWait`), after which the engine cancels it and `Admission` backs its prefix off.
@@ -90,9 +90,6 @@ class HitMeter:
         now = time.monotonic() if now is None else now
         return self.displace_factor * self.value(kept, now) >= self.value(candidate, now)
 
-    def forget(self, key: Hashable) -> None:
-        self._values.pop(key, None)
-
 
 @dataclass
 class RoomWait:
@@ -106,9 +103,13 @@ class RoomWait:
         """Room was found, or requests run: the wait starts afresh next time."""
         self.since = None
 
-    def expired(self, now: float | None = None) -> bool:
-        """Note one more check without room while nothing runs; True once that has lasted `bound_s` (the wait
-        is then cleared for the next job)."""
+    def expired(self, now: float | None = None, running: bool = False) -> bool:
+        """Note one more check without room; True once there was none for `bound_s` while no request ran (the
+        wait is then cleared for the next job). `running`: requests run now, which will free slots: the wait
+        starts afresh."""
+        if running:
+            self.since = None
+            return False
         now = time.monotonic() if now is None else now
         if self.since is None:
             self.since = now

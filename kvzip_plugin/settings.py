@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import os
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -168,15 +167,15 @@ def validate_scoring_max_slowdown(value: Any) -> float:
 
 
 def validate_displace_factor(value: Any) -> float:
-    """A displace factor (`retention.HitMeter.displace_factor`: a finite number >= 0; 0 = a job may displace any
-    compacted prefix, the engines' own LRU order)."""
+    """A displace factor accepted by `retention.HitMeter.displace_factor` (a finite number >= 0; 0 = a job may
+    displace any compacted prefix, the engines' own LRU order)."""
+    from kvzip_plugin.retention import HitMeter
+
     try:
         factor = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"displace_factor: not a number (got {value!r})") from None
-    if not math.isfinite(factor) or factor < 0:
-        raise ValueError(f"displace_factor: must be a finite number >= 0 (got {value!r})")
-    return factor
+    return float(_validated(HitMeter, "displace_factor", factor))
 
 
 def validate_head_scores(value: Any) -> str:

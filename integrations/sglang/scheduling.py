@@ -168,11 +168,10 @@ class Jobs:
         """Jobs yield to traffic: start one only when no request waits for admission and the pool has
         room for its scoring input and its destination slots: free slots plus what SGLang may evict (the
         tree's unlocked nodes and the unpinned compacted entries), less the unpinned compacted entries the
-        job must not displace (`retention.py`: its candidate is not hit more than `--kv-compression-displace-factor`
-        (2) times as often); those are then
-        made the most recently used, so the job's allocations evict colder entries first. A job that finds no
-        room while no request runs (nothing will free any) is cancelled after `NO_ROOM_WAIT_S`, with the
-        sizes in the reason."""
+        job must not displace (`retention.py`: its candidate is not hit more than
+        `--kv-compression-displace-factor` times as often); those are then made the most recently used, so the
+        job's allocations evict colder entries first. A job that finds no room while no request runs (nothing
+        will free any) is cancelled after `NO_ROOM_WAIT_S`, with the sizes in the reason."""
         if len(sched.waiting_queue) > 0 or getattr(sched, "chunked_req", None) is not None:
             return False
         pending = self.admission.queue.peek()
@@ -182,25 +181,25 @@ class Jobs:
         L = pending.candidate.num_tokens
         need = 2 * L + SCORING_OVERHEAD + self.cache.kvzip_config.carry_tokens
         now = time.monotonic()
+        room = self.cache.token_to_kv_pool_allocator.available_size() + self.cache.evictable_size()
+        # the kept entries matter only when the pool would have room with them (not looked at in the pumps a
+        # queued job spends waiting for room)
         kept = [e for e in self.cache.entries
-                if e.refs == 0 and self.admission.keeps(e.key, pending.candidate.key, now)]
+                if e.refs == 0 and self.admission.keeps(e.key, pending.candidate.key, now)] if room >= need else []
         held = sum(e.physical_length for e in kept)
-        room = self.cache.token_to_kv_pool_allocator.available_size() + self.cache.evictable_size() - held
-        if room >= need:
+        if room - held >= need:
             self.room_wait.clear()
             for e in kept:
                 e.last_access = now
             return True
         running = getattr(sched, "running_batch", None)
-        if running is not None and not running.is_empty():
-            self.room_wait.clear()  # requests hold slots that they will free
-            return False
-        if self.room_wait.expired(now) and (job := self.admission.queue.start_next()) is not None:
+        busy = running is not None and not running.is_empty()  # requests hold slots that they will free
+        if self.room_wait.expired(now, running=busy) and (job := self.admission.queue.start_next()) is not None:
             wait = self.admission.no_room_backoff_s(job.candidate.key)
             kept_note = (f" (of which {held} in {len(kept)} compacted prefixes kept: this one is not hit more than "
                          f"{self.admission.meter.displace_factor:g}x as often)" if kept else "")
             self.end(self.live[job.job_id], JobStatus.CANCELLED,
-                     f"no room in the KV pool to score it: it needs {need} token slots, {room + held} are free or "
+                     f"no room in the KV pool to score it: it needs {need} token slots, {room} are free or "
                      f"evictable{kept_note} (--max-total-tokens too small for this prefix beside what the pool "
                      f"pins); no new job for it for {wait:.0f} s", no_room=True)
         return False

@@ -255,10 +255,10 @@ class SchedulerState:
         """Jobs yield to traffic: start one only when no request waits for admission and the pool has
         room for its scoring input and destination blocks without evicting much: free blocks (vLLM's free
         queue, cached ones included) less the evictable blocks of the compacted prefixes the job must not
-        displace (`retention.py`: its candidate is not hit more than `--kv-compression-displace-factor` (2) times as
-        often); those then move to the tail of
-        the free queue, so the job's allocations evict colder blocks first. A job that finds no room while
-        no request runs (nothing will free any) is cancelled after `NO_ROOM_WAIT_S`, its prefix backed off."""
+        displace (`retention.py`: its candidate is not hit more than `--kv-compression-displace-factor` times
+        as often); those then move to the tail of the free queue, so the job's allocations evict colder blocks
+        first. A job that finds no room while no request runs (nothing will free any) is cancelled after
+        `NO_ROOM_WAIT_S`, its prefix backed off."""
         if len(scheduler.waiting) > 0:
             return False
         pending = self.queue.peek()
@@ -268,25 +268,24 @@ class SchedulerState:
         need = 2 * (pending.candidate.num_tokens // self.block_size) + 2
         now = time.monotonic()
         cand = pending.candidate.key
+        free = self.pool.get_num_free_blocks()
+        # the kept prefixes matter only when the pool would have room with them (not looked at in the steps
+        # a queued job spends waiting for room)
         kept = [b for p in self.compacted.values() if p.alive() and self.admission.keeps(p.key, cand, now)
-                for b in p.blocks if b.ref_cnt == 0]
-        room = self.pool.get_num_free_blocks() - len(kept)
-        if room >= need:
+                for b in p.blocks if b.ref_cnt == 0] if free >= need else []
+        if free - len(kept) >= need:
             self.room_wait.clear()
             queue = self.pool.free_block_queue
             for b in kept:  # most recently used now: vLLM's allocations take colder cached blocks first
                 queue.remove(b)
                 queue.append(b)
             return True
-        if scheduler.running:
-            self.room_wait.clear()  # requests hold blocks that they will free
-            return False
-        if self.room_wait.expired(now) and (job := self.queue.start_next()) is not None:
+        if self.room_wait.expired(now, running=bool(scheduler.running)) and (job := self.queue.start_next()):
             wait = self.admission.no_room_backoff_s(job.candidate.key)
             kept_note = (f" (of which {len(kept)} hold compacted prefixes kept: this one is not hit more than "
                          f"{self.admission.meter.displace_factor:g}x as often)" if kept else "")
             self._end(self.jobs[job.job_id], JobStatus.CANCELLED,
-                      f"no room in the KV pool to score it: it needs {need} blocks, {room + len(kept)} are free or "
+                      f"no room in the KV pool to score it: it needs {need} blocks, {free} are free or "
                       f"cached{kept_note}; no new job for it for {wait:.0f} s", no_room=True)
         return False
 
