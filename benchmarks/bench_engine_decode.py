@@ -157,7 +157,8 @@ def child(model_dir: str, structure: str, ratio: float, lengths: list[int], batc
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
-        _, model_dir, structure, ratio, lengths, batches, steps, n_prefixes = argv
+        _, model_dir, structure, ratio, lengths, batches, steps, n_prefixes, backend = argv
+        os.environ["KVZIP_PREFIX_ATTENTION"] = backend  # the child env drops the caller's KVZIP_* knobs
         out = child(model_dir, structure, float(ratio), [int(x) for x in lengths.split(",")],
                     [int(x) for x in batches.split(",")], int(steps), int(n_prefixes))
         print("RESULT " + json.dumps(out), flush=True)
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--prefixes", type=int, default=1,
                    help="K distinct prefixes of each length, request i on prefix i mod K (a multi-tenant step)")
+    p.add_argument("--prefix-attention", choices=["auto", "torch", "triton"], default="auto",
+                   help="KVZIP_PREFIX_ATTENTION of the engine processes: how head-page stores attend (README)")
     args = p.parse_args(argv)
     from kvzip_plugin.hf.models import DEMO_MODEL, demo_model_dir
 
@@ -180,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for structure in ["none", *args.structures]:
         rows += run_child([__file__, "--child", model_dir, structure, str(args.ratio), ",".join(map(str, args.lengths)),
-                           ",".join(map(str, args.batches)), str(args.steps), str(args.prefixes)], structure, 7200,
+                           ",".join(map(str, args.batches)), str(args.steps), str(args.prefixes),
+                           args.prefix_attention], structure, 7200,
                           progress="ms/step")["rows"]
         args.out.with_suffix(".partial.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     full = {(r["L"], r["batch"]): r["step_ms_median"] for r in rows if r["structure"] == "none"}
@@ -189,12 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     meta = vllm_cpu_meta("PYTHONPATH=. python benchmarks/bench_engine_decode.py " + " ".join(argv),
                          DEMO_MODEL + " (SmolLM2-135M-Instruct, float32, de-quantised from Q4_1 GGUF)",
                          time.perf_counter() - t0)
-    doc = {"meta": {**meta, "ratio": args.ratio}, "rows": rows}
+    doc = {"meta": {**meta, "ratio": args.ratio, "prefix_attention": args.prefix_attention}, "rows": rows}
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     structures = ["none", *args.structures]
     lines = [f"Decode step (median of {args.steps}, whole engine step) on vLLM's CPU backend, SmolLM2-135M float32, "
-             f"ratio {args.ratio}, {args.prefixes} distinct prefix(es) per length (request i on prefix i mod "
+             f"ratio {args.ratio}, prefix attention `{args.prefix_attention}`, {args.prefixes} distinct prefix(es) per "
+             f"length (request i on prefix i mod "
              f"{args.prefixes}); cells: ms/step (compressed / full).", "",
              "| L | batch | " + " | ".join(structures) + " |", "|---|---|" + "---|" * len(structures)]
     for length in args.lengths:

@@ -209,6 +209,58 @@ def page_decode_attention(q: torch.Tensor, chunks: list[tuple[torch.Tensor, torc
     return _ungroup((num / den.unsqueeze(-1)).unsqueeze(1), n)
 
 
+def segment_decode_attention(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, starts: list[int],
+                             lengths: list[int], own_k_t: torch.Tensor, own_v: torch.Tensor, own_mask: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """Decode rows over every KV head's run (the runs one after another) and their own tokens, as ONE softmax:
+    the cascade for many requests on one prefix.
+
+    Args:
+        q: `[n, H_q, D]` one query per request (all decode requests of the step on this prefix).
+        keys_t: `[D, N]` the runs' keys as columns (KV head `h`'s run is columns `[starts[h], starts[h] +
+            lengths[h])`): the form a GEMM reads without a transpose, and the one vLLM's CPU pages hold.
+        values: `[N, D]`, rows as `keys_t`'s columns.
+        own_k_t: `[n, H_kv, D, T]` each request's own keys as columns; own_v `[n, H_kv, T, D]` (padding finite).
+        own_mask: `[n, 1, 1, T]` additive (0 on a request's own tokens, -inf on padding; every request has at
+            least one own token, its newest).
+
+    Returns:
+        out `[n, H_q, D]` float32.
+
+    Each run is read once for all `G * n` query rows of its KV head (two GEMMs over it), where a per-request
+    kernel reads it once per request: with many requests that is the difference between a run served from
+    the core's cache and one streamed again for every request. One exponential per score, no merge.
+    """
+    n, h_q, d = q.shape
+    h_kv = len(lengths)
+    g = h_q // h_kv
+    rows = g * n
+    qs = q.float() * scale
+    so = torch.matmul(qs.view(n, h_kv, g, d), own_k_t.float()).add_(own_mask)  # [n, H_kv, G, T]
+    top = so.amax(-1).permute(1, 2, 0).reshape(h_kv, rows)  # [H_kv, G*n] rows g-major, as `_group`
+    qg = _group(qs, h_kv).squeeze(1)  # [H_kv, G*n, D]
+    scores: list[torch.Tensor | None] = []
+    for h in range(h_kv):
+        s0, t = int(starts[h]), int(lengths[h])
+        if t == 0:
+            scores.append(None)
+            continue
+        s = torch.matmul(qg[h], keys_t[:, s0:s0 + t])  # [G*n, t]
+        torch.maximum(top[h], s.amax(-1), out=top[h])
+        scores.append(s)
+    eo = torch.exp(so.sub_(top.view(h_kv, g, n).permute(2, 0, 1).unsqueeze(-1)))  # [n, H_kv, G, T]
+    den = eo.sum(-1).permute(1, 2, 0).reshape(h_kv, rows)
+    num = torch.matmul(eo, own_v.float()).permute(1, 2, 0, 3).reshape(h_kv, rows, d)
+    for h, s in enumerate(scores):
+        if s is None:
+            continue
+        e = s.sub_(top[h].unsqueeze(-1)).exp_()
+        den[h] += e.sum(-1)
+        s0, t = int(starts[h]), int(lengths[h])
+        num[h].addmm_(e, values[s0:s0 + t].float())
+    return _ungroup(num.div_(den.unsqueeze(-1)).unsqueeze(1), n)
+
+
 PAGE_ROWS_MAX = 16
 """`PageRuns` attends page by page while each KV head has at most this many query rows (G x requests):
 the pages' partial outputs then cost less than copying the pages into runs; with more rows (many

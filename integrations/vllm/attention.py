@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 from kvzip_plugin.integrations.vllm import layout
+from kvzip_plugin.integrations.vllm.cpu_cascade import CASCADE_NAME, CascadeGroup, takes_cascade
 from kvzip_plugin.integrations.vllm.cpu_kernel import KERNEL_NAME, FlatPages, KernelStep
 
 from kvzip_plugin import envs
@@ -46,13 +47,12 @@ from kvzip_plugin.prefix_attention import OwnTokens, attend_rows, length_mask, o
 from kvzip_plugin.step_decode import DecodeStep, PrefixPageCache, one_pass
 
 logger = logging.getLogger("vllm.kvzip_plugin.attention")
-_backend: str | None = None  # what read the runs last (logged when it changes)
+_backends: set[str] = set()  # what has read the runs in this process (each logged the first time)
 
 
 def _log_backend(name: str) -> None:
-    global _backend
-    if name != _backend:
-        _backend = name
+    if name not in _backends:  # once each: a step may take two paths, and steps alternate between them
+        _backends.add(name)
         logger.info("kvzip-plugin: requests on head-page stores attend to the runs through %s", name)
 
 
@@ -81,6 +81,7 @@ class StepPlan:
     groups: list[_Group]
     decode: DecodeStep | None
     kernel: KernelStep | None = None
+    cascade: tuple[CascadeGroup, ...] = ()
 
 
 def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta, cache: PrefixPageCache, num_heads: int,
@@ -94,11 +95,9 @@ def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta, cache: PrefixPag
     for row, store in rows.values():
         by_store.setdefault(id(store), []).append((row, store))
     if by_store and flat is not None and dev.type == "cpu" and envs.prefix_attention_backend() == "auto":
-        groups = [(members[0][1], [(int(qsl[row]), int(qsl[row + 1]), int(seq_lens[row]), row) for row, _ in members])
-                  for members in by_store.values()]  # per store: its rows' query span, own tokens, table row
-        kernel = KernelStep.plan(groups, meta.block_table, flat, dev)
-        if kernel is not None:
-            return StepPlan([], None, kernel)
+        kernel_plan = _plan_cpu(by_store, qsl, seq_lens, meta.block_table, flat, num_heads, dev)
+        if kernel_plan is not None:
+            return kernel_plan
     per_store = []  # (store, its rows, their query spans, positions in them of the rows with one query)
     for members in by_store.values():
         rws = [row for row, _ in members]
@@ -144,6 +143,31 @@ def plan_step(rows: Mapping[str, tuple[int, PagedStore]], meta, cache: PrefixPag
     return StepPlan(groups, step)
 
 
+def _plan_cpu(by_store: Mapping[int, list[tuple[int, PagedStore]]], qsl: list[int], seq_lens: list[int],
+              block_table: torch.Tensor, flat: FlatPages, num_heads: int, dev: torch.device) -> StepPlan | None:
+    """vLLM's CPU path: the decode rows of a store with many of them take the cascade (`cpu_cascade.py`), every
+    other row vLLM's kernel (`cpu_kernel.py`); None where a store's runs cannot be read this way."""
+    groups, cascade = [], []
+    for members in by_store.values():
+        store = members[0][1]
+        rows = [(int(qsl[row]), int(qsl[row + 1]), int(seq_lens[row]), row) for row, _ in members]
+        decode = [(qs, own, row) for qs, qe, own, row in rows if qe - qs == 1]
+        if takes_cascade(len(decode), num_heads // flat.n_kv_heads):
+            got = CascadeGroup.plan(store, decode, block_table, flat, dev)
+            if got is None:
+                return None
+            cascade.append(got)
+            rows = [x for x in rows if x[1] - x[0] > 1]
+        if rows:
+            groups.append((store, rows))  # per store: its rows' query span, own tokens, table row
+    kernel = None
+    if groups:
+        kernel = KernelStep.plan(groups, block_table, flat, dev)
+        if kernel is None:
+            return None
+    return StepPlan([], None, kernel, tuple(cascade))
+
+
 def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, plan: StepPlan, views: Views,
                  pages: PageReader, own_views_of: Callable[[], tuple[torch.Tensor, torch.Tensor]], meta,
                  num_heads: int, head_size: int, scale: float, flat: FlatPages | None = None) -> None:
@@ -163,10 +187,14 @@ def attend_paged(layer: int, query: torch.Tensor, output: torch.Tensor, plan: St
     """
     q_all = query.view(query.shape[0], num_heads, head_size)
     out_all = output.view(output.shape[0], num_heads, head_size)
-    if plan.kernel is not None:
+    if plan.kernel is not None or plan.cascade:
         assert flat is not None
-        _log_backend(KERNEL_NAME)
-        plan.kernel.attend(layer, q_all, out_all, flat, scale)
+        if plan.kernel is not None:
+            _log_backend(KERNEL_NAME)
+            plan.kernel.attend(layer, q_all, out_all, flat, scale)
+        for group in plan.cascade:
+            _log_backend(CASCADE_NAME)
+            group.attend(layer, q_all, out_all, flat, scale)
         return
     if plan.decode is not None:
         _log_backend("torch, every store's decode rows in one pass")

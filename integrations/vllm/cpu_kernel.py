@@ -49,6 +49,14 @@ class FlatPages:
     block_size: int
     head_size: int
 
+    @property
+    def key_pages(self) -> torch.Tensor:
+        """`[n_pages, D, block_size]`: each page's keys as vLLM's CPU cache holds them (transposed: a
+        token's key is a column), the view torch reads them through (`cpu_cascade.py`)."""
+        page = 2 * self.block_size * self.head_size
+        return self.key_cache.as_strided((self.key_cache.shape[0], self.head_size, self.block_size),
+                                         (page, self.block_size, 1))
+
     @classmethod
     def of(cls, kv_caches: Sequence[torch.Tensor], n_kv_heads: int, block_size: int, head_size: int
            ) -> FlatPages | None:
@@ -97,6 +105,22 @@ def store_tables(store: PagedStore, flat: FlatPages, device: torch.device) -> tu
                 table[layer, g.heads, g.rows - first[g.heads]] = page_ids
         return table.to(device), n_pages.to(device)
     return store.cached(("vllm_cpu_kernel", device), build)
+
+
+def own_page_ids(block_table: torch.Tensor, table_rows: Sequence[int], first: torch.Tensor, n_own: torch.Tensor,
+                 n_layers: int, flat: FlatPages) -> torch.Tensor:
+    """Flat page ids `[R, layers, H_kv, max own blocks]` of the rows' own tokens: row `i`'s own blocks are
+    columns `first[i]:` of `block_table[table_rows[i]]` (`n_own[i]` tokens, >= 1); a row with fewer blocks
+    repeats its last one (a real page, never read: the row's length stops before it)."""
+    dev = block_table.device
+    bs, h = flat.block_size, flat.n_kv_heads
+    n_blocks = (n_own + bs - 1) // bs
+    cols = torch.arange(int(n_blocks.max()), device=dev)
+    src = first.unsqueeze(1) + torch.minimum(cols.unsqueeze(0), (n_blocks - 1).clamp_min(0).unsqueeze(1))
+    own = block_table[torch.tensor(list(table_rows), dtype=torch.long, device=dev).unsqueeze(1), src].long()
+    layer_off = torch.arange(n_layers, device=dev) * flat.pages_per_layer
+    return (own.view(own.shape[0], 1, 1, -1) * h + torch.arange(h, device=dev).view(1, 1, -1, 1)
+            + layer_off.view(1, -1, 1, 1))
 
 
 @dataclass(frozen=True)
@@ -156,17 +180,9 @@ class KernelStep:
                 table_row.append(row)
         sel = torch.tensor(store_of, dtype=torch.long, device=device)
         own_t = torch.tensor(n_own, dtype=torch.long, device=device)  # [R]
-        n_blocks = (own_t + bs - 1) // bs
-        n_own_max = max(-(-o // bs) for o in n_own)
+        own_pages = own_page_ids(block_table, table_row, first[sel], own_t, n_layers, flat)
+        n_own_max = own_pages.shape[-1]
         cols = torch.arange(n_own_max, device=device)
-        # each row's own blocks, padded with its last one (a real block, never read: seq_len stops before)
-        src = first[sel].unsqueeze(1) + torch.minimum(
-            cols.unsqueeze(0), (n_blocks - 1).clamp_min(0).unsqueeze(1))
-        own = block_table[torch.tensor(table_row, dtype=torch.long, device=device).unsqueeze(1), src].long()
-        hs = torch.arange(h, device=device)
-        layer_off = torch.arange(n_layers, device=device) * flat.pages_per_layer
-        own_pages = (own.view(-1, 1, 1, n_own_max) * h + hs.view(1, 1, -1, 1)
-                     + layer_off.view(1, -1, 1, 1))  # [R, layers, H, n_own_max]
         pages = run_pages[sel]  # [R, layers, H]
         tab = torch.zeros(len(store_of), n_layers, h, width + n_own_max, dtype=torch.long, device=device)
         tab[..., :width] = runs[sel]

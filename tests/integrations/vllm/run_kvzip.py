@@ -11,7 +11,8 @@ Scenarios: `sequential` (one request at a time on a shared prefix), `mixed` (one
 on a compacted prefix, on a prefix being scored, and plain), `salts` (two tenants, same
 prefix, different cache salts), `churn` (random admissions and aborts while prefixes compress),
 `cancel` (the prefix cache is reset while a job scores), `repeat` (the same prompt twice), `stores`
-(one batch decoding on two compacted prefixes at once, beside a plain request), `sliced`
+(one batch decoding on two compacted prefixes at once, beside a plain request), `crowd` (enough requests on one
+compacted prefix for the cascade, a late one prefilling beside them), `sliced`
 (a job scores beside decoding clients and a late client prefill; every step's scheduled tokens).
 `KVZIP_TEST_PREFIX_CACHING=0` turns vLLM's prefix caching off; `KVZIP_TEST_TP=2` runs tensor parallelism
 over two CPU workers (the `mp` executor: the workers are other processes, so `prefix_attention` is None).
@@ -35,7 +36,7 @@ def prefix_ids(seed: int = 0) -> list[int]:
     return [rng.randrange(50, 450) for _ in range(PREFIX_LEN)]
 
 
-def make_llm(model_dir: str):
+def make_llm(model_dir: str, max_num_seqs: int = 4):
     from vllm import LLM
 
     prefix_caching = os.environ.get("KVZIP_TEST_PREFIX_CACHING", "1") == "1"
@@ -43,7 +44,7 @@ def make_llm(model_dir: str):
     tp = int(os.environ.get("KVZIP_TEST_TP", "1"))
     parallel = {} if tp == 1 else {"tensor_parallel_size": tp, "gpu_memory_utilization": 0.2}
     return LLM(model=model_dir, tokenizer=model_dir, dtype=dtype, enable_prefix_caching=prefix_caching,
-               block_size=BLOCK_SIZE, max_model_len=1024, max_num_seqs=4, enforce_eager=True, seed=0,
+               block_size=BLOCK_SIZE, max_model_len=1024, max_num_seqs=max_num_seqs, enforce_eager=True, seed=0,
                distributed_executor_backend="uni" if tp == 1 else "mp", disable_log_stats=False, **parallel)
 
 
@@ -328,6 +329,45 @@ def stores(h: Harness) -> dict:
             "pool": h.pool_state()}
 
 
+CROWD = 33
+"""Requests on one compacted prefix in `crowd`: 33 x G (2 for the test model) >= `cpu_cascade.CASCADE_MIN_ROWS`."""
+
+
+def crowd(h: Harness) -> dict:
+    """Enough requests on one compacted prefix (A: job 0) for the cascade, a late request on it that prefills while
+    they decode, and a plain request. Counts the steps whose plan on the worker (in this process) took the cascade,
+    and those that also had rows for vLLM's kernel."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    a = prefix_ids(0)
+    h.run("w", a + list(SUFFIXES[0]))
+    h.run("w", a + list(SUFFIXES[1]))
+    h.drain()  # compacted
+    suffixes = {f"c{i}": [100 + i, 300 + (7 * i) % 100, 60 + i] for i in range(CROWD)}
+    suffixes["z1"] = [41, 42, 43, 44]
+    batch = {rid: a + s for rid, s in suffixes.items() if rid != "z1"}
+    batch["p1"] = prefix_ids(7)[:40]
+    for rid, ids in batch.items():
+        h.add(rid, ids)
+    worker = get_kv_transfer_group().worker
+    done: dict = {}
+    cascade_steps = mixed_steps = 0
+    while len(done) < len(batch):
+        if "z1" not in batch and len(done) == 0 and cascade_steps >= 2:
+            batch["z1"] = a + suffixes["z1"]
+            h.add("z1", batch["z1"])
+        worker._paged_plan = None
+        h.step_batch(batch, done)
+        plan = worker._paged_plan[1] if worker._paged_plan is not None else None
+        if plan is not None and plan.cascade:
+            cascade_steps += 1
+            mixed_steps += plan.kernel is not None
+    h.drain()
+    return {"prefixes": {"a": a}, "suffixes": suffixes, "requests": [done[r] for r in batch],
+            "cascade_steps": cascade_steps, "mixed_steps": mixed_steps, "kvzip": h.kvzip_state(),
+            "pool": h.pool_state()}
+
+
 def sliced(h: Harness) -> dict:
     """A job scores while client requests decode, and a new client request arrives mid-job; then a second job
     scores with no client at all. Records every step's scheduled tokens (scoring vs client, and which client
@@ -378,11 +418,12 @@ def sliced(h: Harness) -> dict:
 
 SCENARIOS = {"sliced": sliced, "mixed": mixed, "stores": stores, "sequential": sequential, "salts": salts,
              "churn": churn,
-             "cancel": cancel, "repeat": repeat}
+             "cancel": cancel, "repeat": repeat, "crowd": crowd}
+MAX_NUM_SEQS = {"crowd": CROWD + 4}  # the others: 4
 
 
 def main(model_dir: str, scenario: str) -> dict:
-    llm = make_llm(model_dir)
+    llm = make_llm(model_dir, MAX_NUM_SEQS.get(scenario, 4))
     result = SCENARIOS[scenario](Harness(llm))
     result["stats"] = os.environ.get("KVZIP_DUMP_DIR")
     return result

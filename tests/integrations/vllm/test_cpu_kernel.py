@@ -19,9 +19,9 @@ from kvzip_plugin.store import place_runs, select_runs  # noqa: E402
 LAYERS, NB, H, BS, D, G = 4, 48, 2, 32, 64, 3
 
 
-def _pool(seed: int):
+def _pool(seed: int, nb: int = NB):
     g = torch.Generator().manual_seed(seed)
-    raw = torch.zeros(LAYERS, NB, H, BS, 2 * D)  # one allocation, layer after layer (vLLM CPU)
+    raw = torch.zeros(LAYERS, nb, H, BS, 2 * D)  # one allocation, layer after layer (vLLM CPU)
     caches = [raw[i] for i in range(LAYERS)]
     spec = layout.LayoutSpec("cpu_vec", BS, H, D)
     views = [layout.token_major(c, spec) for c in caches]

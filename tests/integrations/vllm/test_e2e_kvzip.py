@@ -314,6 +314,26 @@ def test_rows_on_two_compacted_prefixes_decode_together_correctly(tiny_model_dir
     assert by_id["p1"]["offset"] is None  # the plain request keeps vLLM's kernel (checked against `none` in mixed)
 
 
+def test_many_requests_on_one_prefix_take_the_cascade_correctly(tiny_model_dir, tmp_path, reference_model):
+    """33 requests decoding on one `pair` prefix take the cascade (each run read once for all of them), a late
+    request on it prefills through vLLM's kernel in the same steps, a plain request beside: each request on the
+    prefix equals transformers on its kept pairs."""
+    from kvzip_plugin.integrations.vllm.cpu_cascade import takes_cascade
+
+    from tests.integrations.vllm.run_kvzip import CROWD
+
+    assert takes_cascade(CROWD, 2)  # the test model: 4 query heads over 2 KV heads
+    res = scenario(tiny_model_dir, "crowd", "kvzip", 0.5, KVZIP_DUMP_DIR=str(tmp_path))
+    assert res["kvzip"]["finished"]["committed"] == 1 and res["cascade_steps"] >= MAX_TOKENS // 2
+    assert res["mixed_steps"] >= 1  # the late request's prefill (and p1) beside the cascade
+    dump = torch.load(tmp_path / "job-0.pt")
+    on_a = [r for r in res["requests"] if r["id"] != "p1"]
+    assert len(on_a) == CROWD + 1 and all(r["offset"] is not None for r in on_a)
+    gaps = _check_against_reference(reference_model, res["prefixes"]["a"], dump["keep"], dump["n_protected"], on_a,
+                                    [res["suffixes"][r["id"]] for r in on_a])
+    assert len(gaps) == CROWD + 1
+
+
 @pytest.fixture(scope="module")
 def sliced_runs(tiny_model_dir, tmp_path_factory):
     """The `sliced` scenario with scoring slices of 32 tokens, and with slicing off (0). The sliced run allows
