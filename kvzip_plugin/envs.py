@@ -32,6 +32,18 @@ def fault_injection() -> str | None:
 
 
 PREFIX_ATTENTION_BACKENDS = ("auto", "torch", "triton")
+CPU_CASCADE_MODES = ("auto", "always", "never")
+
+
+def cpu_cascade() -> str:
+    """KVZIP_CPU_CASCADE=auto|always|never: on vLLM's CPU backend, whether a store's decode rows read its runs
+    once for all of them (the cascade) rather than through vLLM's kernel one request at a time. `auto`
+    (default): from many rows and long runs (`integrations/vllm/cpu_cascade.py`); `always`: every store's decode
+    rows; `never`: vLLM's kernel for every row."""
+    value = os.environ.get("KVZIP_CPU_CASCADE") or "auto"
+    if value not in CPU_CASCADE_MODES:
+        raise ValueError(f"KVZIP_CPU_CASCADE={value!r}; expected one of {CPU_CASCADE_MODES}")
+    return value
 
 
 def prefix_attention_backend() -> str:

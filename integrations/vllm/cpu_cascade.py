@@ -6,9 +6,10 @@ vLLM's CPU kernel (`cpu_kernel.py`) reads a request's prefix by itself: with man
 every run is read again for every request. Here a store's decode rows read each run once: the layer's runs
 are gathered from the pool's pages and every KV head's `G x R` query rows take two GEMMs over its run, their
 own tokens joining the same softmax (`prefix_attention.segment_decode_attention`). The gathers and the
-per-layer torch ops cost more than the kernel's rereads until many rows share the store, so a store takes the
-cascade from `CASCADE_MIN_ROWS` query rows per KV head; its prefill rows and the other stores' rows keep the
-kernel.
+per-layer torch ops cost more than the kernel's rereads until many rows share the store and its runs are long
+(the kernel rereads short runs from the core's cache), so a store takes the cascade from `CASCADE_MIN_ROWS`
+query rows per KV head and `CASCADE_MIN_RUN` tokens per run on average; its prefill rows and the other stores'
+rows keep the kernel.
 
 Pages are read through `FlatPages` (every head page of every layer as one block of a one-KV-head cache):
 a page's keys are `[D, block_size]` (transposed, as vLLM stores them), its values `[block_size, D]`.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from kvzip_plugin.integrations.vllm.cpu_kernel import FlatPages, own_page_ids, store_tables
 
+from kvzip_plugin import envs
 from kvzip_plugin.paged_store import PagedStore
 from kvzip_plugin.prefix_attention import length_mask, own_positions, segment_decode_attention
 
@@ -32,9 +34,21 @@ Measured with SmolLM2 (G = 3) at 7,680 tokens on the 2-core CPU (`benchmarks/REA
 is 1.15x the kernel's at 8 requests (24 rows), even at 16 (48), 0.91x at 24 (72) and 0.89x at 32 (96)."""
 
 
-def takes_cascade(n_decode: int, group: int) -> bool:
-    """Whether a store's `n_decode` decode rows (G = `group` query heads per KV head) take the cascade."""
-    return n_decode * group >= CASCADE_MIN_ROWS
+CASCADE_MIN_RUN = 2048
+"""Mean run length (kept tokens per (layer, KV head)) from which a store takes the cascade. Shorter runs stay in a
+core's cache between the requests that read them, and vLLM's kernel reads them faster than the cascade's gathers
+and per-layer ops: measured (`benchmarks/README.md`) at 32 requests, a 2,048-token prefix at ratio 0.3 (runs of
+672 tokens on average) took 1.01x the full prefix's step with the cascade against 0.80x for `head`; a 7,680-token
+prefix (2,336) 0.41-0.44x with it against 0.45-0.46x without."""
+
+
+def takes_cascade(n_decode: int, group: int, mean_run: float) -> bool:
+    """Whether a store's `n_decode` decode rows (G = `group` query heads per KV head) take the cascade, its runs
+    holding `mean_run` tokens on average (`KVZIP_CPU_CASCADE` may force either way)."""
+    mode = envs.cpu_cascade()
+    if n_decode == 0 or mode == "never":
+        return False
+    return mode == "always" or (n_decode * group >= CASCADE_MIN_ROWS and mean_run >= CASCADE_MIN_RUN)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("vllm")
 
-from kvzip_plugin.integrations.vllm import attention  # noqa: E402
-from kvzip_plugin.integrations.vllm.cpu_cascade import CASCADE_MIN_ROWS, takes_cascade  # noqa: E402
+from kvzip_plugin.integrations.vllm import attention, cpu_cascade  # noqa: E402
+from kvzip_plugin.integrations.vllm.cpu_cascade import CASCADE_MIN_ROWS, CASCADE_MIN_RUN, takes_cascade  # noqa: E402
 from kvzip_plugin.integrations.vllm.cpu_kernel import FlatPages  # noqa: E402
 
 from tests.integrations.vllm.test_cpu_kernel import BS, LAYERS, D, G, H, _pool, _reference, _store  # noqa: E402
@@ -22,15 +22,17 @@ NB = 96
 
 
 @pytest.mark.parametrize("structure,interleaved", [("pair", False), ("layer_budget", False), ("pair", True)])
-def test_decode_rows_of_a_store_with_many_of_them_take_the_cascade(structure, interleaved):
+def test_decode_rows_of_a_store_with_many_of_them_take_the_cascade(structure, interleaved, monkeypatch):
     """The decode rows of a store with enough of them take the cascade, every other row (the store's prefill row,
-    another store's lone decode row) vLLM's kernel; the rows of the step in any order."""
+    another store's lone decode row) vLLM's kernel; the rows of the step in any order. (The test's runs are
+    short: the run-length bound is lowered to let them take it.)"""
     caches, views, g = _pool(3 if structure == "pair" else 4, NB)
     flat = FlatPages.of(caches, H, BS, D)
     store_a, keep_a = _store(views, g, list(range(0, 6)), list(range(20, 30)), structure)
     store_b, keep_b = _store(views, g, list(range(6, 10)), list(range(30, 40)), structure)
     n_many = -(-CASCADE_MIN_ROWS // G)  # decode rows on store A: enough for the cascade
-    assert takes_cascade(n_many, G) and not takes_cascade(n_many - 1, G)
+    assert takes_cascade(n_many, G, CASCADE_MIN_RUN) and not takes_cascade(n_many - 1, G, CASCADE_MIN_RUN)
+    assert not takes_cascade(n_many, G, CASCADE_MIN_RUN - 1)  # short runs: the kernel reads them from cache
     free = iter(range(40, NB))
     rows = []  # (store, keep, src, own blocks, own tokens, queries this step)
     for i in range(n_many):
@@ -52,6 +54,8 @@ def test_decode_rows_of_a_store_with_many_of_them_take_the_cascade(structure, in
         seq_lens.append(n_own)
     meta = SimpleNamespace(query_start_loc=torch.tensor([0, 3] + [qe for _, qe in spans], dtype=torch.int32),
                            seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_table=block_table)
+    assert not attention.plan_step(paged_rows, meta, None, H * G, flat).cascade  # short runs: all in the kernel
+    monkeypatch.setattr(cpu_cascade, "CASCADE_MIN_RUN", 0)
     plan = attention.plan_step(paged_rows, meta, None, H * G, flat)
     assert len(plan.cascade) == 1 and plan.kernel is not None and not plan.groups
     casc = plan.cascade[0]
@@ -69,3 +73,15 @@ def test_decode_rows_of_a_store_with_many_of_them_take_the_cascade(structure, in
         for (_, keep, src, own, n_own, _), (qs, qe) in zip(rows, spans, strict=True):
             want = _reference(q_all[qs:qe], views, layer, keep, src, own, n_own)
             torch.testing.assert_close(out_all[qs:qe].double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode,want", [("always", [True, True, True]), ("never", [False, False, False]),
+                                       ("auto", [False, True, False])])
+def test_kvzip_cpu_cascade_forces_either_path(mode, want, monkeypatch):
+    monkeypatch.setenv("KVZIP_CPU_CASCADE", mode)
+    cells = [(1, G, 100.0), (CASCADE_MIN_ROWS, 1, CASCADE_MIN_RUN), (CASCADE_MIN_ROWS, 1, CASCADE_MIN_RUN - 1)]
+    assert [takes_cascade(*c) for c in cells] == want
+    assert not takes_cascade(0, G, CASCADE_MIN_RUN)  # no decode row: nothing to take
+    monkeypatch.setenv("KVZIP_CPU_CASCADE", "sometimes")
+    with pytest.raises(ValueError, match="KVZIP_CPU_CASCADE"):
+        takes_cascade(1, G, 100.0)
