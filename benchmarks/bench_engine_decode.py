@@ -11,8 +11,9 @@ the same load without compression. Each structure runs in a fresh engine process
 
 What the numbers mean on vLLM's CPU backend: `none` and `head` attend with vLLM's own CPU kernel,
 each request reading the prefix (or its `head`-compacted blocks) by itself; `pair` / `layer_budget`
-attend with the plugin's torch path (`integrations/vllm/attention.py`), which reads the shared runs
-once per step for all requests on the prefix (plus each request's own tokens).
+attend through the same kernel over head pages (`integrations/vllm/cpu_kernel.py`), or, with many requests
+on a store of long runs, the cascade (`cpu_cascade.py`: each run read once per step for all of them);
+`--prefix-attention torch` measures the torch path instead (`integrations/vllm/attention.py`).
 
     PYTHONPATH=. python benchmarks/bench_engine_decode.py --out benchmarks/results/engine-decode-cpu.json
 """
