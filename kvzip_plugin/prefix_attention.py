@@ -431,6 +431,12 @@ def attend_rows(q_all: torch.Tensor, out_all: torch.Tensor, runs: PageRuns | Seg
         if out is not None:
             out_all[decode_q] = out.to(out_all.dtype)
             return
+    if r and not prefill and isinstance(runs, SegmentRuns):  # the runs copied once: one softmax over them and
+        assert decode_own is not None  # the own tokens (`segment_decode_attention`), no merge
+        out_all[decode_q] = segment_decode_attention(
+            q_all[decode_q], runs.keys.T, runs.values, runs.starts, runs.lengths, decode_own.keys.transpose(-1, -2),
+            decode_own.values, decode_own.mask, scale).to(out_all.dtype)
+        return
     if prefill:
         index = torch.cat([decode_q] + [torch.arange(qs, qe, device=dev) for qs, qe, _, _ in prefill])
         q_rows = q_all[index]

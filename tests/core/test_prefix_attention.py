@@ -85,9 +85,11 @@ def test_batched_decode_rows_equal_one_by_one():
 
 
 
-def test_attend_rows_writes_each_request_its_masked_full_attention():
-    """Both engines' glue: one decode request and one prefill request on the same runs; each output row
-    equals the full cache masked to the kept pairs (+ its own tokens, causal); other rows untouched."""
+@pytest.mark.parametrize("with_prefill", [True, False])
+def test_attend_rows_writes_each_request_its_masked_full_attention(with_prefill):
+    """Both engines' glue: two decode requests (own tokens padded to the longest) and, or not, one prefill request
+    on the same runs; each output row equals the full cache masked to the kept pairs (+ its own tokens, causal);
+    other rows untouched. Decode rows alone take one softmax over the runs and their own tokens."""
     from kvzip_plugin.prefix_attention import OwnTokens, SegmentRuns, attend_rows
 
     g = torch.Generator().manual_seed(7)
@@ -98,21 +100,26 @@ def test_attend_rows_writes_each_request_its_masked_full_attention():
     run_k, run_v = torch.zeros(h_kv, L, d), torch.zeros(h_kv, L, d)
     for h in range(h_kv):
         run_k[h, :lengths[h]], run_v[h, :lengths[h]] = keys[h][keep[h]], values[h][keep[h]]
-    own_d = (torch.randn(1, h_kv, 3, d, generator=g), torch.randn(1, h_kv, 3, d, generator=g), torch.tensor([3]))
+    own_d = (torch.randn(2, h_kv, 3, d, generator=g), torch.randn(2, h_kv, 3, d, generator=g), torch.tensor([3, 1]))
     own_p = (torch.randn(h_kv, 5, d, generator=g), torch.randn(h_kv, 5, d, generator=g))
-    q_all = torch.randn(6, h_q, d, generator=g)  # token 0: the decode row; 1..3: 3 prefill queries; 4, 5: others
-    out_all = torch.full((6, h_q, d), 7.0)
+    q_all = torch.randn(7, h_q, d, generator=g)  # tokens 0, 4: decode rows; 1..3: 3 prefill queries; 5, 6: others
+    out_all = torch.full((7, h_q, d), 7.0)
     runs = SegmentRuns(run_k.reshape(-1, d), run_v.reshape(-1, d), [0, L], lengths.tolist())
-    attend_rows(q_all, out_all, runs, 0.4, torch.tensor([0]), OwnTokens.of(*own_d), [(1, 4, *own_p)])
-    mask_d = torch.cat([keep, torch.ones(h_kv, 3, dtype=torch.bool)], 1)
-    want_d = masked_reference(q_all[0:1], torch.cat([keys, own_d[0][0]], 1), torch.cat([values, own_d[1][0]], 1),
-                              mask_d, 0.4)
-    mask_p = torch.cat([keep, torch.ones(h_kv, 5, dtype=torch.bool)], 1)
-    want_p = masked_reference(q_all[1:4], torch.cat([keys, own_p[0]], 1), torch.cat([values, own_p[1]], 1), mask_p,
-                              0.4)
-    torch.testing.assert_close(out_all[0:1].double(), want_d, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out_all[1:4].double(), want_p, rtol=1e-5, atol=1e-5)
-    assert bool((out_all[4:] == 7.0).all())
+    attend_rows(q_all, out_all, runs, 0.4, torch.tensor([0, 4]), OwnTokens.of(*own_d),
+                [(1, 4, *own_p)] if with_prefill else [])
+    for i, (row, n_own) in enumerate([(0, 3), (4, 1)]):
+        mask_d = torch.cat([keep, torch.ones(h_kv, n_own, dtype=torch.bool)], 1)
+        want_d = masked_reference(q_all[row:row + 1], torch.cat([keys, own_d[0][i, :, :n_own]], 1),
+                                  torch.cat([values, own_d[1][i, :, :n_own]], 1), mask_d, 0.4)
+        torch.testing.assert_close(out_all[row:row + 1].double(), want_d, rtol=1e-5, atol=1e-5)
+    if with_prefill:
+        mask_p = torch.cat([keep, torch.ones(h_kv, 5, dtype=torch.bool)], 1)
+        want_p = masked_reference(q_all[1:4], torch.cat([keys, own_p[0]], 1), torch.cat([values, own_p[1]], 1),
+                                  mask_p, 0.4)
+        torch.testing.assert_close(out_all[1:4].double(), want_p, rtol=1e-5, atol=1e-5)
+    else:
+        assert bool((out_all[1:4] == 7.0).all())
+    assert bool((out_all[5:] == 7.0).all())
 
 
 def test_own_positions_pad_with_the_last_real_token():
