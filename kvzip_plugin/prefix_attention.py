@@ -16,8 +16,10 @@ H_q / H_kv`. Results are float32.
 Each part is one fused attention call (`attend`): on CPU torch's flash-attention kernel, which
 returns the log-sum-exp the merge needs, so a layer costs a handful of torch ops whatever the
 number of KV heads (a decode step of a small model is bound by per-op overhead, not by flops).
-Padding (a short request's own tokens up to the longest) is masked and must hold finite numbers:
-callers fill it with copies of real tokens.
+Decode rows (one query each) alone take the two parts in ONE softmax instead, with no merge: over pages
+(`page_decode_attention`) or over runs one after another (`segment_decode_attention`, two GEMMs per KV head:
+what many requests on one prefix pay off with). Padding (a short request's own tokens up to the longest) is
+masked and must hold finite numbers: callers fill it with copies of real tokens.
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ rows for these requests are then overwritten in every `RadixAttention` layer (th
 
     softmax over [every KV head's run of the prefix] + [the request's own tokens, causal],
 
-merged by log-sum-exp (`kvzip_plugin.prefix_attention`); one pass over the runs per entry and layer for
-all of the batch's requests on it. A batch whose rows on such entries all decode (one query each) on pages of
-one token, read by torch, takes instead ONE padded pass per layer for all of them, whatever their entries
+merged by log-sum-exp (`kvzip_plugin.prefix_attention`; an entry's decode rows alone take one softmax over the
+runs and their own tokens); one pass over the runs per entry and layer for all of the batch's requests on it.
+A batch whose rows on such entries all decode (one query each) on pages of one token, read by torch, takes
+instead ONE padded pass per layer for all of them, whatever their entries
 (`kvzip_plugin.token_decode`: on CPU a decode step is bound by the op count, which no longer grows with the
 number of entries). SGLang's CPU backend does not compute these rows at all (`native_backend.py`). Other
 requests keep SGLang's kernel untouched.
