@@ -152,7 +152,8 @@ def _plan_cpu(by_store: Mapping[int, list[tuple[int, PagedStore]]], qsl: list[in
         store = members[0][1]
         rows = [(int(qsl[row]), int(qsl[row + 1]), int(seq_lens[row]), row) for row, _ in members]
         decode = [(qs, own, row) for qs, qe, own, row in rows if qe - qs == 1]
-        if takes_cascade(len(decode), num_heads // flat.n_kv_heads, float(store.layout.lengths.float().mean())):
+        mean_run = store.cached(("mean_run",), lambda s=store: float(s.layout.lengths.float().mean()))
+        if takes_cascade(len(decode), num_heads // flat.n_kv_heads, mean_run):
             got = CascadeGroup.plan(store, decode, block_table, flat, dev)
             if got is None:
                 return None
