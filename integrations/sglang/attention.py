@@ -13,8 +13,8 @@ rows for these requests are then overwritten in every `RadixAttention` layer (th
 
 merged by log-sum-exp (`kvzip_plugin.prefix_attention`; an entry's decode rows alone take one softmax over the
 runs and their own tokens); one pass over the runs per entry and layer for all of the batch's requests on it.
-A batch whose rows on such entries all decode (one query each) on pages of one token, read by torch, takes
-instead ONE padded pass per layer for all of them, whatever their entries
+A batch whose rows on two entries or more, with few rows each, all decode (one query each) on pages of one
+token, read by torch, takes instead ONE padded pass per layer for all of them
 (`kvzip_plugin.token_decode`: on CPU a decode step is bound by the op count, which no longer grows with the
 number of entries). SGLang's CPU backend does not compute these rows at all (`native_backend.py`). Other
 requests keep SGLang's kernel untouched.
@@ -37,7 +37,14 @@ import torch
 from kvzip_plugin.kernel_runs import backend_name, use_kernel
 from kvzip_plugin.paged_store import PagedStore, StoreCache
 from kvzip_plugin.prefix_attention import OwnTokens, attend_rows, length_mask, own_positions
+from kvzip_plugin.step_decode import one_pass
 from kvzip_plugin.token_decode import RunIndexCache, TokenDecode
+
+ONE_PASS_MAX_RUN = 1024
+"""Longest run (tokens of one (layer, KV head)) for which a decode batch on several entries takes `token_decode`'s
+one pass. Per layer, SmolLM2 shapes, `pair` 0.3, 2 cores (`benchmarks/bench_token_decode.py`, per-entry / one
+pass ms): 512-token entries, 4 x 1 request 1.07 / 0.55, 4 x 2 1.27 / 0.86; 2,048 tokens, 4 x 1 1.41 / 1.60,
+4 x 2 1.69 / 5.43; 8,192 tokens, 4 x 1 3.25 / 8.99; one entry x 32 requests at 8,192 2.4 / 208."""
 
 logger = logging.getLogger("sglang.kvzip_plugin")
 
@@ -130,7 +137,7 @@ class PagedAttention:
         k_buf = self.kv_pool._get_key_buffer(layer.layer_id)  # [slots, H_kv, D]
         v_buf = self.kv_pool._get_value_buffer(layer.layer_id)
         scale = float(layer.scaling)
-        step = self._token_step(armed[1], k_buf, v_buf)
+        step = self._token_step(armed[1], k_buf, v_buf, n_heads)
         if step is not None:  # every row decodes on one-token pages: all of them in one pass
             step.attend(idx, q_all, out_all, self.flat, idx, scale)
             self._log_backend("torch (one pass for the step's decode rows)")
@@ -158,16 +165,22 @@ class PagedAttention:
             self.backend = name
             logger.info("kvzip-plugin: requests on head-page entries attend to the runs through %s", name)
 
-    def _token_step(self, groups: list[list[PagedRow]], k_buf: torch.Tensor, v_buf: torch.Tensor
+    def _token_step(self, groups: list[list[PagedRow]], k_buf: torch.Tensor, v_buf: torch.Tensor, n_heads: int
                     ) -> TokenDecode | None:
         """The armed batch's one-pass plan (`token_decode`), decided and built at its first layer: only when
-        every row decodes (one query), pages hold one token, the buffers can be viewed flat and the runs are
-        read by torch (the Triton kernel reads them in place on CUDA)."""
+        every row decodes (one query) on two entries or more with few rows each (`step_decode.one_pass`) and
+        runs of at most `ONE_PASS_MAX_RUN` tokens, pages hold one token, the buffers can be viewed flat and the
+        runs are read by torch (the Triton kernel reads them in place on CUDA). The one pass copies every row's
+        runs padded to the longest: with many rows on an entry, a lone entry or long runs the per-entry pass is
+        faster (`benchmarks/bench_token_decode.py`)."""
         if self._step is not False:
             return self._step
         rows = [r for group in groups for r in group]
         self._step = None
-        if (self.page_size == 1 and all(r.n_q == 1 for r in rows) and k_buf.is_contiguous()
+        group = n_heads // int(k_buf.shape[-2])
+        if (self.page_size == 1 and len(groups) > 1 and all(one_pass(len(grp), group) for grp in groups)
+                and max(int(grp[0].store.layout.lengths.max()) for grp in groups) <= ONE_PASS_MAX_RUN
+                and all(r.n_q == 1 for r in rows) and k_buf.is_contiguous()
                 and v_buf.is_contiguous() and not use_kernel(k_buf.device)):
             slots, own_len = self._own_slots(rows)
             if self._run_index is None:
