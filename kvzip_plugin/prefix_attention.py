@@ -247,7 +247,7 @@ def segment_decode_attention(q: torch.Tensor, keys_t: torch.Tensor, values: torc
         if t == 0:
             scores.append(None)
             continue
-        s = torch.matmul(qg[h], keys_t[:, s0:s0 + t])  # [G*n, t]
+        s = torch.matmul(qg[h], keys_t[:, s0:s0 + t].float())  # [G*n, t] (a half / bf16 pool: its run in float32)
         torch.maximum(top[h], s.amax(-1), out=top[h])
         scores.append(s)
     eo = torch.exp(so.sub_(top.view(h_kv, g, n).permute(2, 0, 1).unsqueeze(-1)))  # [n, H_kv, G, T]

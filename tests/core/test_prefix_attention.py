@@ -253,8 +253,8 @@ def test_keys_stored_transposed_give_the_same_attention():
     torch.testing.assert_close(causal_attention(q, keys, values, 0.3)[0].double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n", [1, 9])
-def test_decode_rows_over_runs_in_one_pass_equal_masked_full_attention(n):
+@pytest.mark.parametrize("n,dtype", [(1, torch.float32), (9, torch.float32), (9, torch.float16)])
+def test_decode_rows_over_runs_in_one_pass_equal_masked_full_attention(n, dtype):
     """The cascade (`segment_decode_attention`: every run read once for all rows, keys as columns, the own
     tokens in the same softmax) gives each row the full cache masked to the kept pairs plus its own tokens;
     a head without a run, runs of very different lengths, padding of the own tokens masked."""
@@ -262,7 +262,8 @@ def test_decode_rows_over_runs_in_one_pass_equal_masked_full_attention(n):
 
     g = torch.Generator().manual_seed(20 + n)
     h_kv, h_q, d, L = 3, 9, 16, 40
-    keys, values = torch.randn(h_kv, L, d, generator=g), torch.randn(h_kv, L, d, generator=g)
+    keys = torch.randn(h_kv, L, d, generator=g).to(dtype).float()  # values a half pool can hold exactly
+    values = torch.randn(h_kv, L, d, generator=g).to(dtype).float()
     keep = torch.zeros(h_kv, L, dtype=torch.bool)
     keep[0, torch.randperm(L, generator=g)[:37]] = True  # nearly all; head 1 keeps nothing
     keep[2, torch.randperm(L, generator=g)[:3]] = True
@@ -272,11 +273,11 @@ def test_decode_rows_over_runs_in_one_pass_equal_masked_full_attention(n):
     keys_t = torch.cat([keys[h, kept[h]] for h in range(h_kv)]).T.contiguous()  # [D, N]
     run_values = torch.cat([values[h, kept[h]] for h in range(h_kv)])
     own_lens = torch.tensor([6, 1, 4, 2, 6, 3, 5, 1, 2][:n])
-    own_k = torch.randn(n, h_kv, 6, d, generator=g)
-    own_v = torch.randn(n, h_kv, 6, d, generator=g)
-    q = torch.randn(n, h_q, d, generator=g)
-    out = segment_decode_attention(q, keys_t, run_values, starts, lengths, own_k.transpose(-1, -2), own_v,
-                                   length_mask(own_lens, 6), 0.3)
+    own_k = torch.randn(n, h_kv, 6, d, generator=g).to(dtype).float()
+    own_v = torch.randn(n, h_kv, 6, d, generator=g).to(dtype).float()
+    q = torch.randn(n, h_q, d, generator=g).to(dtype).float()
+    out = segment_decode_attention(q.to(dtype), keys_t.to(dtype), run_values.to(dtype), starts, lengths,
+                                   own_k.transpose(-1, -2).to(dtype), own_v.to(dtype), length_mask(own_lens, 6), 0.3)
     assert out.dtype == torch.float32 and out.shape == (n, h_q, d)
     for i in range(n):
         t = int(own_lens[i])
