@@ -176,6 +176,27 @@ def page_attention(q: torch.Tensor, chunks: list[tuple[torch.Tensor, torch.Tenso
     return _ungroup(out.unsqueeze(1), n), _ungroup(lse.unsqueeze(1), n)
 
 
+def _own_scores(qs: torch.Tensor, own_k_t: torch.Tensor, own_mask: torch.Tensor, n_kv_heads: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode rows' scores over their own tokens: `qs` `[n, H_q, D]` scaled float32 queries, `own_k_t`
+    `[n, H_kv, D, T]`, `own_mask` `[n, 1, 1, T]` -> scores `[n, H_kv, G, T]` and their max per row `[H_kv, G*n]`
+    (rows g-major, as `_group`), the start of the one-softmax decode paths' running max."""
+    n, h_q, d = qs.shape
+    g = h_q // n_kv_heads
+    so = torch.matmul(qs.view(n, n_kv_heads, g, d), own_k_t.float()).add_(own_mask)
+    return so, so.amax(-1).permute(1, 2, 0).reshape(n_kv_heads, g * n)
+
+
+def _own_sums(so: torch.Tensor, top: torch.Tensor, own_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The own tokens' softmax sums `[H_kv, G*n]` and numerators `[H_kv, G*n, D]` relative to the rows' final max
+    `top` (`so` of `_own_scores`, overwritten), which the prefix part then adds to."""
+    n, h_kv, g, _ = so.shape
+    eo = torch.exp(so.sub_(top.view(h_kv, g, n).permute(2, 0, 1).unsqueeze(-1)))  # [n, H_kv, G, T]
+    den = eo.sum(-1).permute(1, 2, 0).reshape(h_kv, g * n)
+    num = torch.matmul(eo, own_v.float()).permute(1, 2, 0, 3).reshape(h_kv, g * n, own_v.shape[-1])
+    return den, num
+
+
 def page_decode_attention(q: torch.Tensor, chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                 torch.Tensor | None]],
                           n_kv_heads: int, own_k: torch.Tensor, own_v: torch.Tensor, own_mask: torch.Tensor,
@@ -196,17 +217,12 @@ def page_decode_attention(q: torch.Tensor, chunks: list[tuple[torch.Tensor, torc
         bound by the count of torch ops per layer: this is about two thirds of theirs). The own tokens
         give every row a finite max, so no row is empty.
     """
-    n, h_q, d = q.shape
-    g = h_q // n_kv_heads
-    rows = g * n
+    n = q.shape[0]
     qs = q.float() * scale
     qg = _group(qs, n_kv_heads).squeeze(1)  # [H_kv, G*n, D]
-    so = torch.matmul(qs.view(n, n_kv_heads, g, d), own_k.float().transpose(-1, -2)) + own_mask  # [n, H_kv, G, T]
-    top = so.amax(-1).permute(1, 2, 0).reshape(n_kv_heads, rows)  # rows g-major, as `_group`
+    so, top = _own_scores(qs, own_k.transpose(-1, -2), own_mask, n_kv_heads)
     scores = _page_scores(qg, chunks, top, None)
-    eo = torch.exp(so - top.view(n_kv_heads, g, n).permute(2, 0, 1).unsqueeze(-1))  # [n, H_kv, G, T]
-    den = eo.sum(-1).permute(1, 2, 0).reshape(n_kv_heads, rows)
-    num = torch.matmul(eo, own_v.float()).permute(1, 2, 0, 3).reshape(n_kv_heads, rows, d)
+    den, num = _own_sums(so, top, own_v)
     _page_sums(chunks, scores, top, den, num)
     return _ungroup((num / den.unsqueeze(-1)).unsqueeze(1), n)
 
@@ -233,13 +249,10 @@ def segment_decode_attention(q: torch.Tensor, keys_t: torch.Tensor, values: torc
     kernel reads it once per request: with many requests that is the difference between a run served from
     the core's cache and one streamed again for every request. One exponential per score, no merge.
     """
-    n, h_q, d = q.shape
+    n = q.shape[0]
     h_kv = len(lengths)
-    g = h_q // h_kv
-    rows = g * n
     qs = q.float() * scale
-    so = torch.matmul(qs.view(n, h_kv, g, d), own_k_t.float()).add_(own_mask)  # [n, H_kv, G, T]
-    top = so.amax(-1).permute(1, 2, 0).reshape(h_kv, rows)  # [H_kv, G*n] rows g-major, as `_group`
+    so, top = _own_scores(qs, own_k_t, own_mask, h_kv)
     qg = _group(qs, h_kv).squeeze(1)  # [H_kv, G*n, D]
     scores: list[torch.Tensor | None] = []
     for h in range(h_kv):
@@ -250,9 +263,7 @@ def segment_decode_attention(q: torch.Tensor, keys_t: torch.Tensor, values: torc
         s = torch.matmul(qg[h], keys_t[:, s0:s0 + t].float())  # [G*n, t] (a half / bf16 pool: its run in float32)
         torch.maximum(top[h], s.amax(-1), out=top[h])
         scores.append(s)
-    eo = torch.exp(so.sub_(top.view(h_kv, g, n).permute(2, 0, 1).unsqueeze(-1)))  # [n, H_kv, G, T]
-    den = eo.sum(-1).permute(1, 2, 0).reshape(h_kv, rows)
-    num = torch.matmul(eo, own_v.float()).permute(1, 2, 0, 3).reshape(h_kv, rows, d)
+    den, num = _own_sums(so, top, own_v)
     for h, s in enumerate(scores):
         if s is None:
             continue
