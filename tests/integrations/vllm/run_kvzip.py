@@ -162,7 +162,16 @@ class Harness:
             "offsets": {rid: p.logical_length - p.physical_length for rid, p in sched.offsets.items()},
             "disabled": self.connector.disabled,
             "prefix_attention": self.prefix_attention(),
+            "forwards_skipped": self.forwards_skipped(),
         }
+
+    @staticmethod
+    def forwards_skipped() -> int | None:
+        """Layer forwards of vLLM the worker skipped (every row of the step on a head-page store)."""
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+        worker = getattr(get_kv_transfer_group(), "worker", None) if has_kv_transfer_group() else None
+        return None if worker is None else worker.forwards_skipped
 
     @staticmethod
     def prefix_attention() -> str | None:

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("vllm")
 
 from kvzip_plugin.integrations.vllm import layout  # noqa: E402
-from kvzip_plugin.integrations.vllm.cpu_kernel import FlatPages, KernelStep  # noqa: E402
+from kvzip_plugin.integrations.vllm.cpu_kernel import FlatPages, KernelStep, row_tables  # noqa: E402
 
 from kvzip_plugin.paged_store import PagedStore, write_store  # noqa: E402
 from kvzip_plugin.store import place_runs, select_runs  # noqa: E402
@@ -71,6 +71,12 @@ def test_rows_on_two_stores_attend_exactly_through_vllms_cpu_kernel(structure):
             (store_b, keep_b, list(range(6, 10)), [42], 5, 1),
             (store_a, keep_a, list(range(0, 6)), [43, 44], 50, 7),
             (store_b, keep_b, list(range(6, 10)), [45], 1, 1)]
+    _check_step(rows, flat, views, g)
+
+
+def _check_step(rows, flat, views, g):
+    """Plan one step of `rows` (`(store, keep, src, own blocks, own tokens, queries)`) and check every layer's
+    output rows against the reference."""
     spans, at = [], 3  # the step's first 3 tokens belong to requests not on a store
     for *_, n_q in rows:
         spans.append((at, at + n_q))
@@ -93,6 +99,25 @@ def test_rows_on_two_stores_attend_exactly_through_vllms_cpu_kernel(structure):
         for (_, keep, src, own, n_own, _), (qs, qe) in zip(rows, spans, strict=True):
             want = _reference(q_all[qs:qe], views, layer, keep, src, own, n_own)
             torch.testing.assert_close(out_all[qs:qe].double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_stores_kept_tables_serve_later_steps_with_more_rows_fewer_rows_and_more_own_blocks():
+    """The run part of the tables is kept on the store between steps (`RowTables`) and only the own pages are
+    written per step: steps that grow it (more rows, more own blocks) and shrink back (fewer rows, own pages of
+    an earlier step left past a row's end) stay exact, and the kept buffer is reused once large enough."""
+    caches, views, g = _pool(5)
+    flat = FlatPages.of(caches, H, BS, D)
+    store, keep = _store(views, g, list(range(0, 6)), list(range(20, 30)), "pair")
+    src = list(range(0, 6))
+    steps = [[(store, keep, src, [40], 3, 1), (store, keep, src, [41], 9, 1)],
+             [(store, keep, src, [30 + 2 * i, 31 + 2 * i], 33 + i, 1) for i in range(5)],  # grows
+             [(store, keep, src, [44], 1, 1)],  # one row, fewer own blocks: stale columns are past its end
+             [(store, keep, src, [45, 46], 40, 1), (store, keep, src, [47], 5, 2)]]
+    buffers = []
+    for rows in steps:
+        _check_step(rows, flat, views, g)
+        buffers.append(row_tables(store, flat, torch.device("cpu")).table)
+    assert buffers[1] is not buffers[0] and buffers[2] is buffers[1] and buffers[3] is buffers[1]
 
 
 def test_pools_that_are_not_one_allocation_keep_the_torch_path():
