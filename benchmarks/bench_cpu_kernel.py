@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +36,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_info import vllm_cpu_meta  # noqa: E402
 
 from kvzip_plugin.paged_store import PagedStore  # noqa: E402
 from kvzip_plugin.store import place_runs  # noqa: E402
@@ -138,6 +139,7 @@ def main() -> None:
                    choices=["full", "head", "pair/kernel", "pair/cascade"])
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
+    t0 = time.perf_counter()
     spec = json.loads(args.layout.read_text())
     lengths = torch.tensor(spec["lengths"], dtype=torch.long)  # [layers, H_kv]
     bs, big_l = int(spec["page"]), int(spec["L"])
@@ -165,12 +167,11 @@ def main() -> None:
         row = run_batch(b, pool, args)
         rows.append(row)
         print(f"B={b}: " + ", ".join(f"{c} {row[f'{c}_ms']:.2f} ms" for c in args.configs), flush=True)
-    meta = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "load_average_at_end": os.getloadavg(),
-            "layout": str(args.layout), "L": big_l, "page": bs, "layers": n_layers, "kv_heads": h,
-            "q_per_kv": args.q_per_kv, "head_dim": d, "own": args.own, "repeats": args.repeats,
-            "kept_per_head_mean": kept, "head_blocks": head_blocks,
-            "command": "PYTHONPATH=. python benchmarks/bench_cpu_kernel.py " + " ".join(sys.argv[1:])}
+    meta = {**vllm_cpu_meta("PYTHONPATH=. python benchmarks/bench_cpu_kernel.py " + " ".join(sys.argv[1:]),
+                            f"none: random keys and values in {args.layout.name}'s layout", time.perf_counter() - t0),
+            "threads": torch.get_num_threads(), "layout": str(args.layout), "L": big_l, "page": bs,
+            "layers": n_layers, "kv_heads": h, "q_per_kv": args.q_per_kv, "head_dim": d, "own": args.own,
+            "repeats": args.repeats, "kept_per_head_mean": kept, "head_blocks": head_blocks}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [f"Attention of one decode step (all {n_layers} layers, plan included, median of {args.repeats}, "

@@ -157,12 +157,11 @@ class WorkerState:
 
         def forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
             output = kwargs.get("output", args[0] if args else None)
-            if (separate_kv_update and attn_metadata is not None and output is not None and not state.batch_rows
-                    and state.paged_rows and state.covers_step(attn_metadata)):
-                state.attend(name, query, output, kv_cache, attn_metadata)
+            skip = (separate_kv_update and attn_metadata is not None and output is not None and not state.batch_rows
+                    and bool(state.paged_rows) and state.covers_step(attn_metadata))
+            if skip:
                 state.forwards_skipped += 1
-                return output
-            out = original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+            out = output if skip else original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
             if attn_metadata is not None:
                 if state.batch_rows:
                     state.capture(name, query, kv_cache, attn_metadata)
