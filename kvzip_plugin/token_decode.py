@@ -170,3 +170,94 @@ class TokenDecode:
         q = q_all.index_select(0, self.decode_q).view(r, h_kv, h_q // h_kv, d)
         out, _ = attend(q, torch.cat(ks, 2), torch.cat(vs, 2), mask, scale)  # [R, H_kv, G, D]
         out_all[self.decode_q] = out.reshape(r, h_q, -1).to(out_all.dtype)
+
+
+def _store_columns(store: PagedStore, layer: int, n_kv_heads: int, device: torch.device
+                   ) -> tuple[tuple[tuple[int, torch.Tensor], ...], torch.Tensor]:
+    """One store's runs of `layer` as flat elements, buffer by buffer, every head's run in one list (no padding):
+    `((buffer, elements [N_b]), ...)` and the KV head of each of the `N = sum N_b` columns they give in that
+    order (built once per store, layer and device)."""
+    if store.layout.page_size != 1:
+        raise ValueError("token_decode serves stores of one-token pages only")
+
+    def build() -> tuple[tuple[tuple[int, torch.Tensor], ...], torch.Tensor]:
+        parts, heads = [], []
+        for g in store.gathers_on(layer, torch.device("cpu")):
+            if g.blocks.numel():
+                parts.append((g.buffer, (g.blocks * n_kv_heads + g.slots).to(device)))
+                heads.append(g.heads)
+        col_heads = torch.cat(heads) if heads else torch.zeros(0, dtype=torch.long)
+        return tuple(parts), col_heads.to(device)
+
+    return store.cached(("token_columns", layer, n_kv_heads, device), build)
+
+
+@dataclass(frozen=True)
+class EntryDecode:
+    """A step's few decode rows on ONE store of one-token pages, every layer in ONE masked attention call.
+
+    The keys of a layer are the store's runs read once (each head's run, buffer by buffer, no padding) followed
+    by the rows' own tokens; every query row `(r, h, g)` (request r, query head `h * G + g`) sees the columns of
+    its KV head's run and its own tokens of head h (a block mask). That is exactly the softmax over its kept
+    pairs and own tokens, computed with `H_kv` times the scores it needs (each row also scores the other heads'
+    runs, masked): worth it only for a few rows (`one_pass`), where a decode step of a small model on CPU is
+    bound by the op count: about 15 torch ops per layer against ~45 for the per-entry pass (runs copied, then
+    two GEMMs and an exponential per KV head, `prefix_attention.segment_decode_attention`).
+
+    Attributes:
+        store: the rows' store.
+        decode_q: `[R]` token index of each row's query in the step.
+        own_elements: `[R * H_kv * T_o]` flat elements of each row's own tokens (the newest included), per head,
+            padded with the row's last token.
+        own_mask: `[R, H_q, R * H_kv * T_o]` additive mask of the own columns (row r, query head of KV head h: its
+            own tokens of head h only).
+        row_heads: `[H_q, 1]` the KV head of each query head.
+    """
+
+    store: PagedStore
+    decode_q: torch.Tensor
+    own_elements: torch.Tensor
+    own_mask: torch.Tensor
+    row_heads: torch.Tensor
+    n_kv_heads: int
+
+    @classmethod
+    def plan(cls, store: PagedStore, decode_q: torch.Tensor, own_slots: torch.Tensor, own_lens: torch.Tensor,
+             n_kv_heads: int, n_q_heads: int) -> EntryDecode:
+        """Args:
+            store: the store of all R rows; decode_q: `[R]` their query token index in the step.
+            own_slots: `[R, T_o]` the token slots of each row's own tokens, padded with a repeat of its last.
+            own_lens: `[R]` own tokens of each row (>= 1).
+        """
+        dev = own_slots.device
+        r, t_o = own_slots.shape
+        h = torch.arange(n_kv_heads, device=dev)
+        elements = own_slots.long().unsqueeze(1) * n_kv_heads + h.view(1, -1, 1)  # [R, H_kv, T_o]
+        row_heads = torch.arange(n_q_heads, device=dev) // (n_q_heads // n_kv_heads)  # [H_q]
+        # column (r', h', t) of the own part is open to row (r, query head of KV head h) iff r' = r, h' = h, t < len
+        same = ((torch.arange(r, device=dev).view(r, 1, 1, 1, 1) == torch.arange(r, device=dev).view(1, 1, r, 1, 1))
+                & (row_heads.view(1, -1, 1, 1, 1) == h.view(1, 1, 1, -1, 1))
+                & (torch.arange(t_o, device=dev).view(1, 1, 1, 1, -1) < own_lens.to(dev).view(1, 1, r, 1, 1)))
+        own_mask = torch.zeros(same.shape, device=dev).masked_fill_(~same, _NEG_INF).view(r, n_q_heads, -1)
+        return cls(store, decode_q.to(dev), elements.flatten(), own_mask, row_heads.view(-1, 1), n_kv_heads)
+
+    def attend(self, layer: int, q_all: torch.Tensor, out_all: torch.Tensor, flat: FlatViews, own_buffer: int,
+               scale: float) -> None:
+        """Overwrite the rows' output in `out_all` (`[num_tokens, H_q, D]`) with their attention in `layer`
+        (arguments as `TokenDecode.attend`)."""
+        r = int(self.decode_q.numel())
+        _, h_q, d = q_all.shape
+        parts, col_heads = _store_columns(self.store, layer, self.n_kv_heads, q_all.device)
+        ks, vs = [], []
+        for buf, elements in parts:
+            k_flat, v_flat = flat(buf)
+            ks.append(k_flat.index_select(0, elements))
+            vs.append(v_flat.index_select(0, elements))
+        k_flat, v_flat = flat(own_buffer)
+        ks.append(k_flat.index_select(0, self.own_elements))
+        vs.append(v_flat.index_select(0, self.own_elements))
+        run_mask = torch.where(col_heads.view(1, -1) == self.row_heads, 0.0, _NEG_INF)  # [H_q, N]
+        mask = torch.cat([run_mask.expand(r, h_q, -1), self.own_mask], -1).view(1, 1, r * h_q, -1)
+        q = q_all.index_select(0, self.decode_q).view(1, 1, r * h_q, d)
+        out, _ = attend(q, torch.cat(ks).view(1, 1, -1, d), torch.cat(vs).view(1, 1, -1, d), mask, scale)
+        out_all[self.decode_q] = out.view(r, h_q, d).to(out_all.dtype)

@@ -16,8 +16,9 @@ runs and their own tokens); one pass over the runs per entry and layer for all o
 A batch whose rows on two entries or more, with few rows each, all decode (one query each) on pages of one
 token, read by torch, takes instead ONE padded pass per layer for all of them
 (`kvzip_plugin.token_decode`: on CPU a decode step is bound by the op count, which no longer grows with the
-number of entries). SGLang's CPU backend does not compute these rows at all (`native_backend.py`). Other
-requests keep SGLang's kernel untouched.
+number of entries); one entry's few decode rows take ONE block-masked call per layer over its runs and their own
+tokens (`token_decode.EntryDecode`). SGLang's CPU backend does not compute these rows at all
+(`native_backend.py`). Other requests keep SGLang's kernel untouched.
 
 The plan of a batch is set by the `ForwardBatch.init_new` hook (`arm`) and matched in the layers by what
 the copy SGLang runs the model on carries over from it (its tensors are replaced by the runner's static
@@ -38,7 +39,7 @@ from kvzip_plugin.kernel_runs import backend_name, use_kernel
 from kvzip_plugin.paged_store import PagedStore, StoreCache
 from kvzip_plugin.prefix_attention import OwnTokens, attend_rows, length_mask, own_positions
 from kvzip_plugin.step_decode import one_pass
-from kvzip_plugin.token_decode import RunIndexCache, TokenDecode
+from kvzip_plugin.token_decode import EntryDecode, RunIndexCache, TokenDecode
 
 ONE_PASS_MAX_RUN = 1024
 """Longest run (tokens of one (layer, KV head)) for which a decode batch on several entries takes `token_decode`'s
@@ -81,9 +82,9 @@ class PagedAttention:
         """Per group of the armed batch: its decode rows' own-token slots `[R, T]`, their own counts `[R]`,
         padding mask and query rows (the same in every layer: built at the first layer)."""
         self.backend: str | None = None  # what read the runs last (logged when it changes)
-        self._step: TokenDecode | None | bool = False
-        """The armed batch's `TokenDecode` (every row a decode row on one-token pages, torch path), None when
-        the batch takes the per-entry path; False until its first layer decides."""
+        self._step: TokenDecode | EntryDecode | None | bool = False
+        """The armed batch's one pass (`TokenDecode` / `EntryDecode`: every row a decode row on one-token pages,
+        torch path), None when the batch takes the per-entry path; False until its first layer decides."""
         self._rows: frozenset[int] = frozenset()  # the armed batch's rows (`rows_of`)
         self._run_index: StoreCache | None = None  # token_decode's run indexes (built at the first one-pass step)
 
@@ -140,7 +141,8 @@ class PagedAttention:
         step = self._token_step(armed[1], k_buf, v_buf, n_heads)
         if step is not None:  # every row decodes on one-token pages: all of them in one pass
             step.attend(idx, q_all, out_all, self.flat, idx, scale)
-            self._log_backend("torch (one pass for the step's decode rows)")
+            self._log_backend("torch (one pass for the step's decode rows)" if isinstance(step, TokenDecode)
+                              else "torch (one masked call for one entry's few decode rows)")
             return
         for gi, group in enumerate(armed[1]):
             store = group[0].store
@@ -166,27 +168,34 @@ class PagedAttention:
             logger.info("kvzip-plugin: requests on head-page entries attend to the runs through %s", name)
 
     def _token_step(self, groups: list[list[PagedRow]], k_buf: torch.Tensor, v_buf: torch.Tensor, n_heads: int
-                    ) -> TokenDecode | None:
-        """The armed batch's one-pass plan (`token_decode`), decided and built at its first layer: only when
-        every row decodes (one query) on two entries or more with few rows each (`step_decode.one_pass`) and
-        runs of at most `ONE_PASS_MAX_RUN` tokens, pages hold one token, the buffers can be viewed flat and the
-        runs are read by torch (the Triton kernel reads them in place on CUDA). The one pass copies every row's
-        runs padded to the longest: with many rows on an entry, a lone entry or long runs the per-entry pass is
-        faster (`benchmarks/bench_token_decode.py`)."""
+                    ) -> TokenDecode | EntryDecode | None:
+        """The armed batch's one-pass plan (`token_decode`), decided and built at its first layer, when every row
+        decodes (one query), each entry has few rows (`step_decode.one_pass`), pages hold one token, the buffers
+        can be viewed flat and the runs are read by torch (the Triton kernel reads them in place on CUDA):
+        one entry takes `EntryDecode` (its runs read once, one masked call); two or more take `TokenDecode` while
+        their runs are at most `ONE_PASS_MAX_RUN` tokens (it copies every row's runs padded to the longest). Many
+        rows on an entry, or several entries with long runs, take the per-entry pass
+        (`benchmarks/bench_token_decode.py`)."""
         if self._step is not False:
             return self._step
         rows = [r for group in groups for r in group]
         self._step = None
-        group = n_heads // int(k_buf.shape[-2])
-        if (self.page_size == 1 and len(groups) > 1 and all(one_pass(len(grp), group) for grp in groups)
-                and max(int(grp[0].store.layout.lengths.max()) for grp in groups) <= ONE_PASS_MAX_RUN
+        h_kv = int(k_buf.shape[-2])
+        group = n_heads // h_kv
+        if not (self.page_size == 1 and all(one_pass(len(grp), group) for grp in groups)
                 and all(r.n_q == 1 for r in rows) and k_buf.is_contiguous()
                 and v_buf.is_contiguous() and not use_kernel(k_buf.device)):
+            return None
+        if len(groups) == 1:  # one entry's few decode rows: its runs read once, one masked call per layer
+            slots, own_len = self._own_slots(rows)
+            self._step = EntryDecode.plan(rows[0].store, torch.tensor([r.q_start for r in rows]), slots, own_len,
+                                          h_kv, n_heads)
+        elif max(int(grp[0].store.layout.lengths.max()) for grp in groups) <= ONE_PASS_MAX_RUN:
             slots, own_len = self._own_slots(rows)
             if self._run_index is None:
-                self._run_index = RunIndexCache(int(k_buf.shape[-2]))
+                self._run_index = RunIndexCache(h_kv)
             self._step = TokenDecode.plan([r.store for r in rows], torch.tensor([r.q_start for r in rows]), slots,
-                                          own_len, int(k_buf.shape[-2]), self._run_index)
+                                          own_len, h_kv, self._run_index)
         return self._step
 
     def _own_plan(self, gi: int, group: list[PagedRow], first: int):

@@ -28,10 +28,12 @@ from kvzip_plugin.paged_store import PagedStore
 from kvzip_plugin.prefix_attention import length_mask, own_positions, segment_decode_attention
 
 CASCADE_NAME = "torch, a store's decode rows reading its runs once (the cascade)"
-CASCADE_MIN_ROWS = 64
+CASCADE_MIN_ROWS = 84
 """Query rows per KV head (G x decode requests on the store) from which a store's decode rows take the cascade.
-Measured with SmolLM2 (G = 3) at 7,680 tokens on the 2-core CPU (`benchmarks/README.md`): the cascade's step
-is 1.15x the kernel's at 8 requests (24 rows), even at 16 (48), 0.91x at 24 (72) and 0.89x at 32 (96)."""
+Measured with SmolLM2 (G = 3) at 7,680 tokens on the 2-core CPU, attention of a whole step against vLLM's kernel
+over the same head pages (`bench_cpu_kernel.py`, `benchmarks/README.md`, 2026-12-05, after the kernel path kept
+its tables on the store): the cascade took 1.18x / 1.20x the kernel's time at 24 requests (72 rows, two runs),
+1.09x / 1.03x at 16 (48) and 1.23x at 8, but 0.77x at 28 (84) and 0.77x / 0.97x at 32 (96, two days)."""
 
 
 CASCADE_MIN_RUN = 2048

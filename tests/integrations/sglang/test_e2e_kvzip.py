@@ -197,8 +197,10 @@ def pair_seq(sglang_tiny_model_dir, tmp_path_factory):
 
 def test_pair_prefix_owns_exactly_its_head_pages_and_answers_like_transformers(pair_seq, sglang_tiny_model_dir):
     assert "attend to the runs through torch" in pair_seq["log"]  # CPU default (KVZIP_PREFIX_ATTENTION=auto)
-    # one entry's decode rows take the per-entry pass (token_decode's one pass only for several entries with few
-    # rows each: `attention._token_step`)
+    # one entry's decode row takes its masked call (`token_decode.EntryDecode`; token_decode's padded one pass only
+    # for several entries with few rows each: `attention._token_step`); its prefill rows the per-entry pass. The
+    # answers checked below are those of this path.
+    assert "attend to the runs through torch (one masked call for one entry's few decode rows)" in pair_seq["log"]
     assert "attend to the runs through torch (one pass for the step's decode rows)" not in pair_seq["log"]
     _check_pair_seq(pair_seq, sglang_tiny_model_dir)
 

@@ -339,7 +339,8 @@ def stores(h: Harness) -> dict:
 
 
 CROWD = 33
-"""Requests on one compacted prefix in `crowd`: 33 x G (2 for the test model) >= `cpu_cascade.CASCADE_MIN_ROWS`."""
+"""Requests on one compacted prefix in `crowd` (its test forces the cascade with `KVZIP_CPU_CASCADE=always`: the test
+prefix's runs are shorter than `cpu_cascade.CASCADE_MIN_RUN`)."""
 
 
 def crowd(h: Harness) -> dict:
