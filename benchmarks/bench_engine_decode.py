@@ -181,26 +181,36 @@ def sglang_step_ms(log: str, batch: int) -> list[float]:
             if prev == batch and running == batch and thr > 0]
 
 
+def _compacted_hits(server: Any) -> float:
+    """Requests served on a compacted prefix so far (the plugin's counter, once its series settle)."""
+    return sum(v for k, v in server.settled_metrics().items()
+               if k.partition("{")[0] == "sglang:kvzip_compressed_prefix_hits_total")
+
+
 def sglang_rows(model_dir: str, structure: str, ratio: float, lengths: list[int], batches: list[int], steps: int,
                 work_dir: Path) -> list[dict]:
-    """The grid through one real SGLang server (`--kv-compression none` or `kvzip` with `structure`)."""
+    """The grid through one real SGLang server (`--kv-compression none` or `kvzip` with `structure`); its log and
+    state dumps in a fresh folder of `work_dir` (a structure may be given twice: alternating runs)."""
     from transformers import AutoTokenizer
 
     from tests.integrations.sglang import harness, scenarios
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dump = work_dir / f"dump-{structure}"
-    dump.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{structure}-", dir=work_dir))
+    dump = run_dir / "dump"
+    dump.mkdir()
     # a job scores with up to 2 L + ~300 slots (`scheduling.py`); the requests hold their own tokens beside it
     total = 2 * max(lengths) + max(batches) * (8 + steps + 4 * SGLANG_LOG_INTERVAL) + 1024
     args = ["--dtype", "float32", "--max-total-tokens", str(total), "--context-length", "8192",  # SmolLM2's
             "--max-running-requests", str(max(batches)), "--random-seed", "0",
-            "--decode-log-interval", str(SGLANG_LOG_INTERVAL),
+            "--decode-log-interval", str(SGLANG_LOG_INTERVAL), "--enable-metrics",
             "--kv-compression", "none" if structure == "none" else "kvzip"]
     if structure != "none":
         args += ["--kv-compression-structure", structure, "--kv-compression-ratio", str(ratio),
                  "--kv-compression-min-prefix-tokens", "64", "--kv-compression-min-hits", "1"]
-    server = harness.SGLangServer(model_dir, *args, log_path=work_dir / f"sglang-{structure}.log",
+    server = harness.SGLangServer(model_dir, *args, log_path=run_dir / "sglang.log",
                                   env={"KVZIP_DUMP_DIR": str(dump)})
     rows: list[dict] = []
     try:
@@ -221,6 +231,7 @@ def sglang_rows(model_dir: str, structure: str, ratio: float, lengths: list[int]
                     raise RuntimeError(f"{structure}: no compacted prefix of {length} tokens after its job: {state}")
             compress_s = time.perf_counter() - t0
             for batch in batches:
+                hits0 = _compacted_hits(server) if structure != "none" else 0.0
                 start = server.log_offset()
                 new = steps + 3 * SGLANG_LOG_INTERVAL  # the first lines (admission, prefills) are dropped
                 params = {"temperature": 0.0, "max_new_tokens": new, "ignore_eos": True}
@@ -229,12 +240,17 @@ def sglang_rows(model_dir: str, structure: str, ratio: float, lengths: list[int]
                                                  "sampling_params": [params] * batch}, timeout=7200)
                 wall = time.perf_counter() - t
                 cached = [o["meta_info"]["cached_tokens"] for o in outs]
+                on_compacted = int(_compacted_hits(server) - hits0) if structure != "none" else 0
+                if structure != "none" and on_compacted != batch:  # a silent fall-back to the full prefix
+                    raise RuntimeError(f"{structure} L={length} B={batch}: {on_compacted} of {batch} requests on the "
+                                       "compacted prefix")
                 times = sglang_step_ms(server.log[start:], batch)
                 if len(times) < 2:
                     raise RuntimeError(f"{structure} L={length} B={batch}: {len(times)} pure decode log line(s)")
                 rows.append({"structure": structure, "ratio": ratio, "L": length, "batch": batch, "prefixes": 1,
                              "step_ms_median": statistics.median(times), "step_ms": times,
                              "decode_steps_per_value": SGLANG_LOG_INTERVAL, "cached_tokens_min": min(cached),
+                             "on_compacted_prefix": on_compacted,
                              "request_wall_s": wall, "compacted": compacted, "compress_s": compress_s})
                 print(f"[sglang {structure}] {structure}@{ratio} L={length} B={batch}: "
                       f"{statistics.median(times):.2f} ms/step ({len(times)} intervals of {SGLANG_LOG_INTERVAL}; "
@@ -279,15 +295,15 @@ def main(argv: list[str] | None = None) -> int:
 
         work_dir = Path(tempfile.mkdtemp(prefix="bench-engine-decode-sglang-"))
         print(f"SGLang server logs in {work_dir}", file=sys.stderr, flush=True)
-    for structure in ["none", *args.structures]:
+    structures = ["none", *args.structures]  # a structure given twice runs twice (alternating runs)
+    for run, structure in enumerate(structures):
         if args.engine == "sglang":
-            rows += sglang_rows(model_dir, structure, args.ratio, args.lengths, args.batches, args.steps, work_dir)
-            args.out.with_suffix(".partial.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-            continue
-        rows += run_child([__file__, "--child", model_dir, structure, str(args.ratio), ",".join(map(str, args.lengths)),
-                           ",".join(map(str, args.batches)), str(args.steps), str(args.prefixes),
-                           args.prefix_attention], structure, 7200,
-                          progress="ms/step")["rows"]
+            got = sglang_rows(model_dir, structure, args.ratio, args.lengths, args.batches, args.steps, work_dir)
+        else:
+            got = run_child([__file__, "--child", model_dir, structure, str(args.ratio),
+                             ",".join(map(str, args.lengths)), ",".join(map(str, args.batches)), str(args.steps),
+                             str(args.prefixes), args.prefix_attention], structure, 7200, progress="ms/step")["rows"]
+        rows += [{**r, "run": run} for r in got]
         args.out.with_suffix(".partial.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     full = {(r["L"], r["batch"]): r["step_ms_median"] for r in rows if r["structure"] == "none"}
     for r in rows:
@@ -304,19 +320,20 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"meta": {**meta, "ratio": args.ratio, "prefix_attention": args.prefix_attention}, "rows": rows}
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     args.out.with_suffix(".partial.json").unlink(missing_ok=True)
-    structures = ["none", *args.structures]
     where = ("SGLang's CPU server (step: the server's own decode log, intervals of "
              f"{SGLANG_LOG_INTERVAL} steps)" if args.engine == "sglang" else "vLLM's CPU backend")
-    lines = [f"Decode step (median over ~{args.steps} steps, whole engine step) on {where}, SmolLM2-135M float32, "
-             f"ratio {args.ratio}, prefix attention `{args.prefix_attention}`, {args.prefixes} distinct prefix(es) per "
-             f"length (request i on prefix i mod "
-             f"{args.prefixes}); cells: ms/step (compressed / full).", "",
+    how = (f"median of the ~{args.steps // SGLANG_LOG_INTERVAL + 2} log intervals of {SGLANG_LOG_INTERVAL} steps "
+           "with the whole batch decoding, one prefix per length" if args.engine == "sglang" else
+           f"median of {args.steps} steps, prefix attention `{args.prefix_attention}`, {args.prefixes} distinct "
+           f"prefix(es) per length (request i on prefix i mod {args.prefixes})")
+    lines = [f"Decode step (whole engine step) on {where}, SmolLM2-135M float32, ratio {args.ratio}, {how}; "
+             "cells: ms/step (compressed / full).", "",
              "| L | batch | " + " | ".join(structures) + " |", "|---|---|" + "---|" * len(structures)]
     for length in args.lengths:
         for batch in args.batches:
             cells = []
-            for s in structures:
-                r = next(x for x in rows if x["structure"] == s and x["L"] == length and x["batch"] == batch)
+            for run, s in enumerate(structures):
+                r = next(x for x in rows if x["run"] == run and x["L"] == length and x["batch"] == batch)
                 cells.append(f"{r['step_ms_median']:.1f}" + ("" if s == "none" else f" ({r['vs_full']:.2f})"))
             lines.append(f"| {length} | {batch} | " + " | ".join(cells) + " |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -260,4 +260,4 @@ class EntryDecode:
         mask = torch.cat([run_mask.expand(r, h_q, -1), self.own_mask], -1).view(1, 1, r * h_q, -1)
         q = q_all.index_select(0, self.decode_q).view(1, 1, r * h_q, d)
         out, _ = attend(q, torch.cat(ks).view(1, 1, -1, d), torch.cat(vs).view(1, 1, -1, d), mask, scale)
-        out_all[self.decode_q] = out.view(r, h_q, d).to(out_all.dtype)
+        out_all[self.decode_q] = out.reshape(r, h_q, -1).to(out_all.dtype)

@@ -47,6 +47,14 @@ one pass. Per layer, SmolLM2 shapes, `pair` 0.3, 2 cores (`benchmarks/bench_toke
 pass ms): 512-token entries, 4 x 1 request 1.07 / 0.55, 4 x 2 1.27 / 0.86; 2,048 tokens, 4 x 1 1.41 / 1.60,
 4 x 2 1.69 / 5.43; 8,192 tokens, 4 x 1 3.25 / 8.99; one entry x 32 requests at 8,192 2.4 / 208."""
 
+ENTRY_DECODE_MAX_COLUMNS = 3072
+"""Most keys per query row (an entry's kept pairs per layer on average + its decode rows' own tokens, every KV head:
+`EntryDecode` scores each row against all of them, `H_kv` times what it needs) for which one entry's few decode
+rows take the masked call. Measured (SmolLM2, `pair` 0.3, 2-core CPU): at 2,048 tokens (~1,840 pairs per layer)
+the call halved the plugin's attention of a one-request step in the server (`benchmarks/README.md`); at 8,192
+(~7,370) the one-layer micro-benchmark has it 1.1-1.6x the per-entry pass, and 4,096 (~3,690) showed no gain
+through the server, so longer entries keep the per-entry pass."""
+
 logger = logging.getLogger("sglang.kvzip_plugin")
 
 
@@ -172,7 +180,8 @@ class PagedAttention:
         """The armed batch's one-pass plan (`token_decode`), decided and built at its first layer, when every row
         decodes (one query), each entry has few rows (`step_decode.one_pass`), pages hold one token, the buffers
         can be viewed flat and the runs are read by torch (the Triton kernel reads them in place on CUDA):
-        one entry takes `EntryDecode` (its runs read once, one masked call); two or more take `TokenDecode` while
+        one entry takes `EntryDecode` (its runs read once, one masked call) while each row has at most
+        `ENTRY_DECODE_MAX_COLUMNS` keys to score; two or more take `TokenDecode` while
         their runs are at most `ONE_PASS_MAX_RUN` tokens (it copies every row's runs padded to the longest). Many
         rows on an entry, or several entries with long runs, take the per-entry pass
         (`benchmarks/bench_token_decode.py`)."""
@@ -187,6 +196,11 @@ class PagedAttention:
                 and v_buf.is_contiguous() and not use_kernel(k_buf.device)):
             return None
         if len(groups) == 1:  # one entry's few decode rows: its runs read once, one masked call per layer
+            store = rows[0].store
+            own_max = max(r.seq_len - store.n_slots for r in rows)
+            columns = int(store.layout.lengths.sum()) / store.layout.lengths.shape[0] + len(rows) * h_kv * own_max
+            if columns > ENTRY_DECODE_MAX_COLUMNS:
+                return None
             slots, own_len = self._own_slots(rows)
             self._step = EntryDecode.plan(rows[0].store, torch.tensor([r.q_start for r in rows]), slots, own_len,
                                           h_kv, n_heads)
