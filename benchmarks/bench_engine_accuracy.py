@@ -306,12 +306,7 @@ def run_sglang(model_dir: str, structure: str, ratio: float, contexts: list[dict
                 scenarios.generate(server, shared + [token], max_new=1, logprobs=False)
             finished = None
             if structure != "none":  # this context's job has ended (one job per context)
-                state = scenarios.read_state(dump, timeout=600)
-                deadline = time.monotonic() + 600
-                while (state["jobs_live"] or sum(state["finished"].values()) < len(jobs) + 1) \
-                        and time.monotonic() < deadline:
-                    state = scenarios.read_state(dump, timeout=600, after=state["seq"])
-                finished = state["finished"]
+                finished = scenarios.state_after_jobs(dump, len(jobs) + 1, timeout=600)["finished"]
             hits0 = server.metric("sglang:kvzip_compressed_prefix_hits_total")
             if ctx["mode"] == "exact":
                 params = [{"temperature": 0.0, "max_new_tokens": len(q["answer"]), "ignore_eos": True} for q in qs]

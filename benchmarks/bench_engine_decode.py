@@ -38,6 +38,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -196,8 +197,6 @@ def sglang_rows(model_dir: str, structure: str, ratio: float, lengths: list[int]
     from tests.integrations.sglang import harness, scenarios
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    import tempfile
-
     run_dir = Path(tempfile.mkdtemp(prefix=f"{structure}-", dir=work_dir))
     dump = run_dir / "dump"
     dump.mkdir()
@@ -221,11 +220,7 @@ def sglang_rows(model_dir: str, structure: str, ratio: float, lengths: list[int]
                 scenarios.generate(server, prefix + [100 + i] * 8, max_new=1, logprobs=False, timeout=3600)
             compacted = []
             if structure != "none":  # this length's job has ended (one job per length)
-                state = scenarios.read_state(dump, timeout=3600)
-                deadline = time.monotonic() + 3600
-                while (state["jobs_live"] or sum(state["finished"].values()) < lengths.index(length) + 1) \
-                        and time.monotonic() < deadline:
-                    state = scenarios.read_state(dump, timeout=3600, after=state["seq"])
+                state = scenarios.state_after_jobs(dump, lengths.index(length) + 1, timeout=3600)
                 compacted = [{"L": e["L"], "P": e["P"]} for e in state["compacted"] if e["L"] == length]
                 if not compacted:
                     raise RuntimeError(f"{structure}: no compacted prefix of {length} tokens after its job: {state}")
@@ -291,8 +286,6 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.engine == "sglang":  # the servers' logs and state dumps
-        import tempfile
-
         work_dir = Path(tempfile.mkdtemp(prefix="bench-engine-decode-sglang-"))
         print(f"SGLang server logs in {work_dir}", file=sys.stderr, flush=True)
     structures = ["none", *args.structures]  # a structure given twice runs twice (alternating runs)

@@ -176,16 +176,13 @@ def _store_columns(store: PagedStore, layer: int, n_kv_heads: int, device: torch
                    ) -> tuple[tuple[tuple[int, torch.Tensor], ...], torch.Tensor]:
     """One store's runs of `layer` as flat elements, buffer by buffer, every head's run in one list (no padding):
     `((buffer, elements [N_b]), ...)` and the KV head of each of the `N = sum N_b` columns they give in that
-    order (built once per store, layer and device)."""
-    if store.layout.page_size != 1:
-        raise ValueError("token_decode serves stores of one-token pages only")
+    order: `_store_runs` without its padding (built once per store, layer and device)."""
 
     def build() -> tuple[tuple[tuple[int, torch.Tensor], ...], torch.Tensor]:
         parts, heads = [], []
-        for g in store.gathers_on(layer, torch.device("cpu")):
-            if g.blocks.numel():
-                parts.append((g.buffer, (g.blocks * n_kv_heads + g.slots).to(device)))
-                heads.append(g.heads)
+        for buf, (elements, valid) in _store_runs(store, layer, n_kv_heads).items():
+            parts.append((buf, elements[valid].to(device)))  # head-major: head 0's elements, then head 1's, ...
+            heads.append(torch.arange(n_kv_heads).repeat_interleave(valid.sum(1)))
         col_heads = torch.cat(heads) if heads else torch.zeros(0, dtype=torch.long)
         return tuple(parts), col_heads.to(device)
 

@@ -202,8 +202,8 @@ class PagedAttention:
             if columns > ENTRY_DECODE_MAX_COLUMNS:
                 return None
             slots, own_len = self._own_slots(rows)
-            self._step = EntryDecode.plan(rows[0].store, torch.tensor([r.q_start for r in rows]), slots, own_len,
-                                          h_kv, n_heads)
+            self._step = EntryDecode.plan(store, torch.tensor([r.q_start for r in rows]), slots, own_len, h_kv,
+                                          n_heads)
         elif max(int(grp[0].store.layout.lengths.max()) for grp in groups) <= ONE_PASS_MAX_RUN:
             slots, own_len = self._own_slots(rows)
             if self._run_index is None:

@@ -151,3 +151,13 @@ def read_state(dump_dir: Path, timeout: float = 60.0, after: int = 0, settle: fl
             return state
         time.sleep(0.1)
     raise TimeoutError(f"no settled state dump after #{after} in {dump_dir}: last {state}")
+
+
+def state_after_jobs(dump_dir: Path, n_finished: int, timeout: float = 600.0) -> dict:
+    """The cache's settled state (`read_state`) once `n_finished` jobs have ended (committed, failed or cancelled)
+    and none is live; the last state read when `timeout` runs out first."""
+    state = read_state(dump_dir, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while (state["jobs_live"] or sum(state["finished"].values()) < n_finished) and time.monotonic() < deadline:
+        state = read_state(dump_dir, timeout=timeout, after=state["seq"])
+    return state
