@@ -8,15 +8,18 @@ Configurations, for a prefix of L tokens and B requests each with `own` tokens o
   engine's kernel does: it reads the shared prefix once per request);
 * `head/per-request`: the same over a `head`-compacted prefix (r*L tokens per KV head);
 * `runs/shared`: the plugin's path for non-uniform runs (`PagedStore.read_runs` + `prefix_attention.attend_rows`):
-  ONE pass of all B queries over the runs (each KV head its own length; total kept pairs = r * L * H_kv, from a `pair` plan over
-  synthetic uneven scores), gathered from head pages as the engine does each step, plus each request's
-  own tokens, merged by log-sum-exp;
+  ONE pass of all B queries over the runs (each KV head its own length; total kept pairs = r * L * H_kv, from
+  a `pair` plan over synthetic uneven scores), gathered from head pages as the engine does each step, plus each
+  request's own tokens, merged by log-sum-exp;
 * `runs/one-pass`: the torch path the vLLM glue takes for decode rows (`step_decode.DecodeStep`): every
   page (the runs' head pages and each request's own pages) one batch element of one fused attention
   call, the softmax of each row formed over its pages; its own tokens lie in pages of the same pool;
-* `runs/triton` (CUDA only): the same prefix part read in place from head pages by the Triton kernel.
+* `runs/triton` (CUDA, or `--triton` under Triton's CPU interpreter): the same prefix part read in place
+  from head pages by the Triton kernel, checked against the torch path over the same runs before it is timed.
 
     PYTHONPATH=. python benchmarks/bench_prefix_attention.py --out benchmarks/results/prefix-attention-cpu.json
+    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/bench_prefix_attention.py --triton --lengths 256 \
+        --batches 2 --q-heads 4 --kv-heads 2 --head-dim 16 --page 16 --repeats 1 --out /tmp/p.json  # CI smoke
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decode_attention import time_it  # noqa: E402  (median of repeats after warm-up, CUDA synced)
 
+from kvzip_plugin.kernel_runs import backend_name  # noqa: E402
 from kvzip_plugin.paged_store import PagedStore  # noqa: E402
-from kvzip_plugin.prefix_attention import OwnTokens, attend_rows  # noqa: E402
+from kvzip_plugin.prefix_attention import OwnTokens, attend_rows, run_attention  # noqa: E402
 from kvzip_plugin.step_decode import DecodeStep, PrefixPageCache  # noqa: E402
 from kvzip_plugin.store import place_runs, run_gather_index, select_runs  # noqa: E402
 
@@ -47,7 +51,7 @@ def per_request(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--q-heads", type=int, default=32)
@@ -59,9 +63,12 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--own", type=int, default=64, help="tokens of each request after the prefix")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--triton", action="store_true",
+                   help="also time the Triton kernel off CUDA (Triton's CPU interpreter: TRITON_INTERPRET=1)")
     p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     dev, h_q, h_kv, d = args.device, args.q_heads, args.kv_heads, args.head_dim
+    with_triton = dev == "cuda" or args.triton
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     g = h_q // h_kv
     scale = d ** -0.5
@@ -90,6 +97,12 @@ def main() -> None:
                 pages_k[blk, :tok.numel(), slot] = k_full[h, tok]
                 pages_v[blk, :tok.numel(), slot] = v_full[h, tok]
         max_pages = layout.pages.shape[-1]
+        run_k = torch.zeros(h_kv, max(int(keep.sum(-1).max()), 1), d, device=dev)  # [H_kv, T, D] float32
+        run_v = torch.zeros_like(run_k)
+        for h in range(h_kv):
+            n_kept = int(keep[h].sum())
+            run_k[h, :n_kept] = k_full[h, keep[h].to(dev)].float()
+            run_v[h, :n_kept] = v_full[h, keep[h].to(dev)].float()
         lengths = layout.lengths[0].to(dev)
         kept_head = int(round(args.ratio * L))
         for b in args.batches:
@@ -138,8 +151,9 @@ def main() -> None:
             row = {"L": L, "batch": b, "ratio": args.ratio, "kept_fraction": float(keep.float().mean()),
                    "store_fraction": layout.n_blocks * args.page / L,
                    "full_per_request_ms": 1000 * t_full, "head_per_request_ms": 1000 * t_head,
-                   "runs_shared_ms": 1000 * t_runs, "runs_one_pass_ms": 1000 * t_one}
-            if dev == "cuda":
+                   "runs_shared_ms": 1000 * t_runs, "runs_one_pass_ms": 1000 * t_one,
+                   "runs_shared_path": backend_name(store.read_runs(0, lambda _: (pages_k, pages_v)))}
+            if with_triton:
                 from kvzip_plugin.kernels.run_attention import paged_run_attention
 
                 k_offs = torch.full((h_kv, max_pages), -1, dtype=torch.long)
@@ -151,8 +165,18 @@ def main() -> None:
                         v_offs[h, j] = kv_pages.stride(0) + blk * pages_v.stride(0) + slot * pages_v.stride(2)
                 k_offs, v_offs = k_offs.to(dev), v_offs.to(dev)
                 strides = (pages_k.stride(1), pages_k.stride(3))
-                t_tri = time_it(lambda: paged_run_attention(q, kv_pages.view(-1), k_offs, v_offs, lengths, args.page,
-                                                            strides, strides, scale), dev, args.repeats)
+
+                def triton_prefix() -> tuple[torch.Tensor, torch.Tensor]:
+                    return paged_run_attention(q, kv_pages.view(-1), k_offs, v_offs, lengths, args.page, strides,
+                                               strides, scale)
+
+                # the kernel must give the attention over the kept pairs (prefix part, no own tokens), computed
+                # in torch from the full prefix and the plan, independently of the head pages
+                got, got_lse = triton_prefix()
+                ref, ref_lse = run_attention(q.float(), run_k, run_v, layout.lengths[0], scale)
+                torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
+                torch.testing.assert_close(got_lse.float(), ref_lse, rtol=2e-2, atol=2e-2)
+                t_tri = time_it(triton_prefix, dev, args.repeats)
                 row["runs_triton_prefix_only_ms"] = 1000 * t_tri
             row["head_vs_full"] = row["head_per_request_ms"] / row["full_per_request_ms"]
             row["runs_vs_full"] = row["runs_shared_ms"] / row["full_per_request_ms"]
@@ -171,13 +195,17 @@ def main() -> None:
     lines = [f"One decode step's attention, B requests on one shared L-token prefix (median of {args.repeats}), "
              f"{dev} {meta['gpu'] or meta['cpu']}, {dtype}, {h_q} q / {h_kv} KV heads, head_dim {d}, "
              f"{args.own} own tokens per request, ratio {args.ratio}, torch {meta['torch']} "
-             f"({meta['threads']} threads). Time relative to full/per-request.", "",
+             f"({meta['threads']} threads). Time relative to full/per-request. runs/shared read the runs with "
+             f"{rows[0]['runs_shared_path'] if rows else '-'}."
+             + (" runs/triton: the kernel alone (prefix part, no own tokens), checked against torch first."
+                if with_triton else ""), "",
              "| L | B | full/per-request ms | head/per-request | runs/shared (attend_rows) | runs / head | "
-             "runs/one-pass (step_decode) |",
-             "|---|---|---|---|---|---|---|"]
+             "runs/one-pass (step_decode) |" + (" runs/triton |" if with_triton else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if with_triton else "")]
     for r in rows:
         lines.append(f"| {r['L']} | {r['batch']} | {r['full_per_request_ms']:.2f} | {r['head_vs_full']:.2f} | "
-                     f"{r['runs_vs_full']:.2f} | {r['runs_vs_head']:.2f} | {r['one_pass_vs_full']:.2f} |")
+                     f"{r['runs_vs_full']:.2f} | {r['runs_vs_head']:.2f} | {r['one_pass_vs_full']:.2f} |"
+                     + (f" {r['runs_triton_prefix_only_ms'] / r['full_per_request_ms']:.2f} |" if with_triton else ""))
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -55,6 +55,38 @@ def test_triton_check_passes_in_the_interpreter():
     assert result["ok"] and result["max_abs_error"] < 1e-4
 
 
+_PREFIX_TINY = ["--device", "cpu", "--lengths", "256", "--batches", "1", "3", "--q-heads", "4", "--kv-heads", "2",
+                "--head-dim", "16", "--page", "16", "--own", "20", "--repeats", "1"]
+
+
+def test_prefix_attention_bench_runs_on_cpu(tmp_path):
+    """`bench_prefix_attention.py`, the GPU check's second half, at tiny shapes: every configuration timed,
+    the shared pass and the one-pass path agree (the script asserts it), the path that read the runs named."""
+    out = tmp_path / "prefix.json"
+    load_benchmark("bench_prefix_attention").main([*_PREFIX_TINY, "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["L"], r["batch"]) for r in rows] == [(256, 1), (256, 3)]
+    for r in rows:
+        assert r["runs_shared_path"] == "torch" and "runs_triton_prefix_only_ms" not in r
+        assert all(r[k] > 0 for k in ("full_per_request_ms", "head_per_request_ms", "runs_shared_ms",
+                                      "runs_one_pass_ms"))
+        assert 0.2 < r["kept_fraction"] < 0.4
+
+
+def test_prefix_attention_bench_triton_branch_in_the_interpreter(tmp_path):
+    """The branch a GPU runs (`runs/triton`: the kernel's output checked against torch over the kept pairs,
+    then timed), here under Triton's CPU interpreter, so the GPU run cannot fail on the script itself."""
+    pytest.importorskip("triton")
+    out = tmp_path / "prefix.json"
+    res = subprocess.run([sys.executable, "benchmarks/bench_prefix_attention.py", *_PREFIX_TINY, "--triton",
+                          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["runs_triton_prefix_only_ms"] > 0 for r in rows)
+    assert "runs/triton |" in out.with_suffix(".md").read_text()
+
+
 def test_script_refuses_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
