@@ -15,7 +15,8 @@ Configurations, for a prefix of L tokens and B requests each with `own` tokens o
   page (the runs' head pages and each request's own pages) one batch element of one fused attention
   call, the softmax of each row formed over its pages; its own tokens lie in pages of the same pool;
 * `runs/triton` (CUDA, or `--triton` under Triton's CPU interpreter): the same prefix part read in place
-  from head pages by the Triton kernel, checked against the torch path over the same runs before it is timed.
+  from head pages by the Triton kernel (its page table built by `kernel_runs`, as the engines build it), checked
+  against torch over the kept pairs before it is timed.
 
     PYTHONPATH=. python benchmarks/bench_prefix_attention.py --out benchmarks/results/prefix-attention-cpu.json
     TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/bench_prefix_attention.py --triton --lengths 256 \
@@ -39,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decode_attention import time_it  # noqa: E402  (median of repeats after warm-up, CUDA synced)
 
-from kvzip_plugin.kernel_runs import backend_name  # noqa: E402
+from kvzip_plugin.kernel_runs import backend_name, kernel_runs  # noqa: E402
 from kvzip_plugin.paged_store import PagedStore  # noqa: E402
 from kvzip_plugin.prefix_attention import OwnTokens, attend_rows, run_attention  # noqa: E402
 from kvzip_plugin.step_decode import DecodeStep, PrefixPageCache  # noqa: E402
-from kvzip_plugin.store import place_runs, run_gather_index, select_runs  # noqa: E402
+from kvzip_plugin.store import place_runs, select_runs  # noqa: E402
 
 
 def per_request(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -88,22 +89,22 @@ def main(argv: list[str] | None = None) -> None:
         kv_pages = torch.zeros(2, layout.n_blocks + max(args.batches) * own_pages, args.page, h_kv, d, device=dev,
                                dtype=dtype)  # one storage
         pages_k, pages_v = kv_pages[0], kv_pages[1]
-        grid, blocks, _, slots = run_gather_index(layout, 0)
+
+        def views(_: int) -> tuple[torch.Tensor, torch.Tensor]:  # the one layer's buffer, token-major
+            return pages_k, pages_v
+
+        # each head's kept pairs as a padded run `[H_kv, T, D]` (float32): the reference of the Triton check
+        run_k = torch.zeros(h_kv, max(int(keep.sum(-1).max()), 1), d, device=dev)
+        run_v = torch.zeros_like(run_k)
         for h in range(h_kv):
             idx = keep[h].nonzero().flatten()
+            run_k[h, :idx.numel()] = k_full[h, idx.to(dev)].float()
+            run_v[h, :idx.numel()] = v_full[h, idx.to(dev)].float()
             for j, pid in enumerate(layout.pages[0, h][layout.pages[0, h] >= 0].tolist()):
                 blk, _, slot = (int(x) for x in layout.locate(torch.tensor(pid)))
                 tok = idx[j * args.page:(j + 1) * args.page]
                 pages_k[blk, :tok.numel(), slot] = k_full[h, tok]
                 pages_v[blk, :tok.numel(), slot] = v_full[h, tok]
-        max_pages = layout.pages.shape[-1]
-        run_k = torch.zeros(h_kv, max(int(keep.sum(-1).max()), 1), d, device=dev)  # [H_kv, T, D] float32
-        run_v = torch.zeros_like(run_k)
-        for h in range(h_kv):
-            n_kept = int(keep[h].sum())
-            run_k[h, :n_kept] = k_full[h, keep[h].to(dev)].float()
-            run_v[h, :n_kept] = v_full[h, keep[h].to(dev)].float()
-        lengths = layout.lengths[0].to(dev)
         kept_head = int(round(args.ratio * L))
         for b in args.batches:
             q = torch.randn(b, h_q, d, device=dev, dtype=dtype)
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
 
             def shared() -> torch.Tensor:  # what the engines' glue does for decode rows (attend_rows)
                 out = torch.empty_like(q)
-                runs = store.read_runs(0, lambda _: (pages_k, pages_v))
+                runs = store.read_runs(0, views)
                 attend_rows(q, out, runs, scale, decode_q, OwnTokens.of(own_k, own_v, own_lens), [])
                 return out
 
@@ -152,31 +153,18 @@ def main(argv: list[str] | None = None) -> None:
                    "store_fraction": layout.n_blocks * args.page / L,
                    "full_per_request_ms": 1000 * t_full, "head_per_request_ms": 1000 * t_head,
                    "runs_shared_ms": 1000 * t_runs, "runs_one_pass_ms": 1000 * t_one,
-                   "runs_shared_path": backend_name(store.read_runs(0, lambda _: (pages_k, pages_v)))}
+                   "runs_shared_path": backend_name(store.read_runs(0, views))}
             if with_triton:
-                from kvzip_plugin.kernels.run_attention import paged_run_attention
-
-                k_offs = torch.full((h_kv, max_pages), -1, dtype=torch.long)
-                v_offs = torch.full((h_kv, max_pages), -1, dtype=torch.long)
-                for h in range(h_kv):
-                    for j, pid in enumerate(layout.pages[0, h][layout.pages[0, h] >= 0].tolist()):
-                        blk, _, slot = (int(x) for x in layout.locate(torch.tensor(pid)))
-                        k_offs[h, j] = blk * pages_k.stride(0) + slot * pages_k.stride(2)
-                        v_offs[h, j] = kv_pages.stride(0) + blk * pages_v.stride(0) + slot * pages_v.stride(2)
-                k_offs, v_offs = k_offs.to(dev), v_offs.to(dev)
-                strides = (pages_k.stride(1), pages_k.stride(3))
-
-                def triton_prefix() -> tuple[torch.Tensor, torch.Tensor]:
-                    return paged_run_attention(q, kv_pages.view(-1), k_offs, v_offs, lengths, args.page, strides,
-                                               strides, scale)
-
-                # the kernel must give the attention over the kept pairs (prefix part, no own tokens), computed
-                # in torch from the full prefix and the plan, independently of the head pages
-                got, got_lse = triton_prefix()
+                # the page table the engines' kernel path builds (`kernel_runs`: element offsets into the buffer)
+                kruns = kernel_runs(layout, 0, store.block_ids, views)
+                assert kruns is not None, "the kernel cannot address these pages"
+                # it must give the attention over the kept pairs (prefix part, no own tokens), computed in torch
+                # from the full prefix and the plan, independently of the head pages
+                got, got_lse = kruns.attention(q, scale)
                 ref, ref_lse = run_attention(q.float(), run_k, run_v, layout.lengths[0], scale)
                 torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
                 torch.testing.assert_close(got_lse.float(), ref_lse, rtol=2e-2, atol=2e-2)
-                t_tri = time_it(triton_prefix, dev, args.repeats)
+                t_tri = time_it(lambda: kruns.attention(q, scale), dev, args.repeats)
                 row["runs_triton_prefix_only_ms"] = 1000 * t_tri
             row["head_vs_full"] = row["head_per_request_ms"] / row["full_per_request_ms"]
             row["runs_vs_full"] = row["runs_shared_ms"] / row["full_per_request_ms"]
